@@ -1,0 +1,133 @@
+//! Types and names shared by more than one kind: well-known labels, the
+//! condition list schema, the model architecture and secret references.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// Label on a LlamaShard naming the LlamaDeployment that owns it.
+pub const LABEL_DEPLOYMENT: &str = "tandem.dev/deployment";
+/// Label on a LlamaShard naming the LlamaNode that runs it.
+pub const LABEL_NODE: &str = "tandem.dev/node";
+/// Label on a LlamaShard holding the epoch it belongs to.
+pub const LABEL_EPOCH: &str = "tandem.dev/epoch";
+/// Well-known LlamaNode label: the chip family, such as `apple-m3-ultra`.
+pub const LABEL_CHIP: &str = "tandem.dev/chip";
+/// Well-known LlamaNode label: the MLX backend, `metal`, `cpu` or `cuda`.
+pub const LABEL_BACKEND: &str = "tandem.dev/backend";
+/// Well-known LlamaNode label: the node's memory in whole GiB.
+pub const LABEL_MEMORY_GIB: &str = "tandem.dev/memory-gib";
+/// Well-known LlamaNode label: the operating system, `macos` or `linux`.
+pub const LABEL_OS: &str = "tandem.dev/os";
+
+/// Default namespace for node Leases.
+pub const DEFAULT_LEASE_NAMESPACE: &str = "tandem-system";
+
+/// Schema for a list of `metav1.Condition` merged by `type`, so that
+/// server-side apply from several managers updates conditions one by one.
+pub fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<Condition>();
+    json_schema!({
+        "type": "array",
+        "items": item,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+    })
+}
+
+/// A list of conditions, kept sorted by type by whoever writes it.
+pub type Conditions = Vec<Condition>;
+
+/// A reference to one key of a Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the namespace of the referring object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data. Each field that uses this type says
+    /// which key is assumed when this is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
+}
+
+/// The shape of a Llama 3.x model, as found in its `config.json`. Needed for
+/// models outside the built-in catalog; the operator resolves it for every
+/// shard so that agents and the planner agree on the same numbers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Architecture {
+    /// Number of transformer layers (`num_hidden_layers`).
+    #[schemars(range(min = 1))]
+    pub num_hidden_layers: u32,
+    /// Width of the residual stream (`hidden_size`).
+    #[schemars(range(min = 1))]
+    pub hidden_size: u32,
+    /// Number of query heads (`num_attention_heads`). Must be divisible by
+    /// the world size.
+    #[schemars(range(min = 1))]
+    pub num_attention_heads: u32,
+    /// Number of key/value heads for grouped-query attention
+    /// (`num_key_value_heads`). Must be divisible by the world size.
+    #[schemars(range(min = 1))]
+    pub num_key_value_heads: u32,
+    /// Width of the MLP (`intermediate_size`). Must be divisible by the world size.
+    #[schemars(range(min = 1))]
+    pub intermediate_size: u32,
+    /// Vocabulary size (`vocab_size`).
+    #[schemars(range(min = 1))]
+    pub vocab_size: u32,
+    /// Per-head width (`head_dim`); defaults to hiddenSize / numAttentionHeads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub head_dim: Option<u32>,
+    /// Whether lm_head shares the embedding matrix (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Weight quantization of the MLX checkpoint; absent for bf16/fp16 weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
+    /// Element type of the unquantized tensors (norms, and every weight when
+    /// `quantization` is absent).
+    #[serde(default)]
+    pub dtype: WeightDtype,
+}
+
+/// MLX affine quantization of a checkpoint (`quantization` in `config.json`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Quantization {
+    /// Bits per weight.
+    #[schemars(range(min = 2, max = 8))]
+    pub bits: u32,
+    /// Number of weights that share one scale and bias. Each rank's slice of a
+    /// row-parallel layer must be a whole number of groups.
+    #[schemars(range(min = 32, max = 128))]
+    pub group_size: u32,
+}
+
+/// Element type of unquantized weights.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum WeightDtype {
+    /// bfloat16, two bytes per element.
+    #[default]
+    #[serde(rename = "bfloat16")]
+    BFloat16,
+    /// IEEE half precision, two bytes per element.
+    #[serde(rename = "float16")]
+    Float16,
+    /// IEEE single precision, four bytes per element.
+    #[serde(rename = "float32")]
+    Float32,
+}
+
+/// How ranks of a group talk to each other for `all_sum`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Backend {
+    /// MLX's ring backend over TCP; works on every platform.
+    #[default]
+    Ring,
+    /// MLX's JACCL backend over Thunderbolt RDMA; macOS only.
+    Jaccl,
+}

@@ -1,0 +1,251 @@
+//! `LlamaDeployment`: a model served by a tensor-parallel group of nodes.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Architecture, Backend, SecretKeyRef, conditions_schema};
+use crate::shard::ShardPhase;
+
+/// What the user asks for: a model and how to shard it. The operator places
+/// one rank per matching LlamaNode, writes one LlamaShard per rank, and
+/// reports progress in the status. Scale it by editing
+/// `spec.sharding.worldSize` or with `kubectl scale llama NAME --replicas=N`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "LlamaDeployment",
+    namespaced,
+    shortname = "llama",
+    category = "tandem",
+    status = "LlamaDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A Llama model served across several nodes as one tensor-parallel group.",
+    scale(
+        spec_replicas_path = ".spec.sharding.worldSize",
+        status_replicas_path = ".status.readyRanks"
+    ),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
+    printcolumn(
+        name = "World",
+        type_ = "integer",
+        json_path = ".spec.sharding.worldSize"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LlamaDeploymentSpec {
+    /// Model ID in the Hugging Face `org/name` form, for example
+    /// `mlx-community/Llama-3.3-70B-Instruct-4bit`. Models in the built-in
+    /// catalog need nothing else; any other model also needs `architecture`.
+    #[schemars(
+        length(min = 1, max = 200),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+    )]
+    pub model: String,
+    /// Model revision: a branch, tag or commit of the model repository.
+    /// Defaults to `main`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 100),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    )]
+    pub revision: Option<String>,
+    /// How the model is split into ranks.
+    pub sharding: Sharding,
+    /// Which LlamaNodes may run ranks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// Transport for the group's collective operations. `Ring` (TCP) works
+    /// everywhere; `Jaccl` (Thunderbolt RDMA) needs Macs wired together.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Longest context a request may use, in tokens. The KV cache is sized
+    /// from this when checking that a rank fits in a node's memory.
+    #[serde(default = "default_max_context_tokens")]
+    #[schemars(range(min = 128, max = 131072))]
+    pub max_context_tokens: u32,
+    /// The OpenAI-compatible HTTP API served by rank 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<Serving>,
+    /// Model shape, for models outside the built-in catalog. When set for a
+    /// catalog model, it overrides the catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<Architecture>,
+}
+
+/// Default for `spec.maxContextTokens`.
+pub fn default_max_context_tokens() -> u32 {
+    8192
+}
+
+/// How a model is split across ranks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sharding {
+    /// Parallelism strategy. `Tensor` splits every layer across all ranks;
+    /// `Pipeline` is reserved for a later version and is refused.
+    #[serde(default)]
+    pub strategy: ShardingStrategy,
+    /// Number of ranks, one per node. The model's attention heads, KV heads
+    /// and MLP width must divide by it; `status.validWorldSizes` lists the
+    /// values that work. This is what `kubectl scale` changes.
+    #[schemars(range(min = 1, max = 256))]
+    pub world_size: i32,
+}
+
+/// Parallelism strategy of a deployment.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ShardingStrategy {
+    /// Tensor parallelism: every rank holds a slice of every layer.
+    #[default]
+    Tensor,
+    /// Pipeline parallelism: reserved, not implemented.
+    Pipeline,
+}
+
+/// Where ranks may be placed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Label selector over LlamaNodes. Only matching nodes receive ranks;
+    /// an empty or absent selector matches every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+}
+
+/// The HTTP API served by rank 0.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Serving {
+    /// TCP port of the OpenAI-compatible API on rank 0's node. Defaults to 8080.
+    #[serde(default = "default_serving_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Secret holding a bearer API key that clients must send. When absent
+    /// the API is open. The key defaults to `api-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Default for `spec.serving.port`.
+pub fn default_serving_port() -> i32 {
+    8080
+}
+
+/// Observed state of a LlamaDeployment, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlamaDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Summary of where the deployment is in its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<DeploymentPhase>,
+    /// Group incarnation. It increases on every re-placement: a new world
+    /// size, a lost node or a failed rank.
+    #[serde(default)]
+    pub epoch: i64,
+    /// World size of the current epoch.
+    #[serde(default)]
+    pub world_size: i32,
+    /// Ranks of the current epoch whose shard is Ready.
+    #[serde(default)]
+    pub ready_ranks: i32,
+    /// Ready ranks over world size, such as `2/4`, for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// One entry per rank of the current epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<RankStatus>,
+    /// URL of the OpenAI-compatible API on rank 0, once the group serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// World sizes this model can be split into.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid_world_sizes: Vec<i32>,
+    /// Estimated memory each rank needs: its weight slice, the replicated
+    /// tensors and the KV cache for `maxContextTokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_per_rank_bytes: Option<i64>,
+    /// Placed, ShardsLoaded, GroupFormed and Ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// Re-placements caused by failures (a failed rank, a lost node, a
+    /// vanished shard) counted against the operator's restart budget. It
+    /// goes back to 0 when the group has served without a failure for a
+    /// while, or when the spec changes. When it reaches the budget the
+    /// deployment is Failed.
+    #[serde(default)]
+    pub restart_count: i32,
+    /// The most recent failure-driven re-placement; restart backoff counts
+    /// from its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<RestartRecord>,
+}
+
+/// One failure-driven re-placement of a deployment's group.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartRecord {
+    /// The epoch the re-placement started.
+    pub epoch: i64,
+    /// When the re-placement happened.
+    pub time: Time,
+    /// CamelCase reason of the failure, such as `RankFailed`, `NodeLost` or
+    /// `ShardMissing`.
+    pub reason: String,
+    /// What failed, in words.
+    pub message: String,
+}
+
+/// Where a LlamaDeployment is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DeploymentPhase {
+    /// Accepted, not yet looked at.
+    Pending,
+    /// Choosing nodes, or waiting for nodes that fit.
+    Placing,
+    /// Shards are placed and agents are loading weights.
+    Loading,
+    /// Every rank is loaded; the group is connecting.
+    Forming,
+    /// The group is formed and rank 0 serves requests.
+    Serving,
+    /// A rank failed or a node was lost; the group is being re-formed.
+    Degraded,
+    /// The deployment cannot run; see the conditions for why.
+    Failed,
+    /// The deployment is being deleted; the operator waits for the agents to
+    /// release its shards (see the Ready condition for what it waits for).
+    Terminating,
+}
+
+/// One rank of the current epoch, as seen by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RankStatus {
+    /// Rank number, from 0.
+    pub rank: i32,
+    /// LlamaNode running the rank.
+    pub node: String,
+    /// LlamaShard of the rank.
+    pub shard: String,
+    /// Phase the agent reports for the shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ShardPhase>,
+    /// `ip:port` the rank listens on for its group peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
