@@ -1,0 +1,398 @@
+#!/usr/bin/env bash
+# Local Kubernetes control plane for Tandem's tests and demo: a real etcd, a
+# real kube-apiserver and a kube-controller-manager (garbage collector and
+# namespace controllers only), all on free loopback ports with TLS.
+#
+# The binaries are built from Debian's `kubernetes` source package and cached
+# under ~/.cache/tandem, keyed by version. Every command is idempotent.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: dev/cluster.sh COMMAND
+
+commands:
+  deps              install the apt prerequisites (skips what is installed)
+  build             build kube-apiserver, kube-controller-manager and kubectl
+                    from Debian's source package (cached by version)
+  up                start etcd, kube-apiserver and kube-controller-manager and
+                    write kubeconfigs; reuses a running control plane
+  down              stop every component
+  restart COMPONENT stop and start one component (etcd|apiserver|controller-manager)
+  status            say what is running, and where
+  env               print shell exports (KUBECONFIG, PATH) for the admin identity
+  bin-dir           print the directory holding the built binaries
+
+environment:
+  TANDEM_CLUSTER_DIR  state directory (default: <repo>/target/tandem-cluster)
+  TANDEM_CACHE_DIR    build cache (default: ~/.cache/tandem)
+
+kubeconfigs written to $TANDEM_CLUSTER_DIR:
+  admin.kubeconfig     system:masters
+  operator.kubeconfig  the chart's operator ServiceAccount (tandem-system/tandem-operator)
+  agent.kubeconfig     the chart's agent ServiceAccount (tandem-system/tandem-agent)
+EOF
+}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Debian's source package version; the tarball inside is upstream 1.20.2.
+KUBE_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+KUBE_ORIG_TARBALL="kubernetes_1.20.5+really1.20.2.orig.tar.gz"
+KUBE_SRC_DIR_NAME="kubernetes-1.20.2"
+CACHE_DIR=${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}
+BIN_DIR="$CACHE_DIR/kubernetes-$KUBE_DEB_VERSION/bin"
+STATE=${TANDEM_CLUSTER_DIR:-$REPO/target/tandem-cluster}
+SYSTEM_NAMESPACE=tandem-system
+APT_PACKAGES=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl curl python3 ca-certificates)
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
+
+# step NAME LOGFILE CMD... runs CMD with its output in LOGFILE; on failure it
+# names the step and the log, and shows the log's tail.
+step() {
+  local name=$1 logfile=$2
+  shift 2
+  mkdir -p "$(dirname "$logfile")"
+  log "$name (log: $logfile)"
+  if ! "$@" >"$logfile" 2>&1; then
+    printf '[cluster] step "%s" failed; its log is %s. Last lines:\n' "$name" "$logfile" >&2
+    tail -n 30 "$logfile" >&2 || true
+    exit 1
+  fi
+}
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+cmd_deps() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "apt prerequisites present"
+    return
+  fi
+  local logs="$CACHE_DIR/logs"
+  # An unreachable third-party list must not stop the update of Debian's own.
+  step "apt-get update" "$logs/apt-update.log" bash -c 'apt-get update || true'
+  step "apt-get install ${missing[*]}" "$logs/apt-install.log" \
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+enable_deb_src() {
+  local f=/etc/apt/sources.list.d/tandem-deb-src.sources
+  [ -f "$f" ] && return 0
+  local uri
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=http://deb.debian.org/debian
+  as_root tee "$f" >/dev/null <<EOF
+Types: deb-src
+URIs: $uri
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  apt-get update || true
+}
+
+cmd_build() {
+  local want=(kube-apiserver kube-controller-manager kubectl)
+  local have=1
+  for b in "${want[@]}"; do [ -x "$BIN_DIR/$b" ] || have=0; done
+  if [ $have -eq 1 ]; then
+    log "kubernetes $KUBE_DEB_VERSION binaries cached in $BIN_DIR"
+    return
+  fi
+  cmd_deps
+  local work="$CACHE_DIR/build" logs="$CACHE_DIR/logs"
+  mkdir -p "$work"
+  local tarball="$work/$KUBE_ORIG_TARBALL"
+  if [ ! -s "$tarball" ]; then
+    step "enable deb-src" "$logs/deb-src.log" enable_deb_src
+    step "apt-get source kubernetes" "$logs/apt-source.log" \
+      bash -c "cd '$work' && apt-get source --download-only 'kubernetes=$KUBE_DEB_VERSION'"
+  fi
+  local src="$work/$KUBE_SRC_DIR_NAME"
+  if [ ! -f "$src/.tandem-prepared" ]; then
+    rm -rf "$src"
+    step "unpack kubernetes source" "$logs/unpack.log" tar -C "$work" -xzf "$tarball"
+    [ -d "$src" ] || die "unpacking $tarball did not give $src"
+    # The vendored reflect2 v1.0.1 crashes under Go >= 1.18; Debian ships 1.0.2.
+    step "replace vendored reflect2" "$logs/reflect2.log" bash -c "
+      rm -rf '$src/vendor/github.com/modern-go/reflect2' &&
+      cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 '$src/vendor/github.com/modern-go/reflect2' &&
+      rm -f '$src/vendor/github.com/modern-go/reflect2/go.mod'"
+    touch "$src/.tandem-prepared"
+  fi
+  step "build ${want[*]} (several minutes when cold)" "$logs/kube-build.log" \
+    bash -c "cd '$src' && make WHAT='cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl'"
+  mkdir -p "$BIN_DIR"
+  for b in "${want[@]}"; do
+    install -m 0755 "$src/_output/bin/$b" "$BIN_DIR/$b.tmp"
+    mv "$BIN_DIR/$b.tmp" "$BIN_DIR/$b"
+  done
+  # The unpacked tree is large and no longer needed once the binaries are cached.
+  rm -rf "$src"
+  log "built into $BIN_DIR"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+pid_alive() {
+  local f="$STATE/$1.pid"
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+stop_component() {
+  local name=$1 f="$STATE/$1.pid"
+  [ -f "$f" ] || return 0
+  local pid
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    log "stopped $name (pid $pid)"
+  fi
+  rm -f "$f"
+}
+
+gen_pki() {
+  local pki="$STATE/pki"
+  [ -f "$pki/.done" ] && return 0
+  rm -rf "$pki"
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=tandem-local-ca" \
+      -keyout ca.key -out ca.crt
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >apiserver.ext
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile apiserver.ext -out apiserver.crt
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=service-accounts" \
+      -keyout sa.key -out sa.crt
+  )
+  touch "$pki/.done"
+}
+
+gen_tokens() {
+  local f="$STATE/tokens.csv"
+  [ -f "$f" ] && return 0
+  tok() { openssl rand -hex 24; }
+  local ns=$SYSTEM_NAMESPACE
+  {
+    echo "$(tok),admin,admin,system:masters"
+    echo "$(tok),system:kube-controller-manager,kcm,system:masters"
+    # Static tokens whose user names are the chart's ServiceAccounts: RBAC
+    # matches ServiceAccount subjects by user name, so the chart's bindings
+    # govern these identities exactly as they would in a cluster.
+    echo "$(tok),system:serviceaccount:$ns:tandem-operator,tandem-operator,\"system:serviceaccounts,system:serviceaccounts:$ns,system:authenticated\""
+    echo "$(tok),system:serviceaccount:$ns:tandem-agent,tandem-agent,\"system:serviceaccounts,system:serviceaccounts:$ns,system:authenticated\""
+  } >"$f.tmp"
+  mv "$f.tmp" "$f"
+  chmod 600 "$f"
+}
+
+token_for() {
+  awk -F, -v u="$1" '$2==u {print $1}' "$STATE/tokens.csv"
+}
+
+write_kubeconfig() {
+  local file=$1 user=$2 token=$3 port=$4
+  local ca
+  ca=$(base64 -w0 <"$STATE/pki/ca.crt")
+  cat >"$file.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: tandem-local
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority-data: $ca
+users:
+- name: $user
+  user:
+    token: $token
+contexts:
+- name: tandem-local
+  context:
+    cluster: tandem-local
+    user: $user
+    namespace: default
+current-context: tandem-local
+EOF
+  mv "$file.tmp" "$file"
+  chmod 600 "$file"
+}
+
+start_etcd() {
+  pid_alive etcd && return 0
+  # shellcheck source=/dev/null
+  . "$STATE/ports.env"
+  mkdir -p "$STATE/etcd-data" "$STATE/logs"
+  nohup etcd --name tandem --data-dir "$STATE/etcd-data" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "tandem=http://127.0.0.1:$ETCD_PEER_PORT" \
+    >"$STATE/logs/etcd.log" 2>&1 9>&- &
+  echo $! >"$STATE/etcd.pid"
+  wait_until "etcd" "$STATE/logs/etcd.log" 30 \
+    curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+}
+
+start_apiserver() {
+  pid_alive apiserver && return 0
+  # shellcheck source=/dev/null
+  . "$STATE/ports.env"
+  mkdir -p "$STATE/logs"
+  nohup "$BIN_DIR/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --secure-port="$APISERVER_PORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+    --tls-cert-file="$STATE/pki/apiserver.crt" --tls-private-key-file="$STATE/pki/apiserver.key" \
+    --cert-dir="$STATE/pki/generated" \
+    --token-auth-file="$STATE/tokens.csv" --authorization-mode=RBAC \
+    --service-account-key-file="$STATE/pki/sa.crt" \
+    --service-account-signing-key-file="$STATE/pki/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc \
+    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
+    >"$STATE/logs/kube-apiserver.log" 2>&1 9>&- &
+  echo $! >"$STATE/apiserver.pid"
+  wait_until "kube-apiserver" "$STATE/logs/kube-apiserver.log" 90 \
+    curl -fsS --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $(token_for admin)" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz"
+}
+
+start_controller_manager() {
+  pid_alive controller-manager && return 0
+  mkdir -p "$STATE/logs"
+  # Only the controllers the tests rely on: ownerReference cascades and
+  # namespace deletion. Nothing is served, so no port can collide.
+  nohup "$BIN_DIR/kube-controller-manager" \
+    --kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --controllers=garbagecollector,namespace \
+    --leader-elect=false --use-service-account-credentials=false \
+    --port=0 --secure-port=0 \
+    >"$STATE/logs/kube-controller-manager.log" 2>&1 9>&- &
+  echo $! >"$STATE/controller-manager.pid"
+  sleep 1
+  pid_alive controller-manager ||
+    die "kube-controller-manager exited at start; see $STATE/logs/kube-controller-manager.log"
+}
+
+# wait_until NAME LOG SECONDS CMD...: polls CMD until it succeeds.
+wait_until() {
+  local name=$1 logfile=$2 secs=$3
+  shift 3
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      printf '[cluster] %s did not become ready in %ss; its log is %s. Last lines:\n' "$name" "$secs" "$logfile" >&2
+      tail -n 30 "$logfile" >&2 || true
+      exit 1
+    fi
+    sleep 0.5
+  done
+}
+
+healthy() {
+  [ -f "$STATE/ports.env" ] || return 1
+  pid_alive etcd && pid_alive apiserver && pid_alive controller-manager || return 1
+  # shellcheck source=/dev/null
+  . "$STATE/ports.env"
+  curl -fsS --max-time 5 --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $(token_for admin)" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz" >/dev/null 2>&1
+}
+
+lock_state() {
+  mkdir -p "$STATE"
+  exec 9>"$STATE/.lock"
+  flock 9
+}
+
+cmd_up() {
+  cmd_build
+  lock_state
+  if healthy; then
+    log "control plane already running; reusing it ($STATE)"
+    return 0
+  fi
+  for c in controller-manager apiserver etcd; do stop_component "$c"; done
+  command -v etcd >/dev/null || die "etcd is not installed; run: dev/cluster.sh deps"
+  step "generate certificates" "$STATE/logs/pki.log" gen_pki
+  gen_tokens
+  # Ports are chosen once per state directory so kubeconfigs stay valid across restarts.
+  if [ ! -f "$STATE/ports.env" ]; then
+    printf 'ETCD_PORT=%s\nETCD_PEER_PORT=%s\nAPISERVER_PORT=%s\n' \
+      "$(free_port)" "$(free_port)" "$(free_port)" >"$STATE/ports.env"
+  fi
+  # shellcheck source=/dev/null
+  . "$STATE/ports.env"
+  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  start_etcd
+  log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+  start_apiserver
+  write_kubeconfig "$STATE/admin.kubeconfig" admin "$(token_for admin)" "$APISERVER_PORT"
+  write_kubeconfig "$STATE/controller-manager.kubeconfig" system:kube-controller-manager \
+    "$(token_for system:kube-controller-manager)" "$APISERVER_PORT"
+  write_kubeconfig "$STATE/operator.kubeconfig" "tandem-operator" \
+    "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-operator")" "$APISERVER_PORT"
+  write_kubeconfig "$STATE/agent.kubeconfig" "tandem-agent" \
+    "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-agent")" "$APISERVER_PORT"
+  log "starting kube-controller-manager (garbagecollector, namespace)"
+  start_controller_manager
+  "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" get namespace "$SYSTEM_NAMESPACE" >/dev/null 2>&1 ||
+    "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" create namespace "$SYSTEM_NAMESPACE" >/dev/null
+  log "ready: export KUBECONFIG=$STATE/admin.kubeconfig"
+}
+
+cmd_down() {
+  [ -d "$STATE" ] || { log "nothing to stop"; return 0; }
+  lock_state
+  for c in controller-manager apiserver etcd; do stop_component "$c"; done
+}
+
+cmd_restart() {
+  local c=${1:-}
+  lock_state
+  case "$c" in
+    etcd) stop_component etcd; start_etcd ;;
+    apiserver) stop_component apiserver; start_apiserver ;;
+    controller-manager) stop_component controller-manager; start_controller_manager ;;
+    *) die "restart takes etcd, apiserver or controller-manager" ;;
+  esac
+  log "restarted $c"
+}
+
+cmd_status() {
+  for c in etcd apiserver controller-manager; do
+    if pid_alive "$c"; then echo "$c: running (pid $(cat "$STATE/$c.pid"))"; else echo "$c: stopped"; fi
+  done
+  if [ -f "$STATE/ports.env" ]; then
+    # shellcheck source=/dev/null
+    . "$STATE/ports.env"
+    echo "apiserver: https://127.0.0.1:$APISERVER_PORT"
+    echo "kubeconfig: $STATE/admin.kubeconfig"
+  fi
+  healthy
+}
+
+case "${1:-}" in
+  deps) cmd_deps ;;
+  build) cmd_build ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  restart) shift; cmd_restart "$@" ;;
+  status) cmd_status ;;
+  env) printf 'export KUBECONFIG=%q\nexport PATH=%q:"$PATH"\n' "$STATE/admin.kubeconfig" "$BIN_DIR" ;;
+  bin-dir) echo "$BIN_DIR" ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every Tandem test on a fresh Debian 12 machine: installs what the
+# tests need (apt packages, the kube-apiserver build, the MLX wheel, helm),
+# checks formatting, lints and generated files, runs the whole suite against
+# a real local control plane, and stops the control plane afterwards.
+#
+# Slow steps are cached under ~/.cache/tandem, keyed by version.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+stage() { printf '\n==> %s\n' "$*"; }
+t0=$SECONDS
+
+stage "prerequisites: apt packages, kube-apiserver build, helm"
+bash dev/cluster.sh deps
+bash dev/cluster.sh build
+bash dev/helm.sh >/dev/null
+echo "set-up took $((SECONDS - t0))s"
+
+stage "formatting"
+cargo fmt --all -- --check
+
+stage "lints (clippy, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+stage "chart lint"
+"$(bash dev/helm.sh)" lint charts/tandem
+
+stage "local control plane"
+bash dev/cluster.sh up
+trap 'bash dev/cluster.sh down' EXIT
+
+stage "tests"
+cargo test --workspace --locked
+echo "all done in $((SECONDS - t0))s"

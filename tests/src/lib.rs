@@ -1,0 +1,406 @@
+//! Test harness shared by every suite that talks to a real API server.
+//!
+//! [`cluster`] starts the local control plane (`dev/cluster.sh up`: etcd,
+//! kube-apiserver and kube-controller-manager built from source) once per
+//! test process, or reuses the one already running, then installs the CRDs
+//! and the chart's RBAC. [`TestNamespace`] gives each test a namespace of its
+//! own that is deleted when the test ends, passed or failed; namespaces left
+//! behind by a killed test process are swept the next time a run starts.
+//!
+//! The control plane outlives a single `cargo test`: the README's test
+//! command stops it at the end (`dev/cluster.sh down`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Label put on every namespace a test creates, holding the test process id.
+pub const TEST_PID_LABEL: &str = "tandem.dev/test-pid";
+/// Namespace the chart installs into, and where node Leases live.
+pub const SYSTEM_NAMESPACE: &str = "tandem-system";
+
+/// The identities the control plane issues credentials for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// `system:masters`: the test itself, playing the cluster admin.
+    Admin,
+    /// The chart's `tandem-operator` ServiceAccount, bound by the chart's RBAC.
+    Operator,
+    /// The chart's `tandem-agent` ServiceAccount, bound by the chart's RBAC.
+    Agent,
+}
+
+impl Identity {
+    fn kubeconfig_file(self) -> &'static str {
+        match self {
+            Identity::Admin => "admin.kubeconfig",
+            Identity::Operator => "operator.kubeconfig",
+            Identity::Agent => "agent.kubeconfig",
+        }
+    }
+}
+
+/// A running local control plane with the CRDs and RBAC installed.
+#[derive(Debug)]
+pub struct Cluster {
+    state_dir: PathBuf,
+    bin_dir: PathBuf,
+    helm: PathBuf,
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The shared control plane, started (or reused) on first use.
+///
+/// Panics with the failing step and its log when the control plane cannot be
+/// brought up: no test can run without it.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| match Cluster::start() {
+        Ok(c) => c,
+        Err(e) => panic!("local control plane unavailable: {e:#}"),
+    })
+}
+
+impl Cluster {
+    fn start() -> anyhow::Result<Cluster> {
+        let root = repo_root();
+        let script = root.join("dev/cluster.sh");
+        run_checked(
+            Command::new("bash").arg(&script).arg("up"),
+            "dev/cluster.sh up",
+        )?;
+        let bin_dir = PathBuf::from(
+            String::from_utf8(
+                run_checked(
+                    Command::new("bash").arg(&script).arg("bin-dir"),
+                    "dev/cluster.sh bin-dir",
+                )?
+                .stdout,
+            )?
+            .trim(),
+        );
+        let helm = PathBuf::from(
+            String::from_utf8(
+                run_checked(
+                    Command::new("bash").arg(root.join("dev/helm.sh")),
+                    "dev/helm.sh",
+                )?
+                .stdout,
+            )?
+            .trim(),
+        );
+        let state_dir = std::env::var_os("TANDEM_CLUSTER_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/tandem-cluster"));
+        let cluster = Cluster {
+            state_dir,
+            bin_dir,
+            helm,
+        };
+        cluster.install_crds()?;
+        cluster.install_rbac()?;
+        cluster.sweep_stale_namespaces()?;
+        Ok(cluster)
+    }
+
+    /// Applies the generated CRDs with server-side apply and waits until
+    /// the API server serves them.
+    fn install_crds(&self) -> anyhow::Result<()> {
+        let dir = repo_root().join("crds");
+        self.kubectl_checked(
+            Identity::Admin,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=tandem-tests",
+                "-f",
+                &dir.to_string_lossy(),
+            ],
+        )?;
+        self.kubectl_checked(
+            Identity::Admin,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/llamadeployments.tandem.dev",
+                "crd/llamashards.tandem.dev",
+                "crd/llamanodes.tandem.dev",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Applies the ServiceAccounts and RBAC exactly as the chart renders them,
+    /// so the operator and agent identities have the chart's rights and no more.
+    fn install_rbac(&self) -> anyhow::Result<()> {
+        let rendered = self.helm_template(&[
+            "--show-only",
+            "templates/serviceaccounts.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ])?;
+        self.kubectl_stdin_checked(
+            Identity::Admin,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=tandem-tests",
+                "-f",
+                "-",
+            ],
+            &rendered,
+        )?;
+        Ok(())
+    }
+
+    /// Renders the chart into the system namespace with extra `helm template` arguments.
+    pub fn helm_template(&self, extra: &[&str]) -> anyhow::Result<String> {
+        let chart = repo_root().join("charts/tandem");
+        let mut cmd = Command::new(&self.helm);
+        cmd.args(["template", "tandem"])
+            .arg(&chart)
+            .args(["--namespace", SYSTEM_NAMESPACE])
+            .args(extra);
+        let out = run_checked(&mut cmd, "helm template")?;
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Deletes test namespaces whose creating process no longer exists.
+    fn sweep_stale_namespaces(&self) -> anyhow::Result<()> {
+        let out = self.kubectl_checked(
+            Identity::Admin,
+            &[
+                "get",
+                "namespaces",
+                "-l",
+                TEST_PID_LABEL,
+                "-o",
+                &format!(
+                    "jsonpath={{range .items[*]}}{{.metadata.name}} {{.metadata.labels.{}}}{{\"\\n\"}}{{end}}",
+                    TEST_PID_LABEL.replace('.', "\\.")
+                ),
+            ],
+        )?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(pid)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = self.kubectl(
+                    Identity::Admin,
+                    &["delete", "namespace", name, "--wait=false"],
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of the kubeconfig for an identity.
+    pub fn kubeconfig(&self, identity: Identity) -> PathBuf {
+        self.state_dir.join(identity.kubeconfig_file())
+    }
+
+    /// Directory with the kube-apiserver, kube-controller-manager and kubectl binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// The helm binary.
+    pub fn helm(&self) -> &Path {
+        &self.helm
+    }
+
+    /// A client acting as `identity`.
+    pub async fn client(&self, identity: Identity) -> anyhow::Result<kube::Client> {
+        let path = self.kubeconfig(identity);
+        let kubeconfig =
+            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A `kubectl` command acting as `identity`, not yet run.
+    pub fn kubectl_command(&self, identity: Identity) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("kubectl"));
+        cmd.arg("--kubeconfig").arg(self.kubeconfig(identity));
+        cmd
+    }
+
+    /// Runs `kubectl` as `identity` and returns its output, whatever the exit status.
+    pub fn kubectl(&self, identity: Identity, args: &[&str]) -> std::io::Result<Output> {
+        self.kubectl_command(identity).args(args).output()
+    }
+
+    /// Runs `kubectl` as `identity` with `input` on stdin, whatever the exit status.
+    pub fn kubectl_stdin(
+        &self,
+        identity: Identity,
+        args: &[&str],
+        input: &str,
+    ) -> std::io::Result<Output> {
+        let mut child = self
+            .kubectl_command(identity)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        child.wait_with_output()
+    }
+
+    /// Runs `kubectl` as `identity` and fails unless it exits 0.
+    pub fn kubectl_checked(&self, identity: Identity, args: &[&str]) -> anyhow::Result<Output> {
+        let out = self.kubectl(identity, args)?;
+        check_output(out, &format!("kubectl {}", args.join(" ")))
+    }
+
+    /// Runs `kubectl` as `identity` with `input` on stdin and fails unless it exits 0.
+    pub fn kubectl_stdin_checked(
+        &self,
+        identity: Identity,
+        args: &[&str],
+        input: &str,
+    ) -> anyhow::Result<Output> {
+        let out = self.kubectl_stdin(identity, args, input)?;
+        check_output(out, &format!("kubectl {}", args.join(" ")))
+    }
+
+    /// Stops and starts kube-apiserver, keeping etcd's data, and waits until it is ready.
+    pub fn restart_apiserver(&self) -> anyhow::Result<()> {
+        run_checked(
+            Command::new("bash")
+                .arg(repo_root().join("dev/cluster.sh"))
+                .args(["restart", "apiserver"]),
+            "dev/cluster.sh restart apiserver",
+        )?;
+        Ok(())
+    }
+}
+
+/// A namespace of a test's own, deleted (without waiting) when dropped, so
+/// it goes away after a failed test too.
+#[derive(Debug)]
+pub struct TestNamespace {
+    name: String,
+    cluster: &'static Cluster,
+}
+
+impl TestNamespace {
+    /// Creates `PREFIX-xxxxxx` with a random suffix.
+    pub async fn new(cluster: &'static Cluster, prefix: &str) -> anyhow::Result<TestNamespace> {
+        use k8s_openapi::api::core::v1::Namespace;
+        use kube::api::{Api, ObjectMeta, PostParams};
+        let name = unique_name(prefix);
+        let client = cluster.client(Identity::Admin).await?;
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(TEST_PID_LABEL.to_string(), std::process::id().to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client)
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(TestNamespace { name, cluster })
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl(
+            Identity::Admin,
+            &["delete", "namespace", &self.name, "--wait=false"],
+        );
+    }
+}
+
+/// `prefix-` plus six random lowercase letters and digits, cut to a valid
+/// DNS label.
+pub fn unique_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..6)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect();
+    let mut prefix: String = prefix
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    prefix.truncate(50);
+    format!("{}-{suffix}", prefix.trim_matches('-'))
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with
+/// `what` and the last observation.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> anyhow::Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {what}"))?;
+    check_output(out, what)
+}
+
+fn check_output(out: Output, what: &str) -> anyhow::Result<Output> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
