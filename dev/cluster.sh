@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local Kubernetes control plane for Tandem's tests and demo: a real etcd, a
-# real kube-apiserver and a kube-controller-manager (garbage collector and
-# namespace controllers only), all on free loopback ports with TLS.
+# real kube-apiserver and a kube-controller-manager (garbage-collector,
+# namespace and token controllers only), all on free loopback ports with TLS.
 #
 # The binaries are built from Debian's `kubernetes` source package and cached
 # under ~/.cache/tandem, keyed by version. Every command is idempotent.
@@ -273,11 +273,13 @@ start_apiserver() {
 start_controller_manager() {
   pid_alive controller-manager && return 0
   mkdir -p "$STATE/logs"
-  # Only the controllers the tests rely on: ownerReference cascades and
-  # namespace deletion. Nothing is served, so no port can collide.
+  # Only the controllers Tandem relies on: ownerReference cascades,
+  # namespace deletion, and the tokens of ServiceAccount token Secrets (the
+  # chart's off-cluster agent token). Nothing is served, so no port can collide.
   nohup "$BIN_DIR/kube-controller-manager" \
     --kubeconfig="$STATE/controller-manager.kubeconfig" \
-    --controllers=garbagecollector,namespace \
+    --controllers=garbagecollector,namespace,serviceaccount-token \
+    --service-account-private-key-file="$STATE/pki/sa.key" --root-ca-file="$STATE/pki/ca.crt" \
     --leader-elect=false --use-service-account-credentials=false \
     --port=0 --secure-port=0 \
     >"$STATE/logs/kube-controller-manager.log" 2>&1 9>&- &
@@ -346,7 +348,7 @@ cmd_up() {
     "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-operator")" "$APISERVER_PORT"
   write_kubeconfig "$STATE/agent.kubeconfig" "tandem-agent" \
     "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-agent")" "$APISERVER_PORT"
-  log "starting kube-controller-manager (garbagecollector, namespace)"
+  log "starting kube-controller-manager (garbagecollector, namespace, serviceaccount-token)"
   start_controller_manager
   "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" get namespace "$SYSTEM_NAMESPACE" >/dev/null 2>&1 ||
     "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" create namespace "$SYSTEM_NAMESPACE" >/dev/null

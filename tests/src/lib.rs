@@ -3,7 +3,8 @@
 //! [`cluster`] starts the local control plane (`dev/cluster.sh up`: etcd,
 //! kube-apiserver and kube-controller-manager built from source) once per
 //! test process, or reuses the one already running, then installs the CRDs
-//! and the chart's RBAC. [`TestNamespace`] gives each test a namespace of its
+//! and the Helm chart (`helm upgrade --install`), whose ServiceAccounts and
+//! RBAC are the operator's and agents' identities in every suite. [`TestNamespace`] gives each test a namespace of its
 //! own that is deleted when the test ends, passed or failed; namespaces left
 //! behind by a killed test process are swept the next time a run starts.
 //!
@@ -109,7 +110,7 @@ impl Cluster {
             helm,
         };
         cluster.install_crds()?;
-        cluster.install_rbac()?;
+        cluster.install_chart()?;
         cluster.sweep_stale_namespaces()?;
         Ok(cluster)
     }
@@ -143,27 +144,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Applies the ServiceAccounts and RBAC exactly as the chart renders them,
-    /// so the operator and agent identities have the chart's rights and no more.
-    fn install_rbac(&self) -> anyhow::Result<()> {
-        let rendered = self.helm_template(&[
-            "--show-only",
-            "templates/serviceaccounts.yaml",
-            "--show-only",
-            "templates/rbac.yaml",
-        ])?;
-        self.kubectl_stdin_checked(
-            Identity::Admin,
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=tandem-tests",
-                "-f",
-                "-",
-            ],
-            &rendered,
-        )?;
+    /// Installs (or upgrades) the chart as release `tandem` in the system
+    /// namespace, so the operator and agent identities have exactly the
+    /// chart's rights. A file lock keeps concurrent test processes from
+    /// racing on the release.
+    fn install_chart(&self) -> anyhow::Result<()> {
+        let chart = repo_root().join("charts/tandem");
+        let lock = self.state_dir.join(".helm.lock");
+        let mut cmd = Command::new("flock");
+        cmd.arg(&lock)
+            .arg(&self.helm)
+            .args(["upgrade", "--install", "tandem"])
+            .arg(&chart)
+            .args(["--namespace", SYSTEM_NAMESPACE, "--kubeconfig"])
+            .arg(self.kubeconfig(Identity::Admin));
+        run_checked(&mut cmd, "helm upgrade --install tandem charts/tandem")?;
         Ok(())
     }
 
