@@ -1,0 +1,1018 @@
+//! The reconcile decision, as a pure function of what was observed and `now`:
+//! which epoch the deployment is in, which shards to write and delete, whether
+//! the group-token must rotate, the status (phase, ranks, conditions) and the
+//! Events that the change deserves.
+//!
+//! # Epochs
+//! The epoch is the group's incarnation. The current epoch is the highest of
+//! `status.epoch` and the epochs of the deployment's shards (so a status write
+//! lost after the shards were written is recovered). A new epoch starts when:
+//! - no shard of the current epoch is left (first placement, or after all
+//!   shards vanished) and a plan exists;
+//! - the current group has a failure (a rank `Failed`, its node lost, or its
+//!   shard gone): after the restart backoff, if the budget allows, and if a
+//!   plan exists; this is a *restart*;
+//! - the plan, or the shards built from it, differ from the current shards:
+//!   a new world size (scaling), a node that no longer fits, or a changed spec.
+//!
+//! A new epoch writes every shard of the new epoch and deletes every shard of
+//! older epochs in the same pass; agents stop a rank of an older epoch before
+//! they start the newer one on the same node (see docs/operator.md).
+//!
+//! When no plan exists the running group, if any, is left alone: a bad edit or
+//! a full cluster never takes a serving group down.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use tandem_crds::{
+    DeploymentPhase, LlamaDeployment, LlamaDeploymentStatus, LlamaShard, RankStatus, RestartRecord,
+    ShardPhase,
+};
+use tandem_planner::{
+    MAX_WORLD_SIZE, ModelShape, NodeInfo, Plan, PlanInput, memory_per_rank, plan_placement,
+    valid_world_sizes,
+};
+
+use crate::conditions::{self, GROUP_FORMED, PLACED, READY, SHARDS_LOADED, Verdict};
+use crate::convert::{self, Blocker, HeldShard};
+use crate::objects;
+use crate::restart::RestartPolicy;
+use crate::time;
+
+/// The operator's policy knobs that the decision depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Restart backoff and budget.
+    pub restart: RestartPolicy,
+    /// How long deletion waits for agents to release their shards before the
+    /// operator releases them itself.
+    pub release_timeout: Duration,
+    /// Re-check a deployment this often even when nothing changes.
+    pub resync: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            restart: RestartPolicy::default(),
+            release_timeout: Duration::from_secs(120),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one reconcile of a live (not deleting) deployment looks at.
+#[derive(Debug, Clone)]
+pub struct ReconcileInput<'a> {
+    /// The deployment.
+    pub deployment: &'a LlamaDeployment,
+    /// Its owner reference for children (see [`objects::owner_reference`]).
+    pub owner: &'a OwnerReference,
+    /// The latest status known: the one this operator last wrote, else the
+    /// object's.
+    pub prior: &'a LlamaDeploymentStatus,
+    /// Shards the deployment controls, of every epoch.
+    pub shards: &'a [&'a LlamaShard],
+    /// Every LlamaNode, with only *other* deployments' usage (see
+    /// [`convert::node_infos`]).
+    pub nodes: &'a [NodeInfo],
+    /// The time the decision is made at.
+    pub now: Timestamp,
+}
+
+/// Severity of an Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Progress.
+    Normal,
+    /// Something failed or needs attention.
+    Warning,
+}
+
+/// An Event to publish about the deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// Normal or Warning.
+    pub severity: Severity,
+    /// CamelCase reason.
+    pub reason: String,
+    /// What the operator did, such as `Place` or `Reconcile`.
+    pub action: &'static str,
+    /// Human-readable detail.
+    pub note: String,
+}
+
+impl Notice {
+    fn new(severity: Severity, reason: &str, action: &'static str, note: String) -> Self {
+        Notice {
+            severity,
+            reason: reason.to_owned(),
+            action,
+            note,
+        }
+    }
+}
+
+/// Why a new epoch started; its [`label`](EpochCause::label) is a metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpochCause {
+    /// The first placement.
+    Initial,
+    /// No shard of the current epoch was left.
+    Replace,
+    /// The world size changed.
+    Scale {
+        /// Old world size.
+        from: u32,
+        /// New world size.
+        to: u32,
+    },
+    /// The spec or the nodes changed so that the group must move.
+    SpecChange,
+    /// The group failed.
+    Restart {
+        /// CamelCase reason of the failure.
+        reason: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl EpochCause {
+    /// A bounded label: `initial`, `replace`, `scale`, `spec_change` or `restart`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EpochCause::Initial => "initial",
+            EpochCause::Replace => "replace",
+            EpochCause::Scale { .. } => "scale",
+            EpochCause::SpecChange => "spec_change",
+            EpochCause::Restart { .. } => "restart",
+        }
+    }
+}
+
+/// What one reconcile does.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The status to write.
+    pub status: LlamaDeploymentStatus,
+    /// The epoch the group-token Secret must belong to; a Secret of another
+    /// epoch (or none) gets a fresh token. `None` when no group exists.
+    pub token_epoch: Option<i64>,
+    /// Shards to apply (only those of a new epoch).
+    pub apply: Vec<LlamaShard>,
+    /// Names of shards to delete (older epochs).
+    pub delete: Vec<String>,
+    /// Events to publish.
+    pub notices: Vec<Notice>,
+    /// When to look again if nothing changes.
+    pub requeue_after: Duration,
+    /// Set when this pass starts a new epoch.
+    pub new_epoch: Option<EpochCause>,
+}
+
+/// What went wrong with the current group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// `RankFailed`, `NodeLost` or `ShardMissing`.
+    pub reason: &'static str,
+    /// Rank affected.
+    pub rank: i32,
+    /// What happened, in words.
+    pub message: String,
+}
+
+/// The failures of the current epoch's group: failed ranks, ranks whose node
+/// is lost or gone, and ranks whose shard is missing.
+pub fn detect_failures(current: &[&LlamaShard], world: u32, nodes: &[NodeInfo]) -> Vec<Failure> {
+    let by_name: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut out = Vec::new();
+    for rank in 0..world {
+        let rank = i32::try_from(rank).unwrap_or(i32::MAX);
+        let Some(shard) = current.iter().find(|s| s.spec.rank == rank) else {
+            out.push(Failure {
+                reason: "ShardMissing",
+                rank,
+                message: format!("the shard of rank {rank} was deleted"),
+            });
+            continue;
+        };
+        let node = &shard.spec.node_name;
+        let status = shard.status.as_ref();
+        if status.and_then(|s| s.phase) == Some(ShardPhase::Failed) {
+            let why = [
+                status.and_then(|s| s.reason.clone()),
+                status.and_then(|s| s.message.clone()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(": ");
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            };
+            out.push(Failure {
+                reason: "RankFailed",
+                rank,
+                message: format!("rank {rank} on node {node} failed{why}"),
+            });
+            continue;
+        }
+        match by_name.get(node.as_str()) {
+            None => out.push(Failure {
+                reason: "NodeLost",
+                rank,
+                message: format!("node {node} of rank {rank} is gone"),
+            }),
+            Some(n) if !n.ready => out.push(Failure {
+                reason: "NodeLost",
+                rank,
+                message: format!("node {node} of rank {rank} is lost: its Lease expired"),
+            }),
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// The first failure's reason and every failure's message (at most three).
+fn summarize(failures: &[Failure]) -> (&'static str, String) {
+    let reason = failures.first().map_or("RankFailed", |f| f.reason);
+    let mut text: Vec<String> = failures.iter().take(3).map(|f| f.message.clone()).collect();
+    if failures.len() > 3 {
+        text.push(format!("and {} more", failures.len() - 3));
+    }
+    (reason, text.join("; "))
+}
+
+/// How far the ranks of one epoch are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Progress {
+    world: u32,
+    ranks: Vec<RankStatus>,
+    /// Ranks past the group barrier (Loading, Loaded, Ready).
+    joined: u32,
+    /// Ranks with their weights in memory (Loaded, Ready).
+    loaded: u32,
+    ready: u32,
+    /// Ranks not yet Ready, with their phase, for messages.
+    waiting: Vec<String>,
+    endpoint: Option<String>,
+}
+
+fn progress(shards: &[&LlamaShard], world: u32) -> Progress {
+    let mut p = Progress {
+        world,
+        ..Progress::default()
+    };
+    let mut sorted = shards.to_vec();
+    sorted.sort_by_key(|s| s.spec.rank);
+    for s in sorted {
+        let status = s.status.as_ref();
+        let phase = status.and_then(|st| st.phase);
+        let address = s
+            .spec
+            .peers
+            .iter()
+            .find(|peer| peer.rank == s.spec.rank)
+            .map(|peer| peer.address.clone());
+        // Agents form the group (Connecting) before they load the weights
+        // (Loading, Loaded), then serve (Ready); see docs/design.md.
+        if matches!(
+            phase,
+            Some(ShardPhase::Loading | ShardPhase::Loaded | ShardPhase::Ready)
+        ) {
+            p.joined += 1;
+        }
+        if matches!(phase, Some(ShardPhase::Loaded | ShardPhase::Ready)) {
+            p.loaded += 1;
+        }
+        if phase == Some(ShardPhase::Ready) {
+            p.ready += 1;
+            if s.spec.rank == 0 {
+                p.endpoint = address
+                    .as_deref()
+                    .and_then(convert::endpoint_host)
+                    .zip(s.spec.serving_port)
+                    .map(|(host, port)| format!("http://{host}:{port}"));
+            }
+        } else {
+            let mut what = format!(
+                "rank {} on {}: {}",
+                s.spec.rank,
+                s.spec.node_name,
+                phase_name(phase)
+            );
+            if let Some(pr) = status.and_then(|st| st.progress.as_ref())
+                && let Some(total) = pr.bytes_total.filter(|t| *t > 0)
+            {
+                what.push_str(&format!(" {}%", pr.bytes_done.saturating_mul(100) / total));
+            }
+            p.waiting.push(what);
+        }
+        p.ranks.push(RankStatus {
+            rank: s.spec.rank,
+            node: s.spec.node_name.clone(),
+            shard: s.name_any(),
+            phase,
+            address,
+        });
+    }
+    if p.ready < world {
+        p.endpoint = None;
+    }
+    p
+}
+
+fn phase_name(phase: Option<ShardPhase>) -> String {
+    phase.map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"))
+}
+
+fn short(items: &[String]) -> String {
+    let mut text: Vec<String> = items.iter().take(4).cloned().collect();
+    if items.len() > 4 {
+        text.push(format!("and {} more", items.len() - 4));
+    }
+    text.join("; ")
+}
+
+/// ShardsLoaded, GroupFormed and Ready from progress, with the phase they imply.
+fn progress_verdicts(p: &Progress) -> (DeploymentPhase, [Verdict; 3]) {
+    let w = p.world;
+    let waiting = short(&p.waiting);
+    let loaded = if p.loaded >= w && w > 0 {
+        Verdict::yes(
+            SHARDS_LOADED,
+            "AllLoaded",
+            format!("all {w} ranks have their weights loaded"),
+        )
+    } else {
+        Verdict::no(
+            SHARDS_LOADED,
+            "Loading",
+            format!("{} of {w} ranks loaded; {waiting}", p.loaded),
+        )
+    };
+    let formed = if p.joined >= w && w > 0 {
+        Verdict::yes(
+            GROUP_FORMED,
+            "Formed",
+            format!("all {w} ranks joined the group"),
+        )
+    } else {
+        Verdict::no(
+            GROUP_FORMED,
+            "Connecting",
+            format!("{} of {w} ranks joined the group; {waiting}", p.joined),
+        )
+    };
+    let (phase, ready) = if p.ready >= w && w > 0 {
+        let at = p.endpoint.clone().unwrap_or_default();
+        (
+            DeploymentPhase::Serving,
+            Verdict::yes(READY, "Serving", format!("serving at {at}")),
+        )
+    } else if p.loaded >= w && w > 0 {
+        (
+            DeploymentPhase::Forming,
+            Verdict::no(
+                READY,
+                "Forming",
+                format!("every rank is loaded; {} of {w} ranks ready", p.ready),
+            ),
+        )
+    } else {
+        (
+            DeploymentPhase::Loading,
+            Verdict::no(
+                READY,
+                "Loading",
+                format!("{} of {w} ranks loaded", p.loaded),
+            ),
+        )
+    };
+    (phase, [loaded, formed, ready])
+}
+
+fn placed_message(epoch: i64, ranks: &[RankStatus]) -> String {
+    let on: Vec<String> = ranks
+        .iter()
+        .map(|r| format!("rank {} on {}", r.rank, r.node))
+        .collect();
+    format!("epoch {epoch}: {}", short(&on))
+}
+
+/// What this pass does with the group.
+enum Step {
+    New {
+        plan: Plan,
+        shape: ModelShape,
+        cause: EpochCause,
+    },
+    Keep,
+    Hold(Blocker),
+    Backoff {
+        until: Timestamp,
+        failures: Vec<Failure>,
+    },
+    GiveUp(Vec<Failure>),
+}
+
+/// The restart count to carry: reset when the spec changed (a new spec gets
+/// a fresh budget) or when the group has served long enough.
+fn carried_restarts(
+    d: &LlamaDeployment,
+    prior: &LlamaDeploymentStatus,
+    policy: &RestartPolicy,
+    now: Timestamp,
+) -> u32 {
+    if prior.observed_generation != d.metadata.generation {
+        return 0;
+    }
+    let serving_long = conditions::find(&prior.conditions, READY).is_some_and(|c| {
+        c.status == "True" && time::since(now, c.last_transition_time.0) >= policy.reset_after
+    });
+    if serving_long {
+        0
+    } else {
+        u32::try_from(prior.restart_count).unwrap_or(0)
+    }
+}
+
+fn same_specs(desired: &[LlamaShard], current: &[&LlamaShard]) -> bool {
+    desired.len() == current.len()
+        && desired.iter().all(|want| {
+            current
+                .iter()
+                .any(|have| have.spec.rank == want.spec.rank && have.spec == want.spec)
+        })
+}
+
+/// Decides one reconcile of a deployment that is not being deleted.
+pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
+    let d = input.deployment;
+    let now = input.now;
+    let prior = input.prior;
+    let generation = d.metadata.generation;
+    let policy = &settings.restart;
+
+    let epoch = input
+        .shards
+        .iter()
+        .map(|s| s.spec.epoch)
+        .chain([prior.epoch])
+        .max()
+        .unwrap_or(0);
+    let mut current: Vec<&LlamaShard> = input
+        .shards
+        .iter()
+        .copied()
+        .filter(|s| s.spec.epoch == epoch && s.metadata.deletion_timestamp.is_none())
+        .collect();
+    current.sort_by_key(|s| s.spec.rank);
+    let mut stale: Vec<String> = input
+        .shards
+        .iter()
+        .filter(|s| s.spec.epoch != epoch && s.metadata.deletion_timestamp.is_none())
+        .map(|s| s.name_any())
+        .collect();
+    let mut current_world = current
+        .iter()
+        .map(|s| u32::try_from(s.spec.world_size).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    // An epoch whose writing stopped half-way before the status recorded it
+    // is not a group that failed: it never existed. Start over without
+    // charging the restart budget.
+    if epoch > prior.epoch && current.len() < current_world as usize {
+        stale.extend(current.drain(..).map(|s| s.name_any()));
+        current_world = 0;
+    }
+    let restarts = carried_restarts(d, prior, policy, now);
+
+    let shape = convert::resolve_shape(d);
+    let spec_world = u32::try_from(d.spec.sharding.world_size).unwrap_or(0);
+    let valid_sizes: Vec<i32> = shape
+        .as_ref()
+        .map(|s| valid_world_sizes(s, MAX_WORLD_SIZE))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| i32::try_from(n).ok())
+        .collect();
+    let memory = shape.as_ref().ok().and_then(|s| {
+        valid_sizes
+            .contains(&d.spec.sharding.world_size)
+            .then(|| memory_per_rank(s, spec_world, u64::from(d.spec.max_context_tokens)).total())
+    });
+    let plan = convert::deployment_request(d).and_then(|request| {
+        let shape = shape.clone()?;
+        let input = PlanInput {
+            deployment: request,
+            shape,
+            nodes: input.nodes.to_vec(),
+            current: convert::current_ranks(&current),
+        };
+        plan_placement(&input)
+            .map(|plan| (plan, shape))
+            .map_err(Blocker::Plan)
+    });
+    let failures = if current.is_empty() {
+        Vec::new()
+    } else {
+        detect_failures(&current, current_world, input.nodes)
+    };
+
+    let step = if current.is_empty() {
+        match plan {
+            Ok((plan, shape)) => Step::New {
+                plan,
+                shape,
+                cause: if epoch == 0 {
+                    EpochCause::Initial
+                } else {
+                    EpochCause::Replace
+                },
+            },
+            Err(b) => Step::Hold(b),
+        }
+    } else if !failures.is_empty() {
+        let last = prior.last_restart.as_ref().map(|r| r.time.0);
+        let next = policy.next_restart_at(last, restarts);
+        if policy.exhausted(restarts) {
+            Step::GiveUp(failures.clone())
+        } else if let Some(until) = next.filter(|t| now < *t) {
+            Step::Backoff {
+                until,
+                failures: failures.clone(),
+            }
+        } else {
+            match plan {
+                Ok((plan, shape)) => {
+                    let (reason, message) = summarize(&failures);
+                    Step::New {
+                        plan,
+                        shape,
+                        cause: EpochCause::Restart { reason, message },
+                    }
+                }
+                Err(b) => Step::Hold(b),
+            }
+        }
+    } else {
+        match plan {
+            Ok((plan, shape)) => {
+                let desired = objects::build_shards(d, input.owner, &plan, &shape, epoch);
+                if same_specs(&desired, &current) {
+                    Step::Keep
+                } else if plan.world_size != current_world {
+                    Step::New {
+                        cause: EpochCause::Scale {
+                            from: current_world,
+                            to: plan.world_size,
+                        },
+                        plan,
+                        shape,
+                    }
+                } else {
+                    Step::New {
+                        plan,
+                        shape,
+                        cause: EpochCause::SpecChange,
+                    }
+                }
+            }
+            Err(b) => Step::Hold(b),
+        }
+    };
+
+    let mut status = LlamaDeploymentStatus {
+        observed_generation: generation,
+        epoch,
+        valid_world_sizes: valid_sizes,
+        memory_per_rank_bytes: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+        restart_count: i32::try_from(restarts).unwrap_or(i32::MAX),
+        last_restart: prior.last_restart.clone(),
+        ..LlamaDeploymentStatus::default()
+    };
+    let mut notices = Vec::new();
+    let mut apply = Vec::new();
+    let mut delete = stale;
+    let mut requeue_after = settings.resync;
+    let mut new_epoch = None;
+    let budget = policy.budget;
+
+    let (phase, verdicts, group) = match step {
+        Step::New { plan, shape, cause } => {
+            let next = epoch + 1;
+            apply = objects::build_shards(d, input.owner, &plan, &shape, next);
+            delete.extend(current.iter().map(|s| s.name_any()));
+            status.epoch = next;
+            let built: Vec<&LlamaShard> = apply.iter().collect();
+            let p = progress(&built, plan.world_size);
+            let placed = placed_message(next, &p.ranks);
+            let (_, [loaded, formed, _]) = progress_verdicts(&p);
+            let (phase, ready) = match &cause {
+                EpochCause::Restart { reason, message } => {
+                    status.restart_count = i32::try_from(restarts + 1).unwrap_or(i32::MAX);
+                    status.last_restart = Some(RestartRecord {
+                        epoch: next,
+                        time: Time(now),
+                        reason: (*reason).to_owned(),
+                        message: message.clone(),
+                    });
+                    notices.push(Notice::new(
+                        Severity::Warning,
+                        "Restarting",
+                        "Place",
+                        format!(
+                            "restart {} of {budget} after {reason} ({message}): {placed}",
+                            restarts + 1
+                        ),
+                    ));
+                    (
+                        DeploymentPhase::Degraded,
+                        Verdict::no(
+                            READY,
+                            "Recovering",
+                            format!("re-forming the group after {reason}: {message}"),
+                        ),
+                    )
+                }
+                other => {
+                    let (reason, note) = match other {
+                        EpochCause::Scale { from, to } => {
+                            ("Scaling", format!("world size {from} → {to}: {placed}"))
+                        }
+                        EpochCause::SpecChange => {
+                            ("Replacing", format!("spec or nodes changed: {placed}"))
+                        }
+                        _ => ("Placed", placed.clone()),
+                    };
+                    notices.push(Notice::new(Severity::Normal, reason, "Place", note));
+                    (
+                        DeploymentPhase::Loading,
+                        Verdict::no(
+                            READY,
+                            "Loading",
+                            format!("0 of {} ranks loaded", plan.world_size),
+                        ),
+                    )
+                }
+            };
+            new_epoch = Some(cause);
+            (
+                phase,
+                [
+                    Verdict::yes(PLACED, "Placed", placed),
+                    loaded,
+                    formed,
+                    ready,
+                ],
+                p,
+            )
+        }
+        Step::Keep => {
+            let p = progress(&current, current_world);
+            let (mut phase, [loaded, formed, mut ready]) = progress_verdicts(&p);
+            let recovering = status.last_restart.as_ref().filter(|r| r.epoch == epoch);
+            if let Some(r) = recovering
+                && phase != DeploymentPhase::Serving
+            {
+                phase = DeploymentPhase::Degraded;
+                ready = Verdict::no(
+                    READY,
+                    "Recovering",
+                    format!(
+                        "re-forming the group after {}: {} (restart {} of {budget}); {}",
+                        r.reason, r.message, status.restart_count, ready.message
+                    ),
+                );
+            }
+            let placed = Verdict::yes(PLACED, "Placed", placed_message(epoch, &p.ranks));
+            (phase, [placed, loaded, formed, ready], p)
+        }
+        Step::Hold(blocker) => {
+            let p = progress(&current, current_world);
+            let reason = blocker.reason();
+            let message = blocker.message();
+            if current.is_empty() {
+                let phase = if blocker.is_spec_error() {
+                    DeploymentPhase::Failed
+                } else {
+                    DeploymentPhase::Placing
+                };
+                let not_placed = "no shards are placed";
+                (
+                    phase,
+                    [
+                        Verdict::no(PLACED, reason, message.clone()),
+                        Verdict::no(SHARDS_LOADED, "NotPlaced", not_placed),
+                        Verdict::no(GROUP_FORMED, "NotPlaced", not_placed),
+                        Verdict::no(READY, reason, message),
+                    ],
+                    p,
+                )
+            } else if !failures.is_empty() {
+                let (f_reason, f_message) = summarize(&failures);
+                let (_, [loaded, formed, _]) = progress_verdicts(&p);
+                (
+                    DeploymentPhase::Degraded,
+                    [
+                        Verdict::no(
+                            PLACED,
+                            reason,
+                            format!("cannot re-place the group after {f_reason}: {message}"),
+                        ),
+                        loaded,
+                        formed,
+                        Verdict::no(
+                            READY,
+                            f_reason,
+                            format!("{f_message}; waiting for capacity to re-place the group"),
+                        ),
+                    ],
+                    p,
+                )
+            } else {
+                let (phase, [loaded, formed, ready]) = progress_verdicts(&p);
+                let placed = Verdict::no(
+                    PLACED,
+                    reason,
+                    format!(
+                        "{message} (the group of epoch {epoch} with {current_world} ranks keeps running)"
+                    ),
+                );
+                (phase, [placed, loaded, formed, ready], p)
+            }
+        }
+        Step::Backoff { until, failures } => {
+            let p = progress(&current, current_world);
+            let (f_reason, f_message) = summarize(&failures);
+            let (_, [loaded, formed, _]) = progress_verdicts(&p);
+            requeue_after = time::since(until, now).max(Duration::from_millis(100));
+            let wait = format!(
+                "re-placing at {until} (restart {} of {budget}, backing off)",
+                restarts + 1
+            );
+            (
+                DeploymentPhase::Degraded,
+                [
+                    Verdict::no(PLACED, f_reason, format!("{f_message}; {wait}")),
+                    loaded,
+                    formed,
+                    Verdict::no(READY, f_reason, format!("{f_message}; {wait}")),
+                ],
+                p,
+            )
+        }
+        Step::GiveUp(failures) => {
+            let p = progress(&current, current_world);
+            let (f_reason, f_message) = summarize(&failures);
+            let (_, [loaded, formed, _]) = progress_verdicts(&p);
+            let gave_up = format!(
+                "gave up after {restarts} restarts (the budget); last failure: {f_message}; \
+                 edit the spec to try again"
+            );
+            (
+                DeploymentPhase::Failed,
+                [
+                    Verdict::no(PLACED, f_reason, f_message),
+                    loaded,
+                    formed,
+                    Verdict::no(READY, "RestartBudgetExhausted", gave_up),
+                ],
+                p,
+            )
+        }
+    };
+
+    status.phase = Some(phase);
+    status.world_size = i32::try_from(group.world).unwrap_or(i32::MAX);
+    status.ready_ranks = i32::try_from(group.ready).unwrap_or(i32::MAX);
+    let shown_world = if group.world > 0 {
+        group.world
+    } else {
+        spec_world
+    };
+    status.ready = Some(format!("{}/{shown_world}", group.ready));
+    status.endpoint = if phase == DeploymentPhase::Serving {
+        group.endpoint.clone()
+    } else {
+        None
+    };
+    status.ranks = group.ranks;
+    status.conditions = conditions::merge(&prior.conditions, &verdicts, generation, now);
+    // A new epoch's own Event already says the group is loading.
+    let announced = new_epoch.is_some();
+    notices.extend(
+        transition_notices(prior, &status)
+            .into_iter()
+            .filter(|n| !(announced && n.reason == "Loading")),
+    );
+    let token_epoch = (!status.ranks.is_empty()).then_some(status.epoch);
+    Outcome {
+        status,
+        token_epoch,
+        apply,
+        delete,
+        notices,
+        requeue_after,
+        new_epoch,
+    }
+}
+
+/// Events for what changed between two statuses: a Placed condition that
+/// became False for a new reason (a bad spec, no capacity, a failure), and
+/// every phase change.
+fn transition_notices(prior: &LlamaDeploymentStatus, next: &LlamaDeploymentStatus) -> Vec<Notice> {
+    let mut out = Vec::new();
+    let was = conditions::find(&prior.conditions, PLACED);
+    if let Some(now) = conditions::find(&next.conditions, PLACED)
+        && now.status == "False"
+        && was.is_none_or(|w| w.status != now.status || w.reason != now.reason)
+    {
+        out.push(Notice::new(
+            Severity::Warning,
+            &now.reason,
+            "Place",
+            now.message.clone(),
+        ));
+    }
+    if next.phase != prior.phase
+        && let Some(phase) = next.phase
+    {
+        let severity = match phase {
+            DeploymentPhase::Degraded | DeploymentPhase::Failed => Severity::Warning,
+            _ => Severity::Normal,
+        };
+        let note = conditions::find(&next.conditions, READY)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        out.push(Notice::new(
+            severity,
+            &format!("{phase:?}"),
+            "Reconcile",
+            note,
+        ));
+    }
+    out
+}
+
+/// What a deletion pass looks at.
+#[derive(Debug, Clone)]
+pub struct CleanupInput<'a> {
+    /// The deployment being deleted.
+    pub deployment: &'a LlamaDeployment,
+    /// The latest status known.
+    pub prior: &'a LlamaDeploymentStatus,
+    /// Shard objects the deployment still controls, of every epoch.
+    pub shards: &'a [&'a LlamaShard],
+    /// Its shards that live nodes still report running (see
+    /// [`convert::held_shards`]); lost nodes cannot release anything and are
+    /// left out.
+    pub held: &'a [HeldShard],
+    /// The time the decision is made at.
+    pub now: Timestamp,
+}
+
+/// What a deletion pass does.
+#[derive(Debug, Clone)]
+pub struct CleanupOutcome {
+    /// The status to write (unless `done`).
+    pub status: LlamaDeploymentStatus,
+    /// Shards to delete.
+    pub delete: Vec<String>,
+    /// Events to publish.
+    pub notices: Vec<Notice>,
+    /// Every shard is released, or the wait timed out: the deployment's
+    /// finalizer may go.
+    pub done: bool,
+    /// When to look again if nothing changes.
+    pub requeue_after: Duration,
+}
+
+/// Decides one pass of deleting a deployment (the release protocol, see
+/// docs/operator.md): delete every shard; then wait until no shard object is
+/// left and no live node reports running one; give up waiting
+/// `release_timeout` after the deletion began.
+pub fn cleanup(input: &CleanupInput<'_>, settings: &Settings) -> CleanupOutcome {
+    let d = input.deployment;
+    let now = input.now;
+    let deleted_at = d.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
+    let deadline = time::add(deleted_at, settings.release_timeout);
+    let mut shards = input.shards.to_vec();
+    shards.sort_by_key(|s| (s.spec.epoch, s.spec.rank));
+    let delete: Vec<String> = shards
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .map(|s| s.name_any())
+        .collect();
+    // One line per shard still somewhere: as an object, on a node, or both.
+    let mut waiting: BTreeMap<String, String> = BTreeMap::new();
+    for s in &shards {
+        waiting.insert(
+            s.name_any(),
+            format!(
+                "{} (node {}, object not yet deleted)",
+                s.name_any(),
+                s.spec.node_name
+            ),
+        );
+    }
+    for h in input.held {
+        waiting.insert(
+            h.name.clone(),
+            format!("{} (node {}, {})", h.name, h.node, phase_name(h.phase)),
+        );
+    }
+    let waiting: Vec<String> = waiting.into_values().collect();
+    let timed_out = now >= deadline;
+    let done = waiting.is_empty() || timed_out;
+    let message = if waiting.is_empty() {
+        "every shard is released".to_owned()
+    } else {
+        format!(
+            "waiting for agents to release {} shards: {}; giving up at {deadline}",
+            waiting.len(),
+            short(&waiting)
+        )
+    };
+    let kept: Vec<Verdict> = [PLACED, SHARDS_LOADED, GROUP_FORMED]
+        .into_iter()
+        .filter_map(|t| conditions::find(&input.prior.conditions, t).map(|c| (t, c)))
+        .map(|(t, c): (&'static str, &Condition)| Verdict {
+            type_: t,
+            ok: c.status == "True",
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        })
+        .chain([Verdict::no(READY, "Terminating", message.clone())])
+        .collect();
+    let p = progress(
+        &shards
+            .iter()
+            .copied()
+            .filter(|s| s.spec.epoch == input.prior.epoch)
+            .collect::<Vec<_>>(),
+        u32::try_from(input.prior.world_size).unwrap_or(0),
+    );
+    let status = LlamaDeploymentStatus {
+        observed_generation: d.metadata.generation,
+        phase: Some(DeploymentPhase::Terminating),
+        epoch: input.prior.epoch,
+        world_size: input.prior.world_size,
+        ready_ranks: i32::try_from(p.ready).unwrap_or(0),
+        ready: Some(format!("{}/{}", p.ready, input.prior.world_size)),
+        ranks: p.ranks,
+        endpoint: None,
+        valid_world_sizes: input.prior.valid_world_sizes.clone(),
+        memory_per_rank_bytes: input.prior.memory_per_rank_bytes,
+        conditions: conditions::merge(&input.prior.conditions, &kept, d.metadata.generation, now),
+        restart_count: input.prior.restart_count,
+        last_restart: input.prior.last_restart.clone(),
+    };
+    let mut notices = transition_notices(input.prior, &status);
+    if timed_out && !waiting.is_empty() {
+        notices.push(Notice::new(
+            Severity::Warning,
+            "ReleaseTimedOut",
+            "Delete",
+            format!(
+                "gave up after {}s waiting for agents to release: {}",
+                settings.release_timeout.as_secs(),
+                short(&waiting)
+            ),
+        ));
+    }
+    let requeue_after = if done {
+        settings.resync
+    } else {
+        time::since(deadline, now).clamp(Duration::from_millis(500), Duration::from_secs(2))
+    };
+    CleanupOutcome {
+        status,
+        delete,
+        notices,
+        done,
+        requeue_after,
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Normal => "Normal",
+            Severity::Warning => "Warning",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

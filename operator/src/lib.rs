@@ -1,0 +1,173 @@
+//! Tandem's operator: it turns `LlamaDeployment`s into `LlamaShard`s placed
+//! on `LlamaNode`s, keeps the group's epoch, and reports progress in the
+//! deployment's status, conditions and Events.
+//!
+//! The reconcile pipeline is `observe (I/O) → decide (pure) → apply (I/O) →
+//! status (one write)`. Everything between the two ends is a plain function of
+//! values and a `now` argument, so it is tested with fixtures:
+//! - [`convert`]: API objects to the planner's inputs (nodes, leases, shards).
+//! - [`objects`]: the LlamaShards and the group-token Secret the operator writes.
+//! - [`conditions`]: `metav1.Condition` bookkeeping (`lastTransitionTime`).
+//! - [`restart`]: restart backoff and budget.
+//! - [`decide`]: the reconcile decision and the status it leads to.
+//!
+//! The I/O side:
+//! - [`controller`]: the kube-runtime `Controller`, its watches and `reconcile`.
+//! - [`ledger`]: what this process wrote recently, so that a lagging watch
+//!   cache never makes it place a group twice.
+//! - [`liveness`]: node Lease expiry as a stream of reconcile triggers.
+//! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
+//! - [`metrics`], [`http`]: Prometheus metrics, `/healthz` and `/readyz`.
+//! - [`cli`], [`telemetry`]: flags and environment, tracing setup.
+//! - [`error`]: the error type of each layer, with a bounded `category()`.
+
+pub mod cli;
+pub mod conditions;
+pub mod controller;
+pub mod convert;
+pub mod decide;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod ledger;
+pub mod liveness;
+pub mod metrics;
+pub mod objects;
+pub mod restart;
+pub mod telemetry;
+pub mod time;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::watch;
+
+use crate::cli::Cli;
+use crate::controller::RunConfig;
+use crate::http::Health;
+use crate::leader::{Elector, TermEnd};
+use crate::metrics::Metrics;
+
+/// A client from `--kubeconfig`, else the in-cluster config or the default kubeconfig.
+pub async fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding a kubeconfig or in-cluster config")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The whole operator: HTTP endpoints, then (with leader election) a loop of
+/// campaigning and leading terms, until SIGTERM or SIGINT. On shutdown the
+/// controller finishes its in-flight reconciles and the leader Lease is released.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = client(&cli).await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop) = watch::channel(false);
+
+    let listener = http::bind(cli.http_addr)
+        .await
+        .with_context(|| format!("binding {}", cli.http_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        stop.clone(),
+    ));
+    let signal_task = tokio::spawn(async move {
+        termination().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let run_config = RunConfig {
+        namespace: cli.namespace.clone(),
+        lease_namespace: cli.lease_namespace.clone(),
+        port_range: cli.port_range,
+        settings: cli.settings(),
+        liveness_tick: cli.liveness_tick,
+        concurrency: cli.concurrency,
+        identity: cli.identity(),
+    };
+    tracing::info!(identity = %run_config.identity, leader_elect = cli.leader_elect, "starting");
+
+    if cli.leader_elect {
+        let elector = Elector::new(client.clone(), cli.election());
+        let mut stop_rx = stop.clone();
+        health.set_ready(true);
+        loop {
+            if !elector.acquire(&mut stop_rx).await {
+                break;
+            }
+            tracing::info!(lease = %elector.config().name, "leading");
+            metrics.set_leader(true);
+            let (term_tx, term_rx) = watch::channel(false);
+            let term = tokio::spawn(controller::run(
+                client.clone(),
+                run_config.clone(),
+                Arc::clone(&metrics),
+                term_rx,
+            ));
+            let end = elector.hold(&mut stop_rx).await;
+            let _ = term_tx.send(true);
+            if let Err(e) = term.await {
+                tracing::error!(error = %e, "the controller task failed");
+            }
+            metrics.set_leader(false);
+            if end == TermEnd::Shutdown {
+                match elector.release().await {
+                    Ok(()) => tracing::info!("released the leader Lease"),
+                    Err(e) => tracing::warn!(error = %e, "releasing the leader Lease failed"),
+                }
+                break;
+            }
+            tracing::warn!("lost leadership; standing by");
+        }
+    } else {
+        metrics.set_leader(true);
+        health.set_ready(true);
+        controller::run(client, run_config, Arc::clone(&metrics), stop.clone()).await;
+    }
+    signal_task.abort();
+    http_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,820 @@
+//! Shared by the operator suites: the operator as a real child process, and
+//! test code playing the agents (LlamaNodes with status, renewed Leases,
+//! shard statuses) with the chart's agent identity.
+//!
+//! The operator binary is `$TANDEM_OPERATOR_BIN` when set; otherwise it is
+//! built with `cargo build -p tandem-operator` into the same target directory
+//! and profile as the running test executable, and taken from there. Every
+//! operator a test starts watches only the test's namespace and elects its
+//! leader on a Lease named after the namespace, so parallel tests never share
+//! an operator; each test's LlamaNodes carry a label unique to the test, and
+//! its deployments select on it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, MicroTime, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tandem_crds::*;
+use tandem_tests::{
+    Cluster, Identity, SYSTEM_NAMESPACE, TestNamespace, cluster, eventually, repo_root,
+};
+
+/// A bundled model whose ranks need about 0.5 GiB each at 2 ranks.
+pub const MODEL: &str = "mlx-community/Llama-3.2-1B-Instruct-4bit";
+/// How long a test waits for the operator to react.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// The operator binary; see the module docs.
+pub fn operator_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("TANDEM_OPERATOR_BIN") {
+            return PathBuf::from(bin);
+        }
+        // <target>/<profile>/deps/<test exe>
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable under <target>/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("target directory");
+        let release = profile_dir.file_name().is_some_and(|p| p == "release");
+        let mut cmd = Command::new(cargo());
+        // Drop what cargo set for this test process: build scripts that
+        // watch such variables would otherwise rebuild on every switch
+        // between this build and the outer `cargo test`.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let per_package = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || [
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key.as_ref());
+            if per_package {
+                cmd.env_remove(key.as_ref());
+            }
+        }
+        cmd.current_dir(repo_root())
+            .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
+            .env("CARGO_TARGET_DIR", target_dir);
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .output()
+            .expect("running cargo build -p tandem-operator");
+        assert!(
+            out.status.success(),
+            "cargo build -p tandem-operator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        profile_dir.join("tandem-operator")
+    })
+    .clone()
+}
+
+/// A free TCP port on loopback (free when asked; good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `tandem-operator` child process with the chart's operator identity.
+#[derive(Debug)]
+pub struct Operator {
+    child: Child,
+    /// Port of its /metrics, /healthz and /readyz.
+    pub http_port: u16,
+    /// Its identity (Lease holder, Event reporting instance).
+    pub identity: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// Flags that make the operator quick enough for tests.
+pub const FAST: &[&str] = &[
+    "--restart-backoff",
+    "1s",
+    "--restart-backoff-max",
+    "2s",
+    "--restart-budget",
+    "3",
+    "--release-timeout",
+    "30s",
+    "--liveness-tick",
+    "300ms",
+    "--leader-lease-duration",
+    "6s",
+    "--leader-retry-interval",
+    "1s",
+];
+
+impl Operator {
+    /// Starts an operator watching `namespace`, electing its leader on the
+    /// Lease `op-<namespace>`, with [`FAST`] timings and `extra` flags.
+    pub fn start(cluster: &Cluster, namespace: &str, identity: &str, extra: &[&str]) -> Operator {
+        let bin = operator_binary();
+        let http_port = free_port();
+        let logs = repo_root().join("target/operator-test-logs");
+        std::fs::create_dir_all(&logs).expect("log directory");
+        let log = logs.join(format!("{namespace}-{identity}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let err = file.try_clone().expect("log file");
+        let child = Command::new(&bin)
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig(Identity::Operator))
+            .args(["--namespace", namespace])
+            .args(["--leader-election-name", &format!("op-{namespace}")])
+            .args(["--identity", identity])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args([
+                "--log-format",
+                "json",
+                "--log",
+                "info,tandem_operator=debug",
+            ])
+            .args(FAST)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        Operator {
+            child,
+            http_port,
+            identity: identity.to_owned(),
+            log,
+        }
+    }
+
+    /// GET `path` on the operator's HTTP port: (status code, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// The value of an unlabelled metric, or of `name{labels}`.
+    pub fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let (_, body) = self.get("/metrics")?;
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .context(format!("no series {series}"))?
+            .trim()
+            .parse()
+            .context("metric value")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its status code.
+    pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("operator {pid} did not exit within 10 s of SIGTERM")
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The log so far (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Test code acting as the agents of a few nodes.
+#[derive(Clone)]
+pub struct Agents {
+    /// The agent identity's client.
+    pub client: Client,
+    /// Label every node of this test carries, as `key=value`.
+    pub label: (String, String),
+    renewing: Arc<std::sync::Mutex<BTreeMap<String, Arc<AtomicBool>>>>,
+    /// How often Leases are renewed.
+    pub renew_every: Duration,
+}
+
+/// The spec of a node the agents register.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Name (cluster-wide unique).
+    pub name: String,
+    /// IP address.
+    pub address: String,
+    /// Memory in GiB.
+    pub memory_gib: i64,
+    /// Lease duration in seconds.
+    pub lease_seconds: i32,
+}
+
+impl Agents {
+    /// Agents for a test; its nodes get the label `tandem.test/<test>=<run>`.
+    pub async fn new(cluster: &Cluster, test: &str, run: &str) -> Agents {
+        Agents {
+            client: cluster.client(Identity::Agent).await.expect("agent client"),
+            label: (format!("tandem.test/{test}"), run.to_owned()),
+            renewing: Arc::default(),
+            renew_every: Duration::from_secs(1),
+        }
+    }
+
+    /// A selector matching this test's nodes.
+    pub fn selector(&self) -> Placement {
+        Placement {
+            node_selector: Some(LabelSelector {
+                match_labels: Some([self.label.clone()].into()),
+                match_expressions: None,
+            }),
+        }
+    }
+
+    /// Registers a node: the LlamaNode with its status (capacity, Ready), and
+    /// a Lease renewed every second until [`Agents::stop_renewing`].
+    pub async fn register(&self, node: &NodeSpec) -> anyhow::Result<()> {
+        let nodes: Api<LlamaNode> = Api::all(self.client.clone());
+        let mut n = LlamaNode::new(
+            &node.name,
+            LlamaNodeSpec {
+                address: node.address.clone(),
+                unschedulable: false,
+            },
+        );
+        n.metadata.labels = Some(
+            [
+                self.label.clone(),
+                (LABEL_BACKEND.to_owned(), "cpu".to_owned()),
+                (LABEL_MEMORY_GIB.to_owned(), node.memory_gib.to_string()),
+            ]
+            .into(),
+        );
+        nodes.create(&PostParams::default(), &n).await?;
+        let status = LlamaNodeStatus {
+            capacity: Some(NodeCapacity {
+                memory_bytes: node.memory_gib << 30,
+                wired_limit_bytes: None,
+                cpu_cores: 8,
+                gpu_cores: None,
+            }),
+            os: Some("linux".into()),
+            backend: Some("cpu".into()),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "AgentRunning".into(),
+                message: "test agent".into(),
+                observed_generation: None,
+                last_transition_time: Time(Timestamp::now()),
+            }],
+            ..Default::default()
+        };
+        nodes
+            .patch_status(
+                &node.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(node.name.clone()),
+                namespace: Some(SYSTEM_NAMESPACE.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.name.clone()),
+                lease_duration_seconds: Some(node.lease_seconds),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                ..Default::default()
+            }),
+        };
+        leases.create(&PostParams::default(), &lease).await?;
+        let flag = Arc::new(AtomicBool::new(true));
+        self.renewing
+            .lock()
+            .expect("renewing map")
+            .insert(node.name.clone(), Arc::clone(&flag));
+        let name = node.name.clone();
+        let every = self.renew_every;
+        tokio::spawn(async move {
+            while flag.load(Ordering::Relaxed) {
+                tokio::time::sleep(every).await;
+                if !flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let patch = json!({ "spec": { "renewTime": MicroTime(Timestamp::now()) } });
+                // Renewals fail while the API server restarts; the next one retries.
+                let _ = leases
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Registers `count` nodes `<prefix>-<i>` with addresses 10.<octet>.0.<i>.
+    pub async fn register_many(
+        &self,
+        prefix: &str,
+        octet: u8,
+        count: u8,
+        memory_gib: i64,
+        lease_seconds: i32,
+    ) -> Vec<String> {
+        let mut names = Vec::new();
+        for i in 1..=count {
+            let spec = NodeSpec {
+                name: format!("{prefix}-{i}"),
+                address: format!("10.{octet}.0.{i}"),
+                memory_gib,
+                lease_seconds,
+            };
+            self.register(&spec)
+                .await
+                .unwrap_or_else(|e| panic!("registering {}: {e:#}", spec.name));
+            names.push(spec.name);
+        }
+        names
+    }
+
+    /// Stops renewing a node's Lease, as a crashed agent would.
+    pub fn stop_renewing(&self, node: &str) {
+        if let Some(flag) = self.renewing.lock().expect("renewing map").get(node) {
+            flag.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Reports `phase` for a shard.
+    pub async fn set_phase(&self, ns: &str, shard: &str, phase: ShardPhase) -> anyhow::Result<()> {
+        self.set_status(ns, shard, json!({ "phase": phase })).await
+    }
+
+    /// Merges `status` into a shard's status.
+    pub async fn set_status(
+        &self,
+        ns: &str,
+        shard: &str,
+        status: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let api: Api<LlamaShard> = Api::namespaced(self.client.clone(), ns);
+        api.patch_status(
+            shard,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .with_context(|| format!("setting the status of shard {ns}/{shard}"))?;
+        Ok(())
+    }
+
+    /// Walks every shard of `epoch` through a start, in the agents' order
+    /// (docs/design.md): Downloading (with progress), Connecting, Loading,
+    /// Loaded and Ready.
+    pub async fn load_all(&self, ns: &str, epoch: i64) -> anyhow::Result<()> {
+        let shards = shards_of_epoch(&self.client, ns, epoch).await?;
+        for s in &shards {
+            let name = s.name_any();
+            self.set_status(
+                ns,
+                &name,
+                json!({"phase": "Downloading", "progress": {"bytesDone": 10, "bytesTotal": 100}}),
+            )
+            .await?;
+        }
+        for phase in [
+            ShardPhase::Connecting,
+            ShardPhase::Loading,
+            ShardPhase::Loaded,
+            ShardPhase::Ready,
+        ] {
+            for s in &shards {
+                self.set_phase(ns, &s.name_any(), phase).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `status.shards` of a node (the shards its agent runs).
+    pub async fn report_running(&self, node: &str, shards: &[NodeShard]) -> anyhow::Result<()> {
+        let nodes: Api<LlamaNode> = Api::all(self.client.clone());
+        nodes
+            .patch_status(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "shards": shards } })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stops renewing, and deletes this test's nodes and their Leases with
+    /// kubectl as the admin (agents may not delete; Drop cannot await).
+    pub fn remove_nodes(&self, cluster: &Cluster) {
+        let names: Vec<String> = {
+            let map = self.renewing.lock().unwrap_or_else(|e| e.into_inner());
+            for flag in map.values() {
+                flag.store(false, Ordering::Relaxed);
+            }
+            map.keys().cloned().collect()
+        };
+        let selector = format!("{}={}", self.label.0, self.label.1);
+        let _ = cluster.kubectl(
+            Identity::Admin,
+            &["delete", "lnode", "-l", &selector, "--wait=false"],
+        );
+        if !names.is_empty() {
+            let mut args = vec![
+                "delete",
+                "lease",
+                "-n",
+                SYSTEM_NAMESPACE,
+                "--ignore-not-found",
+                "--wait=false",
+            ];
+            args.extend(names.iter().map(String::as_str));
+            let _ = cluster.kubectl(Identity::Admin, &args);
+        }
+    }
+}
+
+/// A deployment of [`MODEL`] with `world` ranks on this test's nodes.
+pub fn deployment(name: &str, world: i32, agents: &Agents) -> LlamaDeployment {
+    LlamaDeployment::new(
+        name,
+        LlamaDeploymentSpec {
+            model: MODEL.into(),
+            revision: None,
+            sharding: Sharding {
+                strategy: ShardingStrategy::Tensor,
+                world_size: world,
+            },
+            placement: Some(agents.selector()),
+            backend: Backend::Ring,
+            max_context_tokens: 8192,
+            serving: None,
+            architecture: None,
+        },
+    )
+}
+
+/// The shards of `epoch` in `ns`, by rank.
+pub async fn shards_of_epoch(
+    client: &Client,
+    ns: &str,
+    epoch: i64,
+) -> anyhow::Result<Vec<LlamaShard>> {
+    let api: Api<LlamaShard> = Api::namespaced(client.clone(), ns);
+    let mut list: Vec<LlamaShard> = api
+        .list(&kube::api::ListParams::default().labels(&format!("{LABEL_EPOCH}={epoch}")))
+        .await?
+        .items;
+    list.sort_by_key(|s| s.spec.rank);
+    Ok(list)
+}
+
+/// Every shard in `ns`.
+pub async fn all_shards(client: &Client, ns: &str) -> anyhow::Result<Vec<LlamaShard>> {
+    let api: Api<LlamaShard> = Api::namespaced(client.clone(), ns);
+    let mut list = api.list(&Default::default()).await?.items;
+    list.sort_by_key(|s| (s.spec.epoch, s.spec.rank));
+    Ok(list)
+}
+
+/// The deployment's status once `check` accepts it.
+pub async fn wait_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&LlamaDeploymentStatus) -> bool,
+) -> anyhow::Result<LlamaDeploymentStatus> {
+    let api: Api<LlamaDeployment> = Api::namespaced(client.clone(), ns);
+    let check = &check;
+    let api = &api;
+    eventually(&format!("{ns}/{name}: {what}"), WAIT, || async move {
+        let d = api.get(name).await?;
+        Ok(d.status.filter(|s| check(s)))
+    })
+    .await
+}
+
+/// A condition of a status.
+pub fn condition<'a>(s: &'a LlamaDeploymentStatus, type_: &str) -> Option<&'a Condition> {
+    s.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Whether the condition has this status and reason.
+pub fn has(s: &LlamaDeploymentStatus, type_: &str, status: &str, reason: &str) -> bool {
+    condition(s, type_).is_some_and(|c| c.status == status && c.reason == reason)
+}
+
+/// Events about `name` in `ns`, as (reason, note, reporting instance).
+pub async fn events(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    let api: Api<K8sEvent> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+                e.reporting_instance.unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+/// Waits for an Event with `reason` about `name`; returns its note.
+pub async fn wait_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> anyhow::Result<String> {
+    eventually(
+        &format!("an Event {reason} about {ns}/{name}"),
+        WAIT,
+        || async {
+            Ok(events(client, ns, name)
+                .await?
+                .into_iter()
+                .find(|(r, _, _)| r == reason)
+                .map(|(_, note, _)| note))
+        },
+    )
+    .await
+}
+
+/// The token in a deployment's group-token Secret.
+pub async fn token(client: &Client, ns: &str, deployment: &str) -> anyhow::Result<Vec<u8>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s = api.get(&format!("{deployment}-group-token")).await?;
+    s.data
+        .and_then(|d| d.get("token").map(|t| t.0.clone()))
+        .context("no token key")
+}
+
+/// Who holds a Lease in the system namespace.
+pub async fn lease_holder(client: &Client, name: &str) -> anyhow::Result<Option<String>> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    Ok(api
+        .get_opt(name)
+        .await?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty()))
+}
+
+/// One test's world: a namespace, the admin client and the agents. Dropping
+/// it (after the test's operators, which are declared later and so dropped
+/// first) clears what the test leaves behind, passed or failed: deployment
+/// finalizers no operator will remove any more, the nodes and their Leases,
+/// and the operators' leader Lease.
+pub struct Setup {
+    /// The control plane.
+    pub cluster: &'static Cluster,
+    /// The test's namespace.
+    pub ns: TestNamespace,
+    /// Admin client.
+    pub admin: Client,
+    /// The test's agents.
+    pub agents: Agents,
+}
+
+impl Setup {
+    /// A fresh namespace `op-<test>-xxxxxx` and agents labelling nodes with it.
+    pub async fn new(test: &str) -> Setup {
+        let cluster = cluster();
+        let ns = TestNamespace::new(cluster, &format!("op-{test}"))
+            .await
+            .expect("test namespace");
+        let admin = cluster.client(Identity::Admin).await.expect("admin client");
+        let agents = Agents::new(cluster, test, ns.name()).await;
+        Setup {
+            cluster,
+            ns,
+            admin,
+            agents,
+        }
+    }
+
+    /// The namespace name.
+    pub fn ns(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// Starts an operator for this namespace.
+    pub fn operator(&self, identity: &str) -> Operator {
+        Operator::start(self.cluster, self.ns(), identity, &[])
+    }
+
+    /// Registers `count` nodes `<ns>-n-<i>`.
+    pub async fn nodes(&self, count: u8, memory_gib: i64, lease_seconds: i32) -> Vec<String> {
+        self.agents
+            .register_many(
+                &format!("{}-n", self.ns()),
+                1,
+                count,
+                memory_gib,
+                lease_seconds,
+            )
+            .await
+    }
+
+    /// The namespace's deployments, as the admin.
+    pub fn deployments(&self) -> Api<LlamaDeployment> {
+        Api::namespaced(self.admin.clone(), self.ns())
+    }
+
+    /// Creates a deployment.
+    pub async fn create(&self, d: &LlamaDeployment) -> LlamaDeployment {
+        self.deployments()
+            .create(&PostParams::default(), d)
+            .await
+            .expect("creating the deployment")
+    }
+
+    /// Waits for a status `check` accepts.
+    pub async fn status(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&LlamaDeploymentStatus) -> bool,
+    ) -> LlamaDeploymentStatus {
+        wait_status(&self.admin, self.ns(), name, what, check)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Waits for `count` shards of `epoch`.
+    pub async fn shards(&self, epoch: i64, count: usize) -> Vec<LlamaShard> {
+        let (client, ns) = (&self.admin, self.ns());
+        eventually(
+            &format!("{count} shards of epoch {epoch}"),
+            WAIT,
+            || async move {
+                let s = shards_of_epoch(client, ns, epoch).await?;
+                Ok((s.len() == count).then_some(s))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Waits until the namespace holds shards of `epoch` only.
+    pub async fn only_epoch(&self, epoch: i64) -> Vec<LlamaShard> {
+        let (client, ns) = (&self.admin, self.ns());
+        eventually(
+            &format!("only shards of epoch {epoch}"),
+            WAIT,
+            || async move {
+                let all = all_shards(client, ns).await?;
+                Ok((!all.is_empty() && all.iter().all(|s| s.spec.epoch == epoch)).then_some(all))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Waits for an Event; returns its note.
+    pub async fn event(&self, name: &str, reason: &str) -> String {
+        wait_event(&self.admin, self.ns(), name, reason)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Plays the agents loading every rank of `epoch`, and waits for Serving.
+    pub async fn serve(&self, name: &str, epoch: i64, world: i32) -> LlamaDeploymentStatus {
+        self.agents
+            .load_all(self.ns(), epoch)
+            .await
+            .expect("loading");
+        self.status(
+            name,
+            &format!("Serving {world}/{world} in epoch {epoch}"),
+            |s| {
+                s.phase == Some(DeploymentPhase::Serving)
+                    && s.epoch == epoch
+                    && s.ready_ranks == world
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let ns = self.ns.name().to_owned();
+        if let Ok(out) = self.cluster.kubectl(
+            Identity::Admin,
+            &["get", "llamadeployments", "-n", &ns, "-o", "name"],
+        ) {
+            for name in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.cluster.kubectl(
+                    Identity::Admin,
+                    &[
+                        "patch",
+                        name,
+                        "-n",
+                        &ns,
+                        "--type=merge",
+                        "-p",
+                        r#"{"metadata":{"finalizers":null}}"#,
+                    ],
+                );
+            }
+        }
+        self.agents.remove_nodes(self.cluster);
+        let lease = format!("op-{ns}");
+        let _ = self.cluster.kubectl(
+            Identity::Admin,
+            &[
+                "delete",
+                "lease",
+                "-n",
+                SYSTEM_NAMESPACE,
+                &lease,
+                "--ignore-not-found",
+                "--wait=false",
+            ],
+        );
+    }
+}
