@@ -1,0 +1,639 @@
+//! The agent's configuration: command-line flags, each with an environment
+//! variable, over an optional YAML file, over built-in defaults.
+//!
+//! [`RunArgs`] is what clap parses; [`FileConfig`] is the YAML file;
+//! [`AgentConfig`] is the merged result the daemon runs with. Merging is a
+//! pure function of the three, so precedence is tested without a process.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Flags of `tandem-agent run`. Every flag can also come from its
+/// environment variable or from the `--config` file; flags win over the
+/// environment, which wins over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunArgs {
+    /// YAML configuration file (keys are the flag names in camelCase, such
+    /// as `nodeName`, `modelDirs`, `labels: {key: value}`).
+    #[arg(long, env = "TANDEM_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig to use; without it the in-cluster config, then
+    /// $KUBECONFIG or ~/.kube/config, are tried.
+    #[arg(long, env = "TANDEM_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Name of this node's LlamaNode and Lease [default: the host name].
+    #[arg(long, env = "TANDEM_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// IP address peers use to reach this node's ranks [default: the
+    /// address of the interface that routes outwards, else 127.0.0.1].
+    #[arg(long, env = "TANDEM_ADVERTISE_ADDRESS", value_name = "IP")]
+    pub advertise_address: Option<IpAddr>,
+    /// Extra LlamaNode label, `key=value`; repeat the flag or separate with
+    /// commas.
+    #[arg(
+        long = "label",
+        env = "TANDEM_LABELS",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    pub labels: Vec<LabelArg>,
+    /// Directory holding models, in the Hugging Face cache layout
+    /// (`models--ORG--NAME/snapshots/REV`) or plain (`ORG/NAME`, `NAME`);
+    /// repeat the flag, or separate with `:` in the environment
+    /// [default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub].
+    #[arg(
+        long = "model-dir",
+        env = "TANDEM_MODEL_DIRS",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub model_dirs: Vec<PathBuf>,
+    /// Where missing models are downloaded to, in the Hugging Face cache
+    /// layout [default: the first --model-dir].
+    #[arg(long, env = "TANDEM_DOWNLOAD_DIR", value_name = "DIR")]
+    pub download_dir: Option<PathBuf>,
+    /// Never download: a model that is not in a model directory fails the
+    /// shard with ModelNotFound. Downloads use $HF_ENDPOINT and $HF_TOKEN.
+    #[arg(long, env = "TANDEM_OFFLINE")]
+    pub offline: bool,
+    /// TCP ports this node offers to ranks, `FIRST-LAST`; published as the
+    /// LlamaNode's `tandem.dev/port-range` annotation [default: 47000-47999].
+    #[arg(long, env = "TANDEM_PORT_RANGE", value_name = "FIRST-LAST")]
+    pub port_range: Option<PortRange>,
+    /// MLX compute backend: auto, cpu, metal or cuda. A backend this machine
+    /// cannot run is an error at start-up [default: auto].
+    #[arg(long, env = "TANDEM_BACKEND")]
+    pub backend: Option<BackendChoice>,
+    /// Namespace of the node Lease [default: tandem-system].
+    #[arg(long, env = "TANDEM_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Lease duration in seconds; the Lease is renewed every third of it
+    /// [default: 15].
+    #[arg(long, env = "TANDEM_LEASE_DURATION_SECONDS", value_name = "SECONDS")]
+    pub lease_duration_seconds: Option<u32>,
+    /// Address of the agent's /healthz and /metrics [default: 0.0.0.0:9464].
+    #[arg(long, env = "TANDEM_METRICS_ADDRESS", value_name = "IP:PORT")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Directory for rank workers' files (hostfiles) [default: a
+    /// `tandem-agent-<node>` directory in the system temp directory].
+    #[arg(long, env = "TANDEM_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Requests rank 0 queues before answering 429 [default: 16].
+    #[arg(long, env = "TANDEM_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Seconds ranks wait at rank 0's barrier, and retry reaching it,
+    /// before failing with PeerUnreachable [default: 120].
+    #[arg(long, env = "TANDEM_BARRIER_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub barrier_timeout_seconds: Option<u64>,
+    /// Longest pause between restarts of a failing rank worker, in seconds;
+    /// the pause starts at 1 s and doubles [default: 30].
+    #[arg(
+        long,
+        env = "TANDEM_MAX_RESTART_BACKOFF_SECONDS",
+        value_name = "SECONDS"
+    )]
+    pub max_restart_backoff_seconds: Option<u64>,
+}
+
+/// `--label key=value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelArg {
+    /// Label key.
+    pub key: String,
+    /// Label value.
+    pub value: String,
+}
+
+impl FromStr for LabelArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (key, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not key=value"))?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("`{s}` has an empty key"));
+        }
+        Ok(LabelArg {
+            key: key.to_owned(),
+            value: value.trim().to_owned(),
+        })
+    }
+}
+
+/// An inclusive range of TCP ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port, included.
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not a port range FIRST-LAST (such as 47000-47999)");
+        let (first, last) = s.trim().split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which MLX compute backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Whatever this build of MLX runs on this machine.
+    Auto,
+    /// MLX's CPU backend.
+    Cpu,
+    /// Apple GPUs through Metal.
+    Metal,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+}
+
+/// The YAML configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    /// See `--kubeconfig`.
+    pub kubeconfig: Option<PathBuf>,
+    /// See `--node-name`.
+    pub node_name: Option<String>,
+    /// See `--advertise-address`.
+    pub advertise_address: Option<IpAddr>,
+    /// See `--label`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// See `--model-dir`.
+    #[serde(default)]
+    pub model_dirs: Vec<PathBuf>,
+    /// See `--download-dir`.
+    pub download_dir: Option<PathBuf>,
+    /// See `--offline`.
+    pub offline: Option<bool>,
+    /// See `--port-range`.
+    pub port_range: Option<PortRange>,
+    /// See `--backend`.
+    pub backend: Option<BackendChoice>,
+    /// See `--lease-namespace`.
+    pub lease_namespace: Option<String>,
+    /// See `--lease-duration-seconds`.
+    pub lease_duration_seconds: Option<u32>,
+    /// See `--metrics-address`.
+    pub metrics_address: Option<SocketAddr>,
+    /// See `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// See `--max-queue`.
+    pub max_queue: Option<usize>,
+    /// See `--barrier-timeout-seconds`.
+    pub barrier_timeout_seconds: Option<u64>,
+    /// See `--max-restart-backoff-seconds`.
+    pub max_restart_backoff_seconds: Option<u64>,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading the config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for [`FileConfig`].
+    #[error("config file {}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        source: serde_yaml::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// What the machine tells the defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Environment {
+    /// The host name.
+    pub hostname: Option<String>,
+    /// The outward-facing IP address.
+    pub outward_address: Option<IpAddr>,
+    /// `$HF_HUB_CACHE`.
+    pub hf_hub_cache: Option<PathBuf>,
+    /// `$HF_HOME`.
+    pub hf_home: Option<PathBuf>,
+    /// `$HOME`.
+    pub home: Option<PathBuf>,
+    /// The system temp directory.
+    pub temp_dir: PathBuf,
+}
+
+impl Environment {
+    /// Reads the environment of this process.
+    pub fn detect() -> Environment {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Environment {
+            hostname: super::hardware::hostname(),
+            outward_address: super::hardware::outward_address(),
+            hf_hub_cache: var("HF_HUB_CACHE"),
+            hf_home: var("HF_HOME"),
+            home: var("HOME"),
+            temp_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// The configuration the agent runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Kubeconfig file, or `None` for the inferred config.
+    pub kubeconfig: Option<PathBuf>,
+    /// LlamaNode and Lease name.
+    pub node_name: String,
+    /// Address peers dial.
+    pub advertise_address: IpAddr,
+    /// Labels from the configuration (well-known ones are added on top).
+    pub labels: BTreeMap<String, String>,
+    /// Directories searched for models, in order.
+    pub model_dirs: Vec<PathBuf>,
+    /// Where downloads go.
+    pub download_dir: PathBuf,
+    /// No downloads.
+    pub offline: bool,
+    /// Ports offered to ranks.
+    pub port_range: PortRange,
+    /// Compute backend asked for.
+    pub backend: BackendChoice,
+    /// Namespace of the node Lease.
+    pub lease_namespace: String,
+    /// Lease duration.
+    pub lease_duration: Duration,
+    /// Address of /healthz and /metrics.
+    pub metrics_address: SocketAddr,
+    /// Directory for worker files.
+    pub state_dir: PathBuf,
+    /// Rank 0's request queue.
+    pub max_queue: usize,
+    /// Barrier wait.
+    pub barrier_timeout: Duration,
+    /// Cap of the restart backoff.
+    pub max_restart_backoff: Duration,
+}
+
+impl AgentConfig {
+    /// How often the Lease is renewed: a third of its duration, so two
+    /// renewals may fail before it expires.
+    pub fn lease_renew_interval(&self) -> Duration {
+        (self.lease_duration / 3).max(Duration::from_secs(1))
+    }
+}
+
+/// Reads the YAML file named by `--config`, if any.
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Merges flags over the file over defaults.
+pub fn resolve(
+    args: &RunArgs,
+    file: FileConfig,
+    env: &Environment,
+) -> Result<AgentConfig, ConfigError> {
+    let node_name = args
+        .node_name
+        .clone()
+        .or(file.node_name)
+        .or_else(|| env.hostname.as_deref().map(node_name_from_hostname))
+        .ok_or_else(|| {
+            ConfigError::Invalid("no --node-name and no host name to default to".into())
+        })?;
+    validate_node_name(&node_name)?;
+
+    let mut labels = file.labels;
+    for LabelArg { key, value } in &args.labels {
+        labels.insert(key.clone(), value.clone());
+    }
+    for (key, value) in &labels {
+        validate_label(key, value)?;
+    }
+
+    let model_dirs = if !args.model_dirs.is_empty() {
+        args.model_dirs.clone()
+    } else if !file.model_dirs.is_empty() {
+        file.model_dirs
+    } else {
+        vec![default_hf_cache(env)]
+    };
+    let download_dir = args
+        .download_dir
+        .clone()
+        .or(file.download_dir)
+        .or_else(|| model_dirs.first().cloned())
+        .unwrap_or_else(|| default_hf_cache(env));
+
+    let lease_duration_seconds = args
+        .lease_duration_seconds
+        .or(file.lease_duration_seconds)
+        .unwrap_or(15);
+    if lease_duration_seconds < 3 {
+        return Err(ConfigError::Invalid(format!(
+            "lease duration must be at least 3 seconds, not {lease_duration_seconds}"
+        )));
+    }
+    let max_queue = args.max_queue.or(file.max_queue).unwrap_or(16);
+    if max_queue == 0 {
+        return Err(ConfigError::Invalid(
+            "--max-queue must be at least 1".into(),
+        ));
+    }
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir)
+        .unwrap_or_else(|| env.temp_dir.join(format!("tandem-agent-{node_name}")));
+
+    Ok(AgentConfig {
+        kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
+        advertise_address: args
+            .advertise_address
+            .or(file.advertise_address)
+            .or(env.outward_address)
+            .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        labels,
+        model_dirs,
+        download_dir,
+        offline: args.offline || file.offline.unwrap_or(false),
+        port_range: args.port_range.or(file.port_range).unwrap_or(PortRange {
+            first: 47000,
+            last: 47999,
+        }),
+        backend: args.backend.or(file.backend).unwrap_or(BackendChoice::Auto),
+        lease_namespace: args
+            .lease_namespace
+            .clone()
+            .or(file.lease_namespace)
+            .unwrap_or_else(|| tandem_crds::DEFAULT_LEASE_NAMESPACE.to_owned()),
+        lease_duration: Duration::from_secs(u64::from(lease_duration_seconds)),
+        metrics_address: args
+            .metrics_address
+            .or(file.metrics_address)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9464))),
+        state_dir,
+        max_queue,
+        barrier_timeout: Duration::from_secs(
+            args.barrier_timeout_seconds
+                .or(file.barrier_timeout_seconds)
+                .unwrap_or(120)
+                .max(1),
+        ),
+        max_restart_backoff: Duration::from_secs(
+            args.max_restart_backoff_seconds
+                .or(file.max_restart_backoff_seconds)
+                .unwrap_or(30)
+                .max(1),
+        ),
+        node_name,
+    })
+}
+
+/// The Hugging Face hub cache directory, as huggingface_hub finds it.
+fn default_hf_cache(env: &Environment) -> PathBuf {
+    if let Some(dir) = &env.hf_hub_cache {
+        return dir.clone();
+    }
+    if let Some(home) = &env.hf_home {
+        return home.join("hub");
+    }
+    env.home
+        .clone()
+        .unwrap_or_else(|| env.temp_dir.clone())
+        .join(".cache/huggingface/hub")
+}
+
+/// A DNS-1123 subdomain from a host name: lower case, other characters
+/// replaced by `-`, `.local` dropped.
+pub fn node_name_from_hostname(hostname: &str) -> String {
+    let host = hostname.trim().trim_end_matches(".local");
+    let mut name: String = host
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(253);
+    let trimmed = name.trim_matches(|c: char| c == '-' || c == '.');
+    if trimmed.is_empty() {
+        "node".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+fn validate_node_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "node name `{name}` is not a DNS-1123 subdomain (lower-case letters, digits, `-` and `.`)"
+        )))
+    }
+}
+
+/// Checks a label as the API server would, so a typo fails at start-up
+/// with the key named rather than as a rejected registration.
+fn validate_label(key: &str, value: &str) -> Result<(), ConfigError> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let prefix_ok = prefix.is_none_or(|p| validate_node_name(p).is_ok());
+    let value_ok = value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && (value.is_empty()
+            || (value.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && value.ends_with(|c: char| c.is_ascii_alphanumeric())));
+    if name_ok && prefix_ok && value_ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "label `{key}={value}` is not a valid Kubernetes label"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn env() -> Environment {
+        Environment {
+            hostname: Some("Studio-1.local".into()),
+            outward_address: Some(IpAddr::from([10, 0, 0, 7])),
+            hf_hub_cache: None,
+            hf_home: None,
+            home: Some("/home/me".into()),
+            temp_dir: "/tmp".into(),
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_machine() {
+        let c = resolve(&RunArgs::default(), FileConfig::default(), &env()).expect("config");
+        assert_eq!(c.node_name, "studio-1");
+        assert_eq!(c.advertise_address, IpAddr::from([10, 0, 0, 7]));
+        assert_eq!(
+            c.model_dirs,
+            vec![PathBuf::from("/home/me/.cache/huggingface/hub")]
+        );
+        assert_eq!(
+            c.download_dir,
+            PathBuf::from("/home/me/.cache/huggingface/hub")
+        );
+        assert_eq!(c.lease_namespace, "tandem-system");
+        assert_eq!(c.lease_duration, Duration::from_secs(15));
+        assert_eq!(c.lease_renew_interval(), Duration::from_secs(5));
+        assert_eq!(
+            c.port_range,
+            PortRange {
+                first: 47000,
+                last: 47999
+            }
+        );
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/tandem-agent-studio-1"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = serde_yaml::from_str(
+            "nodeName: from-file\nlabels: {rack: a, zone: z1}\nmodelDirs: [/models]\nportRange: 41000-41099\nbackend: cpu\nleaseDurationSeconds: 30\n",
+        )
+        .expect("yaml");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--node-name",
+            "from-flag",
+            "--label",
+            "rack=b,team=ml",
+            "--port-range",
+            "42000-42010",
+        ])
+        .expect("flags");
+        let c = resolve(&cli.run, file, &env()).expect("config");
+        assert_eq!(c.node_name, "from-flag");
+        assert_eq!(c.labels.get("rack").map(String::as_str), Some("b"));
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("z1"));
+        assert_eq!(c.labels.get("team").map(String::as_str), Some("ml"));
+        assert_eq!(c.model_dirs, vec![PathBuf::from("/models")]);
+        assert_eq!(
+            c.port_range,
+            PortRange {
+                first: 42000,
+                last: 42010
+            }
+        );
+        assert_eq!(c.backend, BackendChoice::Cpu);
+        assert_eq!(c.lease_duration, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!("5-1".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("x".parse::<LabelArg>().is_err());
+        let args = RunArgs {
+            node_name: Some("Bad_Name".into()),
+            ..RunArgs::default()
+        };
+        let err = resolve(&args, FileConfig::default(), &env()).expect_err("invalid");
+        assert!(err.to_string().contains("Bad_Name"), "{err}");
+        let args = RunArgs {
+            labels: vec!["tandem.dev/x=has space".parse().expect("label")],
+            ..RunArgs::default()
+        };
+        assert!(resolve(&args, FileConfig::default(), &env()).is_err());
+        let unknown = serde_yaml::from_str::<FileConfig>("nodeNmae: x\n");
+        assert!(unknown.is_err(), "unknown keys are rejected");
+    }
+
+    #[test]
+    fn host_names_become_node_names() {
+        assert_eq!(node_name_from_hostname("Mac Studio.local"), "mac-studio");
+        assert_eq!(node_name_from_hostname("--"), "node");
+    }
+}

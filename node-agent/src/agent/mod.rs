@@ -1,0 +1,254 @@
+//! The node daemon (`tandem-agent run`).
+//!
+//! - [`config`]: flags, environment and the YAML file.
+//! - [`hardware`]: what the machine has, and its placement labels.
+//! - [`node`]: the LlamaNode (registration, status, Ready) and its Lease.
+//! - [`shards`]: the shard watcher and one runner per shard.
+//! - [`supervisor`]: rank-worker child processes and their restarts.
+//! - [`models`]: finding models locally, downloading them from the hub.
+//! - [`metrics`]: the agent's metrics and health endpoints.
+//!
+//! On SIGTERM or SIGINT the agent stops every worker, releases every shard
+//! (their status says `Terminating`), empties the node's shard list and
+//! marks the node not Ready before it exits.
+
+pub mod config;
+pub mod hardware;
+pub mod metrics;
+pub mod models;
+pub mod node;
+pub mod shards;
+pub mod supervisor;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::watch;
+
+use self::config::{AgentConfig, ConfigError, Environment, RunArgs};
+use self::hardware::{Hardware, HardwareError};
+use self::metrics::{AgentMetrics, Health};
+use self::node::{NodeShards, Registration};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The machine cannot run as configured.
+    #[error(transparent)]
+    Hardware(#[from] HardwareError),
+    /// No usable Kubernetes client configuration.
+    #[error("Kubernetes client configuration: {0}")]
+    Kubeconfig(String),
+    /// A local resource (state directory, health port) is unusable.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the agent was doing.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+async fn client(config: &AgentConfig) -> Result<kube::Client, AgentError> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| AgentError::Kubeconfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| AgentError::Kubeconfig(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| AgentError::Kubeconfig(e.to_string()))?,
+    };
+    kube::Client::try_from(kube_config).map_err(|e| AgentError::Kubeconfig(e.to_string()))
+}
+
+/// Resolves the configuration from flags, environment and file.
+pub fn configure(args: &RunArgs) -> Result<AgentConfig, AgentError> {
+    let file = config::load_file(args.config.as_deref())?;
+    Ok(config::resolve(args, file, &Environment::detect())?)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(args: RunArgs) -> Result<(), AgentError> {
+    let config = Arc::new(configure(&args)?);
+    let hardware = Hardware::detect(config.backend)?;
+    tracing::info!(
+        node = %config.node_name,
+        address = %config.advertise_address,
+        chip = %hardware.chip,
+        backend = hardware.backend.as_str(),
+        memory_gib = hardware.memory_bytes >> 30,
+        mlx = hardware.mlx_version.as_deref().unwrap_or("unknown"),
+        "starting the agent"
+    );
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
+        what: format!(
+            "creating the state directory {}",
+            config.state_dir.display()
+        ),
+        source,
+    })?;
+    let program = std::env::current_exe().map_err(|source| AgentError::Io {
+        what: "finding this executable".into(),
+        source,
+    })?;
+    let client = client(&config).await?;
+    let metrics = Arc::new(AgentMetrics::new());
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    let health_listener = metrics::bind(config.metrics_address)
+        .await
+        .map_err(|source| AgentError::Io {
+            what: format!("listening on {}", config.metrics_address),
+            source,
+        })?;
+    let last_renewed = Arc::new(Mutex::new(None));
+    let health = Health {
+        last_renewed: last_renewed.clone(),
+        stale_after: config.lease_duration,
+        metrics: metrics.clone(),
+    };
+    let mut stop_health = shutdown.clone();
+    let health_task = tokio::spawn(metrics::serve(health_listener, health, async move {
+        until_true(&mut stop_health).await;
+    }));
+
+    // Register, retrying: the API server may not be up yet.
+    let registration = Registration::new(client.clone(), config.clone(), hardware);
+    let mut delay = Duration::from_millis(500);
+    let mut terminated = std::pin::pin!(termination());
+    loop {
+        match registration.register().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "registering the LlamaNode failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut terminated => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    tracing::info!(node = %config.node_name, "registered");
+
+    let lease_task = tokio::spawn(node::renew_lease(
+        Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+        config.node_name.clone(),
+        config.node_name.clone(),
+        config.lease_duration,
+        config.lease_renew_interval(),
+        last_renewed,
+        shutdown.clone(),
+    ));
+
+    let node_shards = NodeShards::default();
+    let status_task = tokio::spawn(keep_status(
+        registration.clone(),
+        node_shards.clone(),
+        shutdown.clone(),
+    ));
+    let ctx = Arc::new(shards::Context {
+        client,
+        config: config.clone(),
+        program,
+        node_shards: node_shards.clone(),
+        metrics,
+    });
+    let shard_task = tokio::spawn(shards::run(ctx, shutdown.clone()));
+
+    terminated.await;
+    if let Err(e) = registration
+        .write_status(
+            false,
+            "AgentStopping",
+            "the agent is stopping its workers",
+            &node_shards.list(),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "marking the node not ready failed");
+    }
+    let _ = shutdown_tx.send(true);
+    // Workers stop and shards are released first, then the node goes not-Ready.
+    let _ = shard_task.await;
+    let _ = status_task.await;
+    if let Err(e) = registration
+        .write_status(
+            false,
+            "AgentStopped",
+            "the agent shut down",
+            &node_shards.list(),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "marking the node not ready failed");
+    }
+    let _ = lease_task.await;
+    let _ = health_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves once the watched flag is true (the guard `wait_for` hands out
+/// must not live across an await of a spawned task).
+pub(crate) async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Writes the node status when the shard list changes (batched over a
+/// moment) and every 30 s, until shutdown.
+async fn keep_status(
+    registration: Registration,
+    node_shards: NodeShards,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = node_shards.subscribe();
+    loop {
+        let shards = node_shards.list();
+        let message = format!("the agent is running {} shards", shards.len());
+        if let Err(e) = registration
+            .write_status(true, "AgentReady", &message, &shards)
+            .await
+        {
+            tracing::warn!(error = %e, "writing the node status failed");
+        }
+        tokio::select! {
+            _ = until_true(&mut shutdown) => return,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                changes.borrow_and_update();
+            }
+        }
+    }
+}

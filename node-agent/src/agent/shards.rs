@@ -1,0 +1,897 @@
+//! The shards this node runs: a watch on the LlamaShards labelled
+//! `tandem.dev/node=<this node>` (all namespaces), and one runner task per
+//! shard that owns its rank worker.
+//!
+//! A runner: checks the spec, finds the model (or downloads it, reporting
+//! `Downloading` with byte progress), reads the group token (and rank 0's
+//! API key), writes the ring hostfile from the peer list, starts the worker
+//! and turns its events into the shard's status. When the worker fails the
+//! status says why (`reason`, `message`); crashes and lost peers are
+//! retried with a capped backoff, a missing or corrupt model waits for the
+//! spec to change.
+//!
+//! The release contract with the operator (docs/design.md): a shard this
+//! node runs is listed in `LlamaNode.status.shards` until its worker has
+//! stopped. When a shard is deleted, or a newer epoch of its deployment
+//! arrives on this node (a stale epoch), or the agent shuts down, the
+//! runner marks the entry `Terminating`, stops the worker (SIGTERM, then
+//! SIGKILL), sets the shard's status to `Terminating` where the object
+//! still exists, and removes the entry. The new epoch's worker starts only
+//! after the old one is gone, so ports are free.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tandem_crds::{LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef, ShardPhase};
+use tokio::sync::{mpsc, watch};
+
+use super::config::AgentConfig;
+use super::metrics::AgentMetrics;
+use super::models::{self, DownloadProgress};
+use super::node::NodeShards;
+use super::supervisor::{self, Backoff, Worker};
+use crate::worker::protocol::{Event, FailureReason, Launch};
+
+/// Key of the group token when the reference names none.
+pub const DEFAULT_TOKEN_KEY: &str = "token";
+/// Key of the API key when the reference names none.
+pub const DEFAULT_API_KEY_KEY: &str = "api-key";
+/// How long a worker gets to stop after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// A worker that stayed Ready this long resets the restart backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// What every runner shares.
+pub struct Context {
+    /// API client.
+    pub client: kube::Client,
+    /// Agent configuration.
+    pub config: Arc<AgentConfig>,
+    /// The `tandem-agent` executable, started as `tandem-agent worker`.
+    pub program: PathBuf,
+    /// The node status's shard list.
+    pub node_shards: NodeShards,
+    /// Agent metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("node", &self.config.node_name)
+            .field("program", &self.program)
+            .finish()
+    }
+}
+
+struct Runner {
+    namespace: String,
+    deployment: String,
+    epoch: i64,
+    generation: Option<i64>,
+    updates: watch::Sender<Arc<LlamaShard>>,
+    stop: watch::Sender<Option<String>>,
+    finished: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Watches this node's shards and runs them until `shutdown` turns true;
+/// then stops every worker and releases every shard.
+pub async fn run(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    let api: Api<LlamaShard> = Api::all(ctx.client.clone());
+    let selector = format!("{LABEL_NODE}={}", ctx.config.node_name);
+    let mut events = watcher(api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .boxed();
+    let mut runners: BTreeMap<String, Runner> = BTreeMap::new();
+    let mut listed: Option<BTreeSet<String>> = None;
+    loop {
+        let event = tokio::select! {
+            _ = super::until_true(&mut shutdown) => break,
+            event = events.next() => event,
+        };
+        match event {
+            Some(Ok(watcher::Event::Apply(shard))) => upsert(&ctx, &mut runners, shard),
+            Some(Ok(watcher::Event::InitApply(shard))) => {
+                if let Some(seen) = listed.as_mut() {
+                    seen.insert(shard.uid().unwrap_or_default());
+                }
+                upsert(&ctx, &mut runners, shard);
+            }
+            Some(Ok(watcher::Event::Init)) => listed = Some(BTreeSet::new()),
+            Some(Ok(watcher::Event::InitDone)) => {
+                // Shards deleted while the watch was down.
+                if let Some(seen) = listed.take() {
+                    for (uid, runner) in &runners {
+                        if !seen.contains(uid) {
+                            runner
+                                .stop
+                                .send_replace(Some("the shard was deleted".into()));
+                        }
+                    }
+                }
+            }
+            Some(Ok(watcher::Event::Delete(shard))) => {
+                if let Some(runner) = runners.get(&shard.uid().unwrap_or_default()) {
+                    runner
+                        .stop
+                        .send_replace(Some("the shard was deleted".into()));
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "watching shards failed; retrying"),
+            None => break,
+        }
+        runners.retain(|_, r| !r.task.is_finished());
+    }
+    for runner in runners.values() {
+        runner
+            .stop
+            .send_replace(Some("the agent is stopping".into()));
+    }
+    for (_, runner) in runners {
+        let _ = runner.task.await;
+    }
+}
+
+fn upsert(ctx: &Arc<Context>, runners: &mut BTreeMap<String, Runner>, shard: LlamaShard) {
+    let uid = shard.uid().unwrap_or_default();
+    if let Some(runner) = runners.get(&uid) {
+        if shard.meta().deletion_timestamp.is_some() {
+            runner
+                .stop
+                .send_replace(Some("the shard is being deleted".into()));
+        } else if runner.generation != shard.meta().generation {
+            runner.updates.send_replace(Arc::new(shard));
+        }
+        if let Some(r) = runners.get_mut(&uid) {
+            r.generation = r.updates.borrow().meta().generation;
+        }
+        return;
+    }
+    if shard.meta().deletion_timestamp.is_some() {
+        return;
+    }
+    let namespace = shard.namespace().unwrap_or_default();
+    let deployment = shard.spec.deployment.clone();
+    let epoch = shard.spec.epoch;
+    let newer = runners
+        .values()
+        .filter(|r| r.namespace == namespace && r.deployment == deployment && r.epoch > epoch)
+        .map(|r| r.epoch)
+        .max();
+    if let Some(newer) = newer {
+        // A stale epoch arriving late: say so, run nothing.
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let writer = StatusWriter::new(&ctx.client, &shard);
+            let state = ShardState {
+                phase: ShardPhase::Terminating,
+                message: Some(format!(
+                    "superseded by epoch {newer} on this node; not started"
+                )),
+                ..ShardState::default()
+            };
+            writer.write(&state).await;
+        });
+        return;
+    }
+    let mut wait_for = Vec::new();
+    for r in runners.values() {
+        if r.namespace == namespace && r.deployment == deployment && r.epoch < epoch {
+            r.stop
+                .send_replace(Some(format!("superseded by epoch {epoch}")));
+            wait_for.push(r.finished.clone());
+        }
+    }
+    let shard = Arc::new(shard);
+    let (updates, updates_rx) = watch::channel(shard.clone());
+    let (stop, stop_rx) = watch::channel(None);
+    let (finished_tx, finished) = watch::channel(false);
+    let task = tokio::spawn(run_shard(
+        ctx.clone(),
+        shard.clone(),
+        updates_rx,
+        stop_rx,
+        wait_for,
+        finished_tx,
+    ));
+    runners.insert(
+        uid,
+        Runner {
+            namespace,
+            deployment,
+            epoch,
+            generation: shard.meta().generation,
+            updates,
+            stop,
+            finished,
+            task,
+        },
+    );
+}
+
+/// The status the runner keeps and writes whole.
+#[derive(Debug, Clone, PartialEq)]
+struct ShardState {
+    phase: ShardPhase,
+    progress: Option<Progress>,
+    load_seconds: Option<f64>,
+    reason: Option<String>,
+    message: Option<String>,
+    memory_bytes: u64,
+}
+
+impl Default for ShardState {
+    fn default() -> Self {
+        ShardState {
+            phase: ShardPhase::Pending,
+            progress: None,
+            load_seconds: None,
+            reason: None,
+            message: None,
+            memory_bytes: 0,
+        }
+    }
+}
+
+/// Writes one shard's status (merge patch, absent fields cleared).
+struct StatusWriter {
+    api: Api<LlamaShard>,
+    name: String,
+    generation: Option<i64>,
+}
+
+impl StatusWriter {
+    fn new(client: &kube::Client, shard: &LlamaShard) -> StatusWriter {
+        StatusWriter {
+            api: Api::namespaced(client.clone(), &shard.namespace().unwrap_or_default()),
+            name: shard.name_any(),
+            generation: shard.meta().generation,
+        }
+    }
+
+    async fn write(&self, state: &ShardState) {
+        let body = json!({
+            "status": {
+                "phase": state.phase,
+                "progress": state.progress,
+                "loadSeconds": state.load_seconds,
+                "reason": state.reason,
+                "message": state.message,
+                "observedGeneration": self.generation,
+            }
+        });
+        match self
+            .api
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(shard = %self.name, error = %e, "writing shard status failed"),
+        }
+    }
+}
+
+/// Everything about one shard a runner tracks between writes.
+struct Tracked {
+    ctx: Arc<Context>,
+    shard: Arc<LlamaShard>,
+    writer: StatusWriter,
+    state: ShardState,
+}
+
+impl Tracked {
+    fn new(ctx: Arc<Context>, shard: Arc<LlamaShard>) -> Tracked {
+        let writer = StatusWriter::new(&ctx.client, &shard);
+        Tracked {
+            ctx,
+            shard,
+            writer,
+            state: ShardState::default(),
+        }
+    }
+
+    fn retarget(&mut self, shard: Arc<LlamaShard>) {
+        self.writer = StatusWriter::new(&self.ctx.client, &shard);
+        self.shard = shard;
+    }
+
+    fn node_entry(&self) -> NodeShard {
+        NodeShard {
+            namespace: self.shard.namespace().unwrap_or_default(),
+            name: self.shard.name_any(),
+            rank: self.shard.spec.rank,
+            epoch: self.shard.spec.epoch,
+            phase: Some(self.state.phase),
+            memory_bytes: i64::try_from(self.state.memory_bytes).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Records a new state, in the shard's status and the node's list.
+    async fn set(&mut self, state: ShardState) {
+        self.state = state;
+        self.ctx.node_shards.set(self.node_entry());
+        self.writer.write(&self.state).await;
+    }
+
+    async fn phase(&mut self, phase: ShardPhase, message: impl Into<String>) {
+        let state = ShardState {
+            phase,
+            message: Some(message.into()),
+            memory_bytes: self.state.memory_bytes,
+            load_seconds: self.state.load_seconds,
+            ..ShardState::default()
+        };
+        self.set(state).await;
+    }
+
+    async fn failed(&mut self, reason: FailureReason, message: String) {
+        self.ctx.metrics.shard_failed(reason);
+        let state = ShardState {
+            phase: ShardPhase::Failed,
+            reason: Some(reason.as_str().into()),
+            message: Some(message),
+            ..ShardState::default()
+        };
+        self.set(state).await;
+    }
+}
+
+/// How one attempt to run the shard ended.
+enum Attempt {
+    /// Asked to stop (deleted, superseded, agent stopping).
+    Stopped(String),
+    /// The spec changed; start over with it.
+    Changed(Arc<LlamaShard>),
+    /// It failed.
+    Failed {
+        reason: FailureReason,
+        message: String,
+        retry: bool,
+        /// How long the worker was Ready, if it got there.
+        ready_for: Option<Duration>,
+    },
+}
+
+impl Attempt {
+    fn fail(reason: FailureReason, message: impl Into<String>) -> Attempt {
+        Attempt::Failed {
+            reason,
+            message: message.into(),
+            retry: reason.retryable(),
+            ready_for: None,
+        }
+    }
+}
+
+/// Waits for a stop request or a spec change.
+async fn interrupted(
+    stop: &mut watch::Receiver<Option<String>>,
+    updates: &mut watch::Receiver<Arc<LlamaShard>>,
+) -> Attempt {
+    loop {
+        tokio::select! {
+            changed = stop.changed() => {
+                let reason = stop.borrow_and_update().clone();
+                match (changed, reason) {
+                    (_, Some(reason)) => return Attempt::Stopped(reason),
+                    (Err(_), None) => return Attempt::Stopped("the agent is stopping".into()),
+                    (Ok(()), None) => {}
+                }
+            }
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return Attempt::Stopped("the agent is stopping".into());
+                }
+                return Attempt::Changed(updates.borrow_and_update().clone());
+            }
+        }
+    }
+}
+
+async fn run_shard(
+    ctx: Arc<Context>,
+    shard: Arc<LlamaShard>,
+    mut updates: watch::Receiver<Arc<LlamaShard>>,
+    mut stop: watch::Receiver<Option<String>>,
+    wait_for: Vec<watch::Receiver<bool>>,
+    finished: watch::Sender<bool>,
+) {
+    let mut tracked = Tracked::new(ctx.clone(), shard);
+    let name = tracked.shard.name_any();
+    tracing::info!(shard = %name, epoch = tracked.shard.spec.epoch, rank = tracked.shard.spec.rank, "running shard");
+    let mut backoff = Backoff::new(Duration::from_secs(1), ctx.config.max_restart_backoff);
+
+    // An older epoch of the same deployment holds the ports until it stops.
+    if !wait_for.is_empty() {
+        tracked
+            .phase(
+                ShardPhase::Pending,
+                "waiting for the previous epoch's worker to stop",
+            )
+            .await;
+        for mut w in wait_for {
+            super::until_true(&mut w).await;
+        }
+    }
+
+    let released = loop {
+        match attempt(&mut tracked, &mut stop, &mut updates).await {
+            Attempt::Stopped(reason) => break reason,
+            Attempt::Changed(shard) => {
+                tracked.retarget(shard);
+                backoff.reset();
+            }
+            Attempt::Failed {
+                reason,
+                message,
+                retry,
+                ready_for,
+            } => {
+                if ready_for.is_some_and(|d| d >= HEALTHY_RUN) {
+                    backoff.reset();
+                }
+                tracing::warn!(shard = %name, %reason, %message, "shard failed");
+                if retry {
+                    let delay = backoff.next_delay();
+                    ctx.metrics.worker_restarted(reason);
+                    tracked
+                        .failed(
+                            reason,
+                            format!(
+                                "{message}; restarting in {}s (restart {})",
+                                delay.as_secs_f64().ceil(),
+                                backoff.restarts
+                            ),
+                        )
+                        .await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        a = interrupted(&mut stop, &mut updates) => match a {
+                            Attempt::Stopped(reason) => break reason,
+                            Attempt::Changed(shard) => {
+                                tracked.retarget(shard);
+                                backoff.reset();
+                            }
+                            Attempt::Failed { .. } => {}
+                        },
+                    }
+                } else {
+                    tracked.failed(reason, message).await;
+                    match interrupted(&mut stop, &mut updates).await {
+                        Attempt::Stopped(reason) => break reason,
+                        Attempt::Changed(shard) => {
+                            tracked.retarget(shard);
+                            backoff.reset();
+                        }
+                        Attempt::Failed { .. } => {}
+                    }
+                }
+            }
+        }
+    };
+    tracked
+        .phase(ShardPhase::Terminating, format!("released: {released}"))
+        .await;
+    ctx.node_shards
+        .remove(&tracked.shard.namespace().unwrap_or_default(), &name);
+    tracing::info!(shard = %name, reason = %released, "shard released");
+    let _ = finished.send(true);
+}
+
+/// Checks what the runner needs from the spec; the message says what is wrong.
+fn validate(config: &AgentConfig, shard: &LlamaShard) -> Result<Vec<String>, String> {
+    let spec = &shard.spec;
+    if spec.node_name != config.node_name {
+        return Err(format!(
+            "spec.nodeName is {} but this agent is {}",
+            spec.node_name, config.node_name
+        ));
+    }
+    let world = usize::try_from(spec.world_size).unwrap_or(0);
+    if world == 0 || spec.rank < 0 || spec.rank >= spec.world_size {
+        return Err(format!(
+            "rank {} is outside a group of {}",
+            spec.rank, spec.world_size
+        ));
+    }
+    let mut peers = spec.peers.clone();
+    peers.sort_by_key(|p| p.rank);
+    let ranks: Vec<i32> = peers.iter().map(|p| p.rank).collect();
+    let expected: Vec<i32> = (0..spec.world_size).collect();
+    if ranks != expected {
+        return Err(format!(
+            "spec.peers must list ranks 0..{} once each, not {ranks:?}",
+            spec.world_size - 1
+        ));
+    }
+    for p in &peers {
+        if p.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "peer {} address `{}` is not ip:port",
+                p.rank, p.address
+            ));
+        }
+    }
+    if spec.rank == 0 && spec.serving_port.is_none() {
+        return Err("rank 0 has no spec.servingPort".into());
+    }
+    if world > 1
+        && spec
+            .control_address
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+    {
+        return Err(format!(
+            "spec.controlAddress `{}` is not ip:port",
+            spec.control_address
+        ));
+    }
+    Ok(peers.into_iter().map(|p| p.address).collect())
+}
+
+/// What reading a Secret gave.
+enum SecretRead {
+    /// The key's value.
+    Value(String),
+    /// Not there (yet), or the API server could not be asked: try again.
+    Wait(String),
+    /// There, but unusable.
+    Invalid(String),
+}
+
+/// Reads one key of a Secret in the shard's namespace.
+async fn read_secret(
+    client: &kube::Client,
+    namespace: &str,
+    reference: &SecretKeyRef,
+    default_key: &str,
+) -> SecretRead {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let key = reference.key.as_deref().unwrap_or(default_key);
+    let secret = match api.get_opt(&reference.name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return SecretRead::Wait(format!("waiting for Secret {}", reference.name)),
+        Err(e) => {
+            return SecretRead::Wait(format!(
+                "reading Secret {} failed ({e}); retrying",
+                reference.name
+            ));
+        }
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.as_bytes().to_vec())
+        });
+    let Some(value) = value else {
+        return SecretRead::Invalid(format!("Secret {} has no key `{key}`", reference.name));
+    };
+    match String::from_utf8(value) {
+        Ok(text) if !text.trim().is_empty() => SecretRead::Value(text.trim().to_owned()),
+        Ok(_) => SecretRead::Invalid(format!("Secret {} key `{key}` is empty", reference.name)),
+        Err(_) => SecretRead::Invalid(format!(
+            "Secret {} key `{key}` is not UTF-8",
+            reference.name
+        )),
+    }
+}
+
+/// Reads a Secret, waiting (as `Pending`) while it is missing.
+async fn wait_secret(
+    tracked: &mut Tracked,
+    reference: &SecretKeyRef,
+    default_key: &str,
+    stop: &mut watch::Receiver<Option<String>>,
+    updates: &mut watch::Receiver<Arc<LlamaShard>>,
+) -> Result<String, Attempt> {
+    let client = tracked.ctx.client.clone();
+    let namespace = tracked.shard.namespace().unwrap_or_default();
+    loop {
+        match read_secret(&client, &namespace, reference, default_key).await {
+            SecretRead::Value(v) => return Ok(v),
+            SecretRead::Invalid(message) => {
+                return Err(Attempt::fail(FailureReason::InvalidShard, message));
+            }
+            SecretRead::Wait(message) => {
+                if tracked.state.message.as_deref() != Some(&message) {
+                    tracked.phase(ShardPhase::Pending, message).await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    a = interrupted(stop, updates) => return Err(a),
+                }
+            }
+        }
+    }
+}
+
+/// One attempt: from the spec to a running worker, until it ends.
+async fn attempt(
+    tracked: &mut Tracked,
+    stop: &mut watch::Receiver<Option<String>>,
+    updates: &mut watch::Receiver<Arc<LlamaShard>>,
+) -> Attempt {
+    let ctx = tracked.ctx.clone();
+    let shard = tracked.shard.clone();
+    let spec = &shard.spec;
+    let namespace = shard.namespace().unwrap_or_default();
+    let name = shard.name_any();
+
+    let addresses = match validate(&ctx.config, &shard) {
+        Ok(a) => a,
+        Err(message) => return Attempt::fail(FailureReason::InvalidShard, message),
+    };
+
+    // The model.
+    let revision = spec.revision.clone().unwrap_or_else(|| "main".into());
+    let model_dir = match models::find_local(&ctx.config.model_dirs, &spec.model, &revision) {
+        Some(dir) => dir,
+        None if ctx.config.offline => {
+            let dirs: Vec<String> = ctx
+                .config
+                .model_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
+            let e = models::DownloadError::Offline {
+                model: spec.model.clone(),
+                revision,
+                dirs: dirs.join(", "),
+            };
+            return Attempt::fail(FailureReason::ModelNotFound, e.to_string());
+        }
+        None => {
+            tracked
+                .phase(
+                    ShardPhase::Downloading,
+                    format!(
+                        "downloading {}@{revision} from {}",
+                        spec.model,
+                        models::endpoint()
+                    ),
+                )
+                .await;
+            match download(tracked, &revision, stop, updates).await {
+                Ok(dir) => dir,
+                Err(a) => return a,
+            }
+        }
+    };
+
+    // The secrets.
+    let token = match wait_secret(
+        tracked,
+        &spec.group_token_secret_ref,
+        DEFAULT_TOKEN_KEY,
+        stop,
+        updates,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(a) => return a,
+    };
+    let api_key = match (&spec.api_key_secret_ref, spec.rank) {
+        (Some(reference), 0) => {
+            match wait_secret(tracked, reference, DEFAULT_API_KEY_KEY, stop, updates).await {
+                Ok(k) => Some(k),
+                Err(a) => return a,
+            }
+        }
+        _ => None,
+    };
+
+    // The hostfile and the worker.
+    let dir = ctx.config.state_dir.join(format!("{namespace}--{name}"));
+    let hostfile = match supervisor::write_hostfile(&dir.join("hostfile.json"), &addresses) {
+        Ok(p) => p,
+        Err(e) => {
+            return Attempt::fail(
+                FailureReason::WorkerCrashed,
+                format!("writing the hostfile in {}: {e}", dir.display()),
+            );
+        }
+    };
+    let launch = Launch {
+        namespace: namespace.clone(),
+        shard_name: name.clone(),
+        spec: spec.clone(),
+        model_dir: model_dir.clone(),
+        group_token: token,
+        api_key,
+        max_queue: ctx.config.max_queue,
+        barrier_timeout_ms: u64::try_from(ctx.config.barrier_timeout.as_millis())
+            .unwrap_or(u64::MAX),
+        hostfile,
+    };
+    let (mut worker, events) = match supervisor::start(&ctx.program, &launch, name.clone()).await {
+        Ok(w) => w,
+        Err(e) => {
+            return Attempt::fail(
+                FailureReason::WorkerCrashed,
+                format!("starting {} worker: {e}", ctx.program.display()),
+            );
+        }
+    };
+    ctx.metrics.worker_started();
+    tracked
+        .phase(
+            ShardPhase::Pending,
+            format!(
+                "started worker pid {} for {}",
+                worker.pid().unwrap_or(0),
+                model_dir.display()
+            ),
+        )
+        .await;
+    let result = supervise(tracked, &mut worker, events, stop, updates).await;
+    ctx.metrics.worker_stopped();
+    result
+}
+
+/// Relays a worker's events into the status until it ends or is stopped.
+async fn supervise(
+    tracked: &mut Tracked,
+    worker: &mut Worker,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    stop: &mut watch::Receiver<Option<String>>,
+    updates: &mut watch::Receiver<Arc<LlamaShard>>,
+) -> Attempt {
+    let mut failure: Option<(FailureReason, String)> = None;
+    let mut ready_since: Option<Instant> = None;
+    let exit = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => apply(tracked, event, &mut failure, &mut ready_since).await,
+                // stdout closed: the process is ending.
+                None => break worker.wait().await,
+            },
+            exit = worker.wait() => break exit,
+            a = interrupted(stop, updates) => {
+                tracked.state.phase = ShardPhase::Terminating;
+                tracked.ctx.node_shards.set(tracked.node_entry());
+                let exit = worker.stop(STOP_GRACE).await;
+                tracing::info!(shard = %tracked.shard.name_any(), %exit, "worker stopped");
+                return a;
+            }
+        }
+    };
+    // The last events (a Failed line) may still be in the pipe.
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(500), events.recv()).await
+    {
+        apply(tracked, event, &mut failure, &mut ready_since).await;
+    }
+    let ready_for = ready_since.map(|t| t.elapsed());
+    match failure {
+        Some((reason, message)) => Attempt::Failed {
+            reason,
+            retry: reason.retryable(),
+            message,
+            ready_for,
+        },
+        None => Attempt::Failed {
+            reason: FailureReason::WorkerCrashed,
+            message: format!("the rank worker {exit}"),
+            retry: true,
+            ready_for,
+        },
+    }
+}
+
+async fn apply(
+    tracked: &mut Tracked,
+    event: Event,
+    failure: &mut Option<(FailureReason, String)>,
+    ready_since: &mut Option<Instant>,
+) {
+    match event {
+        Event::Phase {
+            phase,
+            progress,
+            load_seconds,
+            message,
+            memory_bytes,
+        } => {
+            if phase == ShardPhase::Ready {
+                *ready_since = Some(Instant::now());
+            }
+            let state = ShardState {
+                phase,
+                progress: progress.or_else(|| tracked.state.progress.clone()),
+                load_seconds: load_seconds.or(tracked.state.load_seconds),
+                reason: None,
+                message,
+                memory_bytes: memory_bytes.unwrap_or(tracked.state.memory_bytes),
+            };
+            tracked.set(state).await;
+        }
+        Event::Failed { reason, message } => *failure = Some((reason, message)),
+    }
+}
+
+/// Downloads the shard's model, writing byte progress about once a second.
+async fn download(
+    tracked: &mut Tracked,
+    revision: &str,
+    stop: &mut watch::Receiver<Option<String>>,
+    updates: &mut watch::Receiver<Arc<LlamaShard>>,
+) -> Result<PathBuf, Attempt> {
+    let ctx = tracked.ctx.clone();
+    let model = tracked.shard.spec.model.clone();
+    let progress = DownloadProgress::default();
+    let dest = ctx.config.download_dir.clone();
+    let task = {
+        let model = model.clone();
+        let revision = revision.to_owned();
+        let progress = progress.clone();
+        tokio::spawn(async move { models::download(&model, &revision, &dest, progress).await })
+    };
+    let abort = task.abort_handle();
+    let mut task = task;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = (u64::MAX, 0);
+    let result = loop {
+        tokio::select! {
+            done = &mut task => break done,
+            _ = tick.tick() => {
+                let now = progress.get();
+                if now != last {
+                    last = now;
+                    let (done, total) = now;
+                    let mut state = tracked.state.clone();
+                    state.progress = Some(Progress {
+                        bytes_done: i64::try_from(done).unwrap_or(i64::MAX),
+                        bytes_total: (total > 0).then(|| i64::try_from(total).unwrap_or(i64::MAX)),
+                    });
+                    tracked.set(state).await;
+                }
+            }
+            a = interrupted(stop, updates) => {
+                abort.abort();
+                return Err(a);
+            }
+        }
+    };
+    match result {
+        Ok(Ok(dir)) => {
+            let (done, total) = progress.get();
+            let mut state = tracked.state.clone();
+            state.progress = Some(Progress {
+                bytes_done: i64::try_from(done).unwrap_or(i64::MAX),
+                bytes_total: Some(i64::try_from(total.max(done)).unwrap_or(i64::MAX)),
+            });
+            state.message = Some(format!("downloaded {model} to {}", dir.display()));
+            tracked.set(state).await;
+            Ok(dir)
+        }
+        Ok(Err(e)) => Err(Attempt::Failed {
+            reason: FailureReason::ModelNotFound,
+            retry: e.is_transient(),
+            message: e.to_string(),
+            ready_for: None,
+        }),
+        Err(e) => Err(Attempt::fail(
+            FailureReason::WorkerCrashed,
+            format!("the download task failed: {e}"),
+        )),
+    }
+}

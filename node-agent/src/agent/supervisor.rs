@@ -1,0 +1,250 @@
+//! Rank-worker processes, supervised the way a kubelet supervises
+//! containers: start one with its launch message, relay its events and
+//! logs, stop it (SIGTERM, then SIGKILL after a grace period), say how it
+//! ended, and pace restarts with a capped exponential backoff.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+use crate::worker::protocol::{Event, Launch};
+
+/// A running rank worker.
+#[derive(Debug)]
+pub struct Worker {
+    child: Child,
+    /// Held open: the worker exits when it closes (our death included).
+    _stdin: ChildStdin,
+    pid: Option<u32>,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    fn of(status: ExitStatus) -> Exit {
+        #[cfg(unix)]
+        let signal = std::os::unix::process::ExitStatusExt::signal(&status);
+        #[cfg(not(unix))]
+        let signal = None;
+        Exit {
+            code: status.code(),
+            signal,
+        }
+    }
+
+    /// Whether it exited with status 0.
+    pub fn success(self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exited with status {code}"),
+            (None, Some(signal)) => {
+                let name = nix::sys::signal::Signal::try_from(signal)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown signal");
+                write!(f, "was killed by signal {signal} ({name})")
+            }
+            (None, None) => f.write_str("ended for an unknown reason"),
+        }
+    }
+}
+
+/// Starts `program worker` for `launch`, with the MLX ring variables set.
+/// Returns the worker and the events it reports.
+pub async fn start(
+    program: &Path,
+    launch: &Launch,
+    log_name: String,
+) -> std::io::Result<(Worker, mpsc::UnboundedReceiver<Event>)> {
+    let mut child = Command::new(program)
+        .arg("worker")
+        .env("MLX_HOSTFILE", &launch.hostfile)
+        .env("MLX_RANK", launch.spec.rank.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id();
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stdin pipe"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stderr pipe"))?;
+    let line = serde_json::to_string(launch).map_err(std::io::Error::other)?;
+    stdin.write_all(line.as_bytes()).await?;
+    stdin.write_all(b"\n").await?;
+    stdin.flush().await?;
+
+    let (tx, events) = mpsc::unbounded_channel();
+    let name = log_name.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match Event::parse(&line) {
+                Some(event) => {
+                    let _ = tx.send(event);
+                }
+                None => tracing::info!(worker = %name, "{line}"),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(worker = %log_name, "{line}");
+        }
+    });
+    Ok((
+        Worker {
+            child,
+            _stdin: stdin,
+            pid,
+        },
+        events,
+    ))
+}
+
+impl Worker {
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Waits for the process to end.
+    pub async fn wait(&mut self) -> Exit {
+        match self.child.wait().await {
+            Ok(status) => Exit::of(status),
+            Err(_) => Exit {
+                code: None,
+                signal: None,
+            },
+        }
+    }
+
+    /// Asks the worker to stop (SIGTERM) and kills it after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> Exit {
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => Exit::of(status),
+            _ => {
+                let _ = self.child.kill().await;
+                self.wait().await
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff between restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+    /// Restarts since the last reset.
+    pub restarts: u32,
+}
+
+impl Backoff {
+    /// Starts at `initial`, doubles, never exceeds `max`.
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            next: initial.min(max),
+            restarts: 0,
+        }
+    }
+
+    /// The pause before the next restart; the one after is twice as long.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        self.restarts = self.restarts.saturating_add(1);
+        delay
+    }
+
+    /// Back to the initial pause, after a worker ran well for a while.
+    pub fn reset(&mut self) {
+        self.next = self.initial.min(self.max);
+        self.restarts = 0;
+    }
+}
+
+/// Writes the MLX ring hostfile: a JSON list, by rank, of `["ip:port"]`.
+pub fn write_hostfile(path: &Path, addresses: &[String]) -> std::io::Result<PathBuf> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let hosts: Vec<Vec<&str>> = addresses.iter().map(|a| vec![a.as_str()]).collect();
+    let text = serde_json::to_string(&hosts).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)?;
+    Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+        let delays: Vec<u64> = (0..5).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 5, 5]);
+        assert_eq!(b.restarts, 5);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn exits_are_described() {
+        let killed = Exit {
+            code: None,
+            signal: Some(9),
+        };
+        assert_eq!(killed.to_string(), "was killed by signal 9 (SIGKILL)");
+        let failed = Exit {
+            code: Some(1),
+            signal: None,
+        };
+        assert_eq!(failed.to_string(), "exited with status 1");
+        assert!(!failed.success());
+    }
+
+    #[test]
+    fn hostfiles_list_one_address_per_rank() {
+        let path =
+            std::env::temp_dir().join(format!("tandem-hostfile-{}.json", std::process::id()));
+        write_hostfile(&path, &["127.0.0.1:1".into(), "127.0.0.1:2".into()]).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, r#"[["127.0.0.1:1"],["127.0.0.1:2"]]"#);
+        let _ = std::fs::remove_file(path);
+    }
+}

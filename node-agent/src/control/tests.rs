@@ -1,0 +1,180 @@
+//! The control service over real sockets on 127.0.0.1.
+
+use super::*;
+
+fn identity(world_size: i32) -> GroupIdentity {
+    GroupIdentity {
+        deployment: "llama".into(),
+        epoch: 4,
+        world_size,
+        model: "org/model".into(),
+        revision: "main".into(),
+    }
+}
+
+const TOKEN: &str = "s3cret-token";
+
+/// Starts rank 0's service; returns its address and coordinator.
+async fn start(world_size: i32, barrier: Duration) -> (String, Arc<Coordinator>) {
+    let coordinator = Coordinator::new(identity(world_size), barrier);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let c = coordinator.clone();
+    tokio::spawn(async move {
+        let _ = serve(
+            listener,
+            c,
+            TOKEN.into(),
+            std::future::pending(),
+            std::future::pending(),
+        )
+        .await;
+    });
+    (address, coordinator)
+}
+
+fn client(address: &str, rank: i32, token: &str, id: GroupIdentity) -> ControlClient {
+    ControlClient::new(address, id, rank, token, Duration::from_secs(5)).expect("client")
+}
+
+#[tokio::test]
+async fn ranks_meet_and_every_rank_receives_every_job() {
+    let (address, coordinator) = start(3, Duration::from_secs(10)).await;
+    let c1 = client(&address, 1, TOKEN, identity(3));
+    let c2 = client(&address, 2, TOKEN, identity(3));
+
+    let (r0, r1, r2) = tokio::join!(
+        coordinator.arrive(0, Stage::Connect),
+        c1.join(Stage::Connect),
+        c2.join(Stage::Connect)
+    );
+    assert_eq!(r0.expect("rank 0"), vec![0, 1, 2]);
+    assert_eq!(r1.expect("rank 1"), vec![0, 1, 2]);
+    assert_eq!(r2.expect("rank 2"), vec![0, 1, 2]);
+
+    let mut s1 = c1.jobs().await.expect("stream 1");
+    let mut s2 = c2.jobs().await.expect("stream 2");
+    let (r0, r1, r2) = tokio::join!(
+        coordinator.arrive(0, Stage::Ready),
+        c1.join(Stage::Ready),
+        c2.join(Stage::Ready)
+    );
+    assert!(r0.is_ok() && r1.is_ok() && r2.is_ok());
+
+    let job = pb::Job {
+        id: 7,
+        prompt_ids: vec![1, 2, 3],
+        max_tokens: 5,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 1,
+        stop_ids: vec![9],
+    };
+    coordinator.broadcast(job.clone()).await.expect("broadcast");
+    assert_eq!(s1.message().await.expect("recv 1"), Some(job.clone()));
+    assert_eq!(s2.message().await.expect("recv 2"), Some(job));
+
+    // A formed group takes no more members.
+    let late = c1.join(Stage::Connect).await;
+    assert!(late.is_err());
+
+    // Rank 2 going away breaks the group, and rank 1 hears of it.
+    let watcher = tokio::spawn(coordinator.clone().watch_streams());
+    drop(s2);
+    let reason = tokio::time::timeout(Duration::from_secs(10), coordinator.wait_broken())
+        .await
+        .expect("noticed in time");
+    assert!(reason.contains("rank 2"), "{reason}");
+    watcher.await.expect("watcher");
+    let end = tokio::time::timeout(Duration::from_secs(10), s1.message())
+        .await
+        .expect("stream ends");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+}
+
+#[tokio::test]
+async fn outsiders_can_neither_join_nor_read_jobs() {
+    let (address, coordinator) = start(2, Duration::from_secs(2)).await;
+    for token in ["wrong-token", ""] {
+        let outsider = client(&address, 1, token, identity(2));
+        match outsider.join(Stage::Connect).await {
+            Err(ClientError::Refused { code, .. }) => assert_eq!(code, Code::Unauthenticated),
+            other => panic!("join with {token:?} should be refused: {other:?}"),
+        }
+        match outsider.jobs().await {
+            Err(ClientError::Refused { code, .. }) => assert_eq!(code, Code::Unauthenticated),
+            other => panic!("jobs with {token:?} should be refused: {other:?}"),
+        }
+    }
+    // No token at all.
+    let channel = Endpoint::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut bare = pb::control_client::ControlClient::new(channel);
+    let status = bare
+        .jobs(pb::JobsRequest {
+            member: Some(identity(2).member(1)),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // Nothing the outsiders did counts as arriving.
+    let alone = coordinator.arrive(0, Stage::Connect).await;
+    assert!(
+        matches!(&alone, Err(BarrierError::Timeout { missing, .. }) if missing == &vec![1]),
+        "{alone:?}"
+    );
+}
+
+#[tokio::test]
+async fn stale_epochs_and_other_models_are_refused_by_name() {
+    let (address, _coordinator) = start(2, Duration::from_secs(2)).await;
+    let mut stale = identity(2);
+    stale.epoch = 3;
+    match client(&address, 1, TOKEN, stale).join(Stage::Connect).await {
+        Err(ClientError::Refused { code, message, .. }) => {
+            assert_eq!(code, Code::FailedPrecondition);
+            assert!(
+                message.contains("epoch 3") && message.contains("epoch 4"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut other_model = identity(2);
+    other_model.model = "org/other".into();
+    let refused = client(&address, 1, TOKEN, other_model)
+        .join(Stage::Connect)
+        .await;
+    assert!(
+        matches!(refused, Err(ClientError::Refused { .. })),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_rank_times_the_barrier_out_with_its_number() {
+    let (address, _coordinator) = start(3, Duration::from_millis(500)).await;
+    let c1 = client(&address, 1, TOKEN, identity(3));
+    match c1.join(Stage::Connect).await {
+        Err(ClientError::BarrierTimeout(message)) => {
+            assert!(message.contains("[0, 2]"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_absent_rank_0_is_reported_unreachable() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let c = ControlClient::new(&address, identity(2), 1, TOKEN, Duration::from_millis(800))
+        .expect("client");
+    match c.join(Stage::Connect).await {
+        Err(ClientError::Unreachable { address: a, .. }) => assert_eq!(a, address),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,586 @@
+//! The Llama 3.x forward pass on MLX, for one tensor-parallel rank.
+//!
+//! The math is mlx-lm's Llama, op for op and dtype for dtype (so the logits
+//! agree to the last bits at world size 1): embeddings (dequantized on lookup
+//! when quantized), pre-norm blocks with `fast::rms_norm`, RoPE through
+//! `fast::rope` (Llama 3 frequency scaling precomputed as mlx-lm's
+//! `Llama3RoPE` does), grouped-query attention through
+//! `fast::scaled_dot_product_attention` over a KV cache (causal mask when
+//! several positions are processed at once), a SwiGLU MLP, and `lm_head`
+//! (the embedding as a linear layer when tied).
+//!
+//! With `N` ranks each holds `heads/N` query heads, `kv_heads/N` KV heads and
+//! `intermediate/N` MLP columns; the partial outputs of `o_proj` and
+//! `down_proj` are summed over the group (`all_sum`), after which every rank
+//! holds the same residual stream.
+
+use std::path::Path;
+use std::time::Instant;
+
+use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
+use mlx_rs::{Array, Dtype, ops};
+
+use super::config::{ModelConfig, RopeScaling};
+use super::error::{EngineError, Result};
+use super::weights::{Checkpoint, Embedding, Linear, Shard, ShardLoader, Split};
+use crate::mlx::distributed::Group;
+
+/// KV cache growth step, in positions (as mlx-lm's `KVCache`).
+const CACHE_STEP: i32 = 256;
+
+/// The float type activations (the residual stream, attention, KV cache,
+/// logits) are computed in. Weights stay as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    /// float32 for quantized models on the CPU, where MLX's quantized kernels
+    /// are several times faster (and more accurate) with float32 inputs than
+    /// with bf16 ones; the stored dtype everywhere else.
+    #[default]
+    Auto,
+    /// The checkpoint's own dtype, exactly as mlx-lm computes.
+    Model,
+    /// float32 throughout, as mlx-lm computes after `model.set_dtype(float32)`.
+    Float32,
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(ComputeDtype::Auto),
+            "model" => Ok(ComputeDtype::Model),
+            "float32" | "f32" | "fp32" => Ok(ComputeDtype::Float32),
+            _ => Err(EngineError::Argument(format!(
+                "compute dtype must be auto, model or float32, not `{s}`"
+            ))),
+        }
+    }
+}
+
+/// How a model is run, beyond what its files say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineOptions {
+    /// Activation dtype.
+    pub compute: ComputeDtype,
+}
+
+/// What loading this rank's weights cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadStats {
+    /// Bytes read from the checkpoint files (headers included).
+    pub bytes_read: u64,
+    /// Bytes of all tensors in the checkpoint, for comparison.
+    pub checkpoint_bytes: u64,
+    /// Wall time of the load, in seconds.
+    pub seconds: f64,
+}
+
+/// RoPE as applied to queries and keys.
+#[derive(Debug)]
+struct Rope {
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    freqs: Option<Array>,
+}
+
+impl Rope {
+    fn new(config: &ModelConfig) -> mlx_rs::error::Result<Rope> {
+        let dims = config.head_dim as i32;
+        let mut rope = Rope {
+            dims,
+            traditional: config.rope_traditional,
+            base: Some(config.rope_theta),
+            scale: 1.0,
+            freqs: None,
+        };
+        match config.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => rope.scale = 1.0 / factor,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_context,
+            }) => {
+                rope.base = None;
+                rope.freqs = Some(llama3_freqs(
+                    dims,
+                    config.rope_theta,
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    old_context,
+                )?);
+            }
+        }
+        Ok(rope)
+    }
+
+    fn apply(&self, x: &Array, offset: i32) -> mlx_rs::error::Result<Array> {
+        fast::rope(
+            x,
+            self.dims,
+            self.traditional,
+            self.base,
+            self.scale,
+            offset,
+            self.freqs.as_ref(),
+        )
+    }
+}
+
+/// Llama 3's scaled RoPE frequencies (the periods `fast::rope` takes), in
+/// float32 with MLX ops in the same order as mlx-lm, so both round alike:
+/// low frequencies (long wavelengths) are slowed by `factor`, high ones kept,
+/// and the band between interpolated smoothly.
+fn llama3_freqs(
+    dims: i32,
+    base: f32,
+    factor: f32,
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    old_context: f32,
+) -> mlx_rs::error::Result<Array> {
+    let low_freq_wavelen = old_context / low_freq_factor;
+    let high_freq_wavelen = old_context / high_freq_factor;
+    let exponents = ops::arange::<_, f32>(0, dims, 2)?.divide(Array::from_f32(dims as f32))?;
+    let freqs = ops::power(Array::from_f32(base), &exponents)?;
+    let wavelens = freqs.multiply(Array::from_f32(2.0 * std::f32::consts::PI))?;
+    let scaled = freqs.multiply(Array::from_f32(factor))?;
+    let freqs = ops::select(
+        &wavelens.gt(Array::from_f32(low_freq_wavelen))?,
+        &scaled,
+        &freqs,
+    )?;
+    let is_medium = wavelens
+        .gt(Array::from_f32(high_freq_wavelen))?
+        .logical_and(&wavelens.lt(Array::from_f32(low_freq_wavelen))?)?;
+    let smooth = Array::from_f32(old_context)
+        .divide(&wavelens)?
+        .subtract(Array::from_f32(low_freq_factor))?
+        .divide(Array::from_f32(high_freq_factor - low_freq_factor))?;
+    let denominator = Array::from_f32(1.0)
+        .subtract(&smooth)?
+        .divide(Array::from_f32(factor))?
+        .add(&smooth)?;
+    let smooth_freqs = freqs.divide(&denominator)?;
+    let out = ops::select(&is_medium, &smooth_freqs, &freqs)?;
+    out.eval()?;
+    Ok(out)
+}
+
+/// One transformer block's weights (this rank's slices).
+#[derive(Debug)]
+struct Block {
+    input_norm: Array,
+    post_attention_norm: Array,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Block {
+    fn arrays(&self) -> Vec<&Array> {
+        let mut all = vec![&self.input_norm, &self.post_attention_norm];
+        for linear in [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ] {
+            all.extend(linear.arrays());
+        }
+        all
+    }
+}
+
+/// The keys and values of one layer for the positions seen so far, in a
+/// buffer that grows in steps so a decode step writes in place.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    offset: i32,
+    reserve: i32,
+}
+
+impl KvCache {
+    /// A cache that allocates room for `positions` at its first write.
+    pub fn with_capacity(positions: usize) -> KvCache {
+        KvCache {
+            reserve: i32::try_from(positions).unwrap_or(i32::MAX),
+            ..KvCache::default()
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    /// Appends `keys`/`values` (`[B, kv_heads, L, head_dim]`) and returns all
+    /// cached positions.
+    fn update(&mut self, keys: &Array, values: &Array) -> mlx_rs::error::Result<(Array, Array)> {
+        let shape = keys.shape().to_vec();
+        let (b, heads, len, dim) = (shape[0], shape[1], shape[2], shape[3]);
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map(|k| k.shape()[2]).unwrap_or(0);
+        if self.keys.is_none() || prev + len > capacity {
+            let wanted = (prev + len).max(self.reserve);
+            let steps = (wanted - capacity + CACHE_STEP - 1) / CACHE_STEP;
+            let grow = [b, heads, steps * CACHE_STEP, dim];
+            let new_k = ops::zeros_dtype(&grow, keys.dtype())?;
+            let new_v = ops::zeros_dtype(&grow, values.dtype())?;
+            match (self.keys.take(), self.values.take()) {
+                (Some(k), Some(v)) => {
+                    let k = k.try_index((.., .., ..prev, ..))?;
+                    let v = v.try_index((.., .., ..prev, ..))?;
+                    self.keys = Some(ops::concatenate(&[k, new_k], 2)?);
+                    self.values = Some(ops::concatenate(&[v, new_v], 2)?);
+                }
+                _ => {
+                    self.keys = Some(new_k);
+                    self.values = Some(new_v);
+                }
+            }
+        }
+        self.offset = prev + len;
+        let end = self.offset;
+        let (Some(k_buf), Some(v_buf)) = (self.keys.as_mut(), self.values.as_mut()) else {
+            return Err(mlx_rs::error::Exception::custom("KV cache buffer missing"));
+        };
+        k_buf.try_index_mut((.., .., prev..end, ..), keys)?;
+        v_buf.try_index_mut((.., .., prev..end, ..), values)?;
+        Ok((
+            k_buf.try_index((.., .., ..end, ..))?,
+            v_buf.try_index((.., .., ..end, ..))?,
+        ))
+    }
+
+    /// The cache's arrays, for evaluation.
+    pub fn arrays(&self) -> Vec<&Array> {
+        self.keys.iter().chain(self.values.iter()).collect()
+    }
+}
+
+/// A Llama model: this rank's slices of the weights and its group.
+#[derive(Debug)]
+pub struct Llama {
+    config: ModelConfig,
+    shard: Shard,
+    group: Option<Group>,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Array,
+    lm_head: Option<Linear>,
+    rope: Rope,
+    heads: i32,
+    kv_heads: i32,
+    attention_scale: f32,
+    compute: Dtype,
+    load_stats: LoadStats,
+}
+
+impl Llama {
+    /// Loads this rank's slices of the model in `dir`, computing in the
+    /// [`ComputeDtype::Auto`] dtype. `group` is the tensor-parallel group
+    /// (`None`, or a group of size 1, for one process).
+    pub fn load(dir: &Path, group: Option<Group>) -> Result<Llama> {
+        Self::load_with(dir, group, EngineOptions::default())
+    }
+
+    /// [`Llama::load`] with explicit [`EngineOptions`].
+    pub fn load_with(dir: &Path, group: Option<Group>, options: EngineOptions) -> Result<Llama> {
+        let compute = options.compute;
+        let started = Instant::now();
+        let shard = match &group {
+            Some(g) => Shard {
+                rank: g.rank(),
+                world: g.size(),
+            },
+            None => Shard::SINGLE,
+        };
+        let config = ModelConfig::load(dir)?;
+        check_world_size(&config, shard.world)?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let loader = ShardLoader {
+            checkpoint: &checkpoint,
+            config: &config,
+            shard,
+        };
+        let h = config.hidden_size;
+        let q_width = config.num_attention_heads * config.head_dim;
+        let kv_width = config.num_key_value_heads * config.head_dim;
+        let inter = config.intermediate_size;
+
+        let embed = loader.embedding("model.embed_tokens", config.vocab_size, h)?;
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let block = Block {
+                input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                post_attention_norm: loader
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                q_proj: loader.linear(&format!("{p}.self_attn.q_proj"), q_width, h, Split::Rows)?,
+                k_proj: loader.linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    kv_width,
+                    h,
+                    Split::Rows,
+                )?,
+                v_proj: loader.linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    kv_width,
+                    h,
+                    Split::Rows,
+                )?,
+                o_proj: loader.linear(
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    q_width,
+                    Split::Columns,
+                )?,
+                gate_proj: loader.linear(&format!("{p}.mlp.gate_proj"), inter, h, Split::Rows)?,
+                up_proj: loader.linear(&format!("{p}.mlp.up_proj"), inter, h, Split::Rows)?,
+                down_proj: loader.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    inter,
+                    Split::Columns,
+                )?,
+            };
+            // Materialize layer by layer so the read buffers are freed as we go.
+            mlx_rs::transforms::eval(block.arrays())
+                .map_err(EngineError::mlx(format!("loading layer {i}")))?;
+            blocks.push(block);
+        }
+        let norm = loader.vector("model.norm.weight", h)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(loader.linear("lm_head", config.vocab_size, h, Split::Full)?)
+        };
+        let mut tail: Vec<&Array> = embed.arrays();
+        tail.push(&norm);
+        if let Some(head) = &lm_head {
+            tail.extend(head.arrays());
+        }
+        mlx_rs::transforms::eval(tail).map_err(EngineError::mlx("loading embeddings"))?;
+        let on_cpu = matches!(
+            mlx_rs::Device::default().get_type(),
+            Ok(mlx_rs::DeviceType::Cpu) | Err(_)
+        );
+        let stored = norm.dtype();
+        let quantized = embed.is_quantized()
+            || blocks
+                .first()
+                .is_some_and(|b| matches!(b.q_proj, Linear::Quantized { .. }));
+        let compute = match compute {
+            ComputeDtype::Model => stored,
+            ComputeDtype::Float32 => Dtype::Float32,
+            ComputeDtype::Auto if on_cpu && quantized => Dtype::Float32,
+            ComputeDtype::Auto => stored,
+        };
+        let mut norm = norm;
+        if compute != stored {
+            // Norm weights in the compute dtype, as mlx-lm's `set_dtype` has them.
+            let mut cast = || -> mlx_rs::error::Result<()> {
+                norm = norm.as_dtype(compute)?;
+                for block in &mut blocks {
+                    block.input_norm = block.input_norm.as_dtype(compute)?;
+                    block.post_attention_norm = block.post_attention_norm.as_dtype(compute)?;
+                }
+                let mut all: Vec<&Array> = vec![&norm];
+                for block in &blocks {
+                    all.push(&block.input_norm);
+                    all.push(&block.post_attention_norm);
+                }
+                mlx_rs::transforms::eval(all)
+            };
+            cast().map_err(EngineError::mlx("casting norm weights"))?;
+        }
+        let rope = Rope::new(&config).map_err(EngineError::mlx("computing RoPE frequencies"))?;
+        let world = shard.world as i32;
+        let head_dim = config.head_dim as i32;
+        let load_stats = LoadStats {
+            bytes_read: checkpoint.bytes_read(),
+            checkpoint_bytes: checkpoint.total_tensor_bytes(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok(Llama {
+            heads: config.num_attention_heads as i32 / world,
+            kv_heads: config.num_key_value_heads as i32 / world,
+            attention_scale: (head_dim as f32).powf(-0.5),
+            compute,
+            config,
+            shard,
+            group: group.filter(|g| g.size() > 1),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            load_stats,
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// This rank's place in the group.
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// What loading cost.
+    pub fn load_stats(&self) -> LoadStats {
+        self.load_stats
+    }
+
+    /// An empty KV cache per layer, with room for `positions`.
+    pub fn new_cache(&self, positions: usize) -> Vec<KvCache> {
+        (0..self.blocks.len())
+            .map(|_| KvCache::with_capacity(positions))
+            .collect()
+    }
+
+    /// Sums a partial result over the group (identity on one rank).
+    fn all_sum(&self, x: Array) -> Result<Array> {
+        match &self.group {
+            Some(group) => Ok(group.all_sum(&x)?),
+            None => Ok(x),
+        }
+    }
+
+    /// Runs the blocks over `ids` (`[1, L]` int32) at the cache's position,
+    /// returning the final hidden states `[1, L, hidden]` before the final
+    /// norm. Lazy: nothing is computed until the result is evaluated.
+    pub fn forward_hidden(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
+        let mlx = EngineError::mlx;
+        let mut x = self
+            .embed
+            .lookup(ids, self.compute)
+            .map_err(mlx("embedding lookup"))?;
+        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.iter_mut()).enumerate() {
+            x = self.block(block, &x, layer_cache).map_err(|e| match e {
+                EngineError::Mlx { context, source } => EngineError::Mlx {
+                    context: format!("layer {i}: {context}"),
+                    source,
+                },
+                other => other,
+            })?;
+        }
+        Ok(x)
+    }
+
+    fn block(&self, block: &Block, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let mlx = EngineError::mlx;
+        let eps = self.config.rms_norm_eps;
+        let shape = x.shape();
+        let (b, l) = (shape[0], shape[1]);
+
+        // Attention.
+        let normed = fast::rms_norm(x, Some(&block.input_norm), eps).map_err(mlx("input norm"))?;
+        let heads = |linear: &Linear, n: i32| -> mlx_rs::error::Result<Array> {
+            linear
+                .forward(&normed)?
+                .reshape(&[b, l, n, -1])?
+                .transpose_axes(&[0, 2, 1, 3])
+        };
+        let q = heads(&block.q_proj, self.heads).map_err(mlx("q_proj"))?;
+        let k = heads(&block.k_proj, self.kv_heads).map_err(mlx("k_proj"))?;
+        let v = heads(&block.v_proj, self.kv_heads).map_err(mlx("v_proj"))?;
+        let offset = cache.offset();
+        let q = self.rope.apply(&q, offset).map_err(mlx("rope"))?;
+        let k = self.rope.apply(&k, offset).map_err(mlx("rope"))?;
+        let (keys, values) = cache.update(&k, &v).map_err(mlx("KV cache update"))?;
+        let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
+        let attn = fast::scaled_dot_product_attention(
+            &q,
+            &keys,
+            &values,
+            self.attention_scale,
+            mask,
+            None,
+        )
+        .and_then(|o| o.transpose_axes(&[0, 2, 1, 3]))
+        .and_then(|o| o.reshape(&[b, l, -1]))
+        .map_err(mlx("attention"))?;
+        let o = block.o_proj.forward(&attn).map_err(mlx("o_proj"))?;
+        let o = self.all_sum(o)?;
+        let h = x.add(&o).map_err(mlx("attention residual"))?;
+
+        // MLP.
+        let normed = fast::rms_norm(&h, Some(&block.post_attention_norm), eps)
+            .map_err(mlx("post-attention norm"))?;
+        let gate = block.gate_proj.forward(&normed).map_err(mlx("gate_proj"))?;
+        let up = block.up_proj.forward(&normed).map_err(mlx("up_proj"))?;
+        let act = gate
+            .multiply(ops::sigmoid(&gate).map_err(mlx("silu"))?)
+            .and_then(|silu| silu.multiply(&up))
+            .map_err(mlx("swiglu"))?;
+        let down = block.down_proj.forward(&act).map_err(mlx("down_proj"))?;
+        let down = self.all_sum(down)?;
+        h.add(&down).map_err(mlx("MLP residual"))
+    }
+
+    /// Final norm and output projection of hidden states `[.., hidden]`,
+    /// giving logits `[.., vocab]` in the model's dtype.
+    pub fn logits(&self, hidden: &Array) -> Result<Array> {
+        let mlx = EngineError::mlx;
+        let normed = fast::rms_norm(hidden, Some(&self.norm), self.config.rms_norm_eps)
+            .map_err(mlx("final norm"))?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed.table);
+        head.forward(&normed).map_err(mlx("lm_head"))
+    }
+
+    /// Logits of the last position after running `ids` (`[1, L]`) through the
+    /// model: `[1, vocab]`. Lazy.
+    pub fn forward_last(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        let len = hidden.shape()[1];
+        let last = hidden
+            .try_index((.., len - 1, ..))
+            .map_err(EngineError::mlx("selecting the last position"))?;
+        self.logits(&last)
+    }
+
+    /// Logits of every position of `ids` (`[1, L]`): `[1, L, vocab]`. Lazy.
+    pub fn forward_all(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// The dtype activations and logits are computed in.
+    pub fn compute_dtype(&self) -> Dtype {
+        self.compute
+    }
+}
+
+/// Checks that `world` ranks can split the model, with the planner's rules
+/// (and its messages listing what would work).
+pub fn check_world_size(config: &ModelConfig, world: usize) -> Result<()> {
+    let shape = config.shape();
+    let narrowed = u32::try_from(world).unwrap_or(u32::MAX);
+    tandem_planner::check_world_size(&shape, narrowed).map_err(|e| {
+        let valid = tandem_planner::valid_world_sizes(&shape, tandem_planner::MAX_WORLD_SIZE);
+        let valid: Vec<String> = valid.iter().map(u32::to_string).collect();
+        EngineError::Sharding {
+            world_size: world,
+            message: format!("{e}; valid world sizes: {}", valid.join(", ")),
+        }
+    })
+}

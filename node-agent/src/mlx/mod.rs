@@ -1,0 +1,3 @@
+//! The MLX engine: what mlx-rs does not provide, built on mlx-rs and mlx-sys.
+
+pub mod distributed;

@@ -1,0 +1,650 @@
+//! The OpenAI request bodies this server accepts, checked field by field so
+//! every mistake is answered with the parameter it concerns, and the
+//! response bodies it writes.
+
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use crate::engine::tokenizer::ChatMessage;
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+}
+
+impl Endpoint {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completions => "completions",
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Messages through the chat template.
+    Chat(Vec<ChatMessage>),
+    /// Plain text.
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+}
+
+/// A request, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// The model asked for.
+    pub model: String,
+    /// The prompt.
+    pub prompt: PromptInput,
+    /// Token budget, if given.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature (0 to 2).
+    pub temperature: f32,
+    /// Nucleus mass (0 exclusive to 1).
+    pub top_p: f32,
+    /// Seed, if given.
+    pub seed: Option<u64>,
+    /// Stream server-sent events.
+    pub stream: bool,
+    /// Add a usage chunk at the end of a stream.
+    pub include_usage: bool,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Generate through end-of-sequence tokens (vLLM's `ignore_eos`
+    /// extension; benchmarks use it for fixed lengths).
+    pub ignore_eos: bool,
+}
+
+fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
+    body.as_object()
+        .ok_or_else(|| ApiError::invalid("The request body must be a JSON object."))
+}
+
+fn number(
+    map: &Map<String, Value>,
+    key: &str,
+    min: f64,
+    max: f64,
+    default: f64,
+) -> Result<f64, ApiError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => {
+            let n = v.as_f64().ok_or_else(|| {
+                ApiError::invalid_param(
+                    key,
+                    "invalid_type",
+                    format!("`{key}` must be a number, not {v}."),
+                )
+            })?;
+            if n < min || n > max {
+                return Err(ApiError::invalid_param(
+                    key,
+                    "invalid_value",
+                    format!("`{key}` must be between {min} and {max}, not {n}."),
+                ));
+            }
+            Ok(n)
+        }
+    }
+}
+
+fn integer(map: &Map<String, Value>, key: &str, min: u64) -> Result<Option<u64>, ApiError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            let n = v.as_u64().or_else(|| {
+                // 16.0 is an integer too.
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15)
+                    .map(|f| f as u64)
+            });
+            match n {
+                Some(n) if n >= min => Ok(Some(n)),
+                _ => Err(ApiError::invalid_param(
+                    key,
+                    "invalid_value",
+                    format!("`{key}` must be an integer of at least {min}, not {v}."),
+                )),
+            }
+        }
+    }
+}
+
+fn boolean(map: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(ApiError::invalid_param(
+            key,
+            "invalid_type",
+            format!("`{key}` must be a boolean, not {v}."),
+        )),
+    }
+}
+
+fn model(map: &Map<String, Value>) -> Result<String, ApiError> {
+    match map.get("model") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        None | Some(Value::Null) => Err(ApiError::invalid_param(
+            "model",
+            "missing_required_parameter",
+            "You must provide a model parameter.",
+        )),
+        Some(v) => Err(ApiError::invalid_param(
+            "model",
+            "invalid_type",
+            format!("`model` must be a non-empty string, not {v}."),
+        )),
+    }
+}
+
+fn stop(map: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "stop",
+            "invalid_value",
+            "`stop` must be a string or a list of at most 4 non-empty strings.",
+        )
+    };
+    match map.get("stop") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) if !s.is_empty() => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) if items.len() <= 4 => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .ok_or_else(bad)
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Options both endpoints share.
+fn common(
+    map: &Map<String, Value>,
+    endpoint: Endpoint,
+    prompt: PromptInput,
+) -> Result<GenerationRequest, ApiError> {
+    if let Some(n) = integer(map, "n", 1)?
+        && n != 1
+    {
+        return Err(ApiError::invalid_param(
+            "n",
+            "unsupported_value",
+            "Only `n` = 1 is supported.",
+        ));
+    }
+    for unsupported in [
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "functions",
+        "best_of",
+        "suffix",
+    ] {
+        match map.get(unsupported) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(Value::Number(n)) if unsupported == "best_of" && n.as_u64() == Some(1) => {}
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    unsupported,
+                    "unsupported_parameter",
+                    format!("`{unsupported}` is not supported by this server."),
+                ));
+            }
+        }
+    }
+    let max_tokens = match endpoint {
+        Endpoint::Chat => match integer(map, "max_completion_tokens", 1)? {
+            Some(n) => Some(n),
+            None => integer(map, "max_tokens", 1)?,
+        },
+        // The legacy endpoint's documented default.
+        Endpoint::Completions => Some(integer(map, "max_tokens", 1)?.unwrap_or(16)),
+    };
+    let include_usage = match map.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => {
+            boolean(o, "include_usage").map_err(|e| e.param("stream_options"))?
+        }
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "invalid_type",
+                "`stream_options` must be an object.",
+            ));
+        }
+    };
+    let stream = boolean(map, "stream")?;
+    if include_usage && !stream {
+        return Err(ApiError::invalid_param(
+            "stream_options",
+            "invalid_value",
+            "`stream_options` is only allowed when `stream` is true.",
+        ));
+    }
+    Ok(GenerationRequest {
+        endpoint,
+        model: model(map)?,
+        prompt,
+        max_tokens: max_tokens.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        temperature: number(map, "temperature", 0.0, 2.0, 1.0)? as f32,
+        top_p: {
+            let p = number(map, "top_p", 0.0, 1.0, 1.0)?;
+            if p == 0.0 {
+                return Err(ApiError::invalid_param(
+                    "top_p",
+                    "invalid_value",
+                    "`top_p` must be greater than 0.",
+                ));
+            }
+            p as f32
+        },
+        seed: integer(map, "seed", 0)?,
+        stream,
+        include_usage,
+        stop: stop(map)?,
+        ignore_eos: boolean(map, "ignore_eos")?,
+    })
+}
+
+/// The text of a message's `content`: a string, or a list of text parts.
+fn content(value: Option<&Value>, index: usize) -> Result<String, ApiError> {
+    let param = format!("messages[{index}].content");
+    match value {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid_param(
+                            &param,
+                            "unsupported_content",
+                            "Only text content parts are supported.",
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+        Some(v) => Err(ApiError::invalid_param(
+            &param,
+            "invalid_type",
+            format!("`{param}` must be a string or a list of text parts, not {v}."),
+        )),
+    }
+}
+
+/// Parses a `/v1/chat/completions` body.
+pub fn parse_chat(body: &Value) -> Result<GenerationRequest, ApiError> {
+    let map = object(body)?;
+    let messages = match map.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "empty_array",
+                "`messages` must hold at least one message.",
+            ));
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "missing_required_parameter",
+                "You must provide a `messages` parameter.",
+            ));
+        }
+        Some(v) => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "invalid_type",
+                format!("`messages` must be a list, not {v}."),
+            ));
+        }
+    };
+    let mut parsed = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some("system" | "developer") => "system",
+            Some("user") => "user",
+            Some("assistant") => "assistant",
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    "invalid_value",
+                    format!("Role `{other}` is not supported; use system, user or assistant."),
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    "missing_required_parameter",
+                    format!("`messages[{i}]` has no `role`."),
+                ));
+            }
+        };
+        parsed.push(ChatMessage {
+            role: role.to_owned(),
+            content: content(m.get("content"), i)?,
+        });
+    }
+    common(map, Endpoint::Chat, PromptInput::Chat(parsed))
+}
+
+/// Parses a `/v1/completions` body.
+pub fn parse_completion(body: &Value) -> Result<GenerationRequest, ApiError> {
+    let map = object(body)?;
+    let bad = || {
+        ApiError::invalid_param(
+            "prompt",
+            "invalid_value",
+            "`prompt` must be a string, a list of one string, or a list of token ids.",
+        )
+    };
+    let ids = |items: &Vec<Value>| -> Option<Vec<u32>> {
+        items
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    };
+    let prompt = match map.get("prompt") {
+        Some(Value::String(s)) => PromptInput::Text(s.clone()),
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            PromptInput::Text(items[0].as_str().unwrap_or_default().to_owned())
+        }
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_array() => {
+            let inner = items[0].as_array().ok_or_else(bad)?;
+            PromptInput::Ids(ids(inner).filter(|v| !v.is_empty()).ok_or_else(bad)?)
+        }
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            PromptInput::Ids(ids(items).ok_or_else(bad)?)
+        }
+        Some(Value::Array(items)) if items.len() > 1 => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "unsupported_value",
+                "Only one prompt per request is supported.",
+            ));
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "missing_required_parameter",
+                "You must provide a `prompt` parameter.",
+            ));
+        }
+        Some(_) => return Err(bad()),
+    };
+    if boolean(map, "echo")? {
+        return Err(ApiError::invalid_param(
+            "echo",
+            "unsupported_parameter",
+            "`echo` is not supported by this server.",
+        ));
+    }
+    common(map, Endpoint::Completions, prompt)
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+impl Usage {
+    /// The `usage` object.
+    pub fn json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+}
+
+/// Identity of one response: id, creation time and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseMeta {
+    /// `chatcmpl-...` or `cmpl-...`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model, as asked for.
+    pub model: String,
+}
+
+/// A whole (non-streamed) response body.
+pub fn full_response(
+    endpoint: Endpoint,
+    meta: &ResponseMeta,
+    text: &str,
+    finish: &str,
+    usage: Usage,
+) -> Value {
+    match endpoint {
+        Endpoint::Chat => json!({
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish,
+            }],
+            "usage": usage.json(),
+        }),
+        Endpoint::Completions => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish,
+            }],
+            "usage": usage.json(),
+        }),
+    }
+}
+
+/// One streamed chunk: `text` (with the assistant role on the first chat
+/// chunk), or the end with a finish reason.
+pub fn chunk(
+    endpoint: Endpoint,
+    meta: &ResponseMeta,
+    text: Option<&str>,
+    first: bool,
+    finish: Option<&str>,
+) -> Value {
+    match endpoint {
+        Endpoint::Chat => {
+            let delta = match (text, first) {
+                (Some(t), true) => json!({"role": "assistant", "content": t}),
+                (Some(t), false) => json!({"content": t}),
+                (None, _) => json!({}),
+            };
+            json!({
+                "id": meta.id,
+                "object": "chat.completion.chunk",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            })
+        }
+        Endpoint::Completions => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+        }),
+    }
+}
+
+/// The final usage chunk of a stream (`stream_options.include_usage`).
+pub fn usage_chunk(endpoint: Endpoint, meta: &ResponseMeta, usage: Usage) -> Value {
+    let object = match endpoint {
+        Endpoint::Chat => "chat.completion.chunk",
+        Endpoint::Completions => "text_completion",
+    };
+    json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage.json(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_request_parses_with_defaults() {
+        let r = parse_chat(&json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+            ]
+        }))
+        .expect("valid");
+        assert_eq!(r.model, "m");
+        assert_eq!(r.max_tokens, None);
+        assert_eq!(r.temperature, 1.0);
+        assert!(!r.stream);
+        match r.prompt {
+            PromptInput::Chat(m) => {
+                assert_eq!(m.len(), 2);
+                assert_eq!(m[1].content, "hi");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_bad_parameter_is_named() {
+        let cases = [
+            (
+                json!({"messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
+            (json!({"model": "m"}), "messages"),
+            (json!({"model": "m", "messages": []}), "messages"),
+            (
+                json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}),
+                "top_p",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+                "n",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}),
+                "stop",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+                "stream",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+                "logprobs",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = parse_chat(&body).expect_err(param);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{param}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+        assert!(parse_chat(&json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn completion_prompts_take_every_openai_shape() {
+        let text = parse_completion(&json!({"model": "m", "prompt": "hello"})).expect("text");
+        assert_eq!(text.prompt, PromptInput::Text("hello".into()));
+        assert_eq!(text.max_tokens, Some(16));
+        let ids = parse_completion(&json!({"model": "m", "prompt": [1, 2, 3]})).expect("ids");
+        assert_eq!(ids.prompt, PromptInput::Ids(vec![1, 2, 3]));
+        let nested = parse_completion(&json!({"model": "m", "prompt": [[4, 5]]})).expect("nested");
+        assert_eq!(nested.prompt, PromptInput::Ids(vec![4, 5]));
+        let e = parse_completion(&json!({"model": "m", "prompt": ["a", "b"]})).expect_err("two");
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let e = parse_completion(&json!({"model": "m", "prompt": {"x": 1}})).expect_err("object");
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn chunks_have_the_openai_shape() {
+        let meta = ResponseMeta {
+            id: "chatcmpl-1".into(),
+            created: 5,
+            model: "m".into(),
+        };
+        let first = chunk(Endpoint::Chat, &meta, Some("He"), true, None);
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        assert!(first["choices"][0]["finish_reason"].is_null());
+        let last = chunk(Endpoint::Chat, &meta, None, false, Some("stop"));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        let usage = usage_chunk(
+            Endpoint::Chat,
+            &meta,
+            Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+            },
+        );
+        assert_eq!(usage["usage"]["total_tokens"], 7);
+    }
+}

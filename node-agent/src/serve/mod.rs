@@ -1,0 +1,628 @@
+//! Rank 0's OpenAI-compatible HTTP API (axum): `/v1/chat/completions` and
+//! `/v1/completions` (whole or streamed as server-sent events),
+//! `/v1/models`, `/healthz` and `/metrics`.
+//!
+//! - [`api`]: request parsing and validation, response bodies.
+//! - [`error`]: OpenAI-style error bodies and status codes.
+//! - [`scheduler`]: the bounded queue in front of the engine thread.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! A client that disconnects cancels its generation: the request's
+//! [`scheduler::CancelGuard`] lives in the handler (or the event stream),
+//! which the server drops when the connection closes.
+
+pub mod api;
+pub mod error;
+pub mod metrics;
+pub mod scheduler;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::Stream;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use self::api::{Endpoint, GenerationRequest, PromptInput, ResponseMeta, Usage};
+use self::error::ApiError;
+use self::metrics::ServeMetrics;
+use self::scheduler::{Scheduler, Step, Ticket};
+use crate::engine::sampling::SamplingParams;
+use crate::worker::engine::{Detokenizer, Finish, GenerationJob, TextCodec};
+
+/// What the API serves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The model ID clients name (`/v1/models` lists it).
+    pub model: String,
+    /// Other names accepted for it (the deployment name).
+    pub aliases: Vec<String>,
+    /// Longest prompt plus completion, in tokens.
+    pub max_context_tokens: usize,
+    /// Vocabulary size; token-id prompts must stay below it.
+    pub vocab_size: usize,
+    /// Bearer key required on `/v1/*`, if any.
+    pub api_key: Option<String>,
+}
+
+struct Inner {
+    config: ServeConfig,
+    codec: Arc<dyn TextCodec>,
+    scheduler: Scheduler,
+    metrics: Arc<ServeMetrics>,
+    next_id: AtomicU64,
+    started: u64,
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("model", &self.0.config.model)
+            .finish()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl AppState {
+    /// State over a running scheduler.
+    pub fn new(
+        config: ServeConfig,
+        codec: Arc<dyn TextCodec>,
+        scheduler: Scheduler,
+        metrics: Arc<ServeMetrics>,
+    ) -> AppState {
+        AppState(Arc::new(Inner {
+            config,
+            codec,
+            scheduler,
+            metrics,
+            next_id: AtomicU64::new(1),
+            started: unix_now(),
+        }))
+    }
+
+    fn knows_model(&self, name: &str) -> bool {
+        self.0.config.model == name || self.0.config.aliases.iter().any(|a| a == name)
+    }
+
+    fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.0.config.api_key else {
+            return Ok(());
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(key) if same_secret(key.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::unauthorized("Incorrect API key provided.")),
+            None => Err(ApiError::unauthorized(
+                "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
+            )),
+        }
+    }
+}
+
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::wrong_method(method.as_str(), uri.path())
+        })
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::no_route(method.as_str(), uri.path())
+        })
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.0.scheduler.broken() {
+        None => (
+            StatusCode::OK,
+            axum::Json(json!({"status": "ok", "model": state.0.config.model})),
+        )
+            .into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.0.metrics.render(),
+    )
+        .into_response()
+}
+
+fn model_object(state: &AppState) -> Value {
+    json!({
+        "id": state.0.config.model,
+        "object": "model",
+        "created": state.0.started,
+        "owned_by": "tandem",
+    })
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = state.check_key(&headers) {
+        return e.into_response();
+    }
+    axum::Json(json!({"object": "list", "data": [model_object(&state)]})).into_response()
+}
+
+async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = state.check_key(&headers) {
+        return e.into_response();
+    }
+    if state.knows_model(&id) {
+        axum::Json(model_object(&state)).into_response()
+    } else {
+        ApiError::unknown_model(&id).into_response()
+    }
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(state, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(state, Endpoint::Completions, headers, body).await
+}
+
+async fn generate(
+    state: AppState,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let response = match start(&state, endpoint, &headers, &body).await {
+        Ok((request, ticket, prompt_tokens)) => {
+            let meta = state.meta(endpoint, &request.model);
+            let generation = Generation::new(ticket, &state, request.stop.clone(), prompt_tokens);
+            if request.stream {
+                stream_response(endpoint, meta, generation, request.include_usage).into_response()
+            } else {
+                whole_response(endpoint, meta, generation).await
+            }
+        }
+        Err(e) => e.into_response(),
+    };
+    state
+        .0
+        .metrics
+        .request(endpoint.as_str(), response.status().as_u16());
+    response
+}
+
+impl AppState {
+    fn meta(&self, endpoint: Endpoint, model: &str) -> ResponseMeta {
+        let n = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        ResponseMeta {
+            id: format!("{prefix}-{:x}{n:06x}", self.0.started),
+            created: unix_now(),
+            model: model.to_owned(),
+        }
+    }
+}
+
+/// Validates, tokenizes and queues a request.
+async fn start(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(GenerationRequest, Ticket, usize), ApiError> {
+    state.check_key(headers)?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e.to_string()))?;
+    let request = match endpoint {
+        Endpoint::Chat => api::parse_chat(&value)?,
+        Endpoint::Completions => api::parse_completion(&value)?,
+    };
+    if !state.knows_model(&request.model) {
+        return Err(ApiError::unknown_model(&request.model));
+    }
+    let prompt_ids = tokenize(state, &request).await?;
+    let ctx = state.0.config.max_context_tokens;
+    let param = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completions => "prompt",
+    };
+    if prompt_ids.is_empty() {
+        return Err(ApiError::invalid_param(
+            param,
+            "invalid_value",
+            "The prompt is empty.",
+        ));
+    }
+    let max_tokens = match request.max_tokens {
+        Some(n) => n as usize,
+        None => ctx.saturating_sub(prompt_ids.len()),
+    };
+    if prompt_ids.len() >= ctx || prompt_ids.len() + max_tokens > ctx {
+        let what = match endpoint {
+            Endpoint::Chat => "messages",
+            Endpoint::Completions => "prompt",
+        };
+        let message = match request.max_tokens {
+            Some(n) => format!(
+                "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {what}, {n} in the completion). Please reduce the length of the {what} or completion.",
+                prompt_ids.len() + n as usize,
+                prompt_ids.len()
+            ),
+            None => format!(
+                "This model's maximum context length is {ctx} tokens. However, your {what} resulted in {} tokens. Please reduce the length of the {what}.",
+                prompt_ids.len()
+            ),
+        };
+        return Err(ApiError::invalid_param(
+            param,
+            "context_length_exceeded",
+            message,
+        ));
+    }
+    let prompt_tokens = prompt_ids.len();
+    let seed = request.seed.unwrap_or_else(|| {
+        // Any value will do; it only has to be the same on every rank, and
+        // the job carries it there.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        nanos ^ state.0.next_id.load(Ordering::Relaxed).rotate_left(32)
+    });
+    let job = GenerationJob {
+        id: state.0.next_id.fetch_add(1, Ordering::Relaxed),
+        prompt_ids,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            seed,
+        },
+        stop_ids: if request.ignore_eos {
+            Vec::new()
+        } else {
+            state.0.codec.stop_ids()
+        },
+    };
+    let ticket = state.0.scheduler.submit(job)?;
+    Ok((request, ticket, prompt_tokens))
+}
+
+/// Prompt token ids, computed off the async threads (templates and long
+/// prompts take real CPU time).
+async fn tokenize(state: &AppState, request: &GenerationRequest) -> Result<Vec<u32>, ApiError> {
+    let codec = state.0.codec.clone();
+    let prompt = request.prompt.clone();
+    let vocab = state.0.config.vocab_size;
+    let (param, ids) = tokio::task::spawn_blocking(move || match prompt {
+        PromptInput::Chat(messages) => ("messages", codec.encode_chat(&messages)),
+        PromptInput::Text(text) => ("prompt", codec.encode_plain(&text)),
+        PromptInput::Ids(ids) => ("prompt", Ok(ids)),
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?;
+    let ids = ids.map_err(|e| {
+        ApiError::invalid_param(
+            param,
+            "invalid_prompt",
+            format!("The prompt could not be encoded: {e}"),
+        )
+    })?;
+    if let Some(bad) = ids.iter().find(|id| **id as usize >= vocab) {
+        return Err(ApiError::invalid_param(
+            param,
+            "invalid_value",
+            format!("Token id {bad} is outside the model's vocabulary of {vocab} tokens."),
+        ));
+    }
+    Ok(ids)
+}
+
+/// What a generation yields to the response writer.
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    End {
+        finish: &'static str,
+        completion_tokens: usize,
+    },
+    Error(ApiError),
+}
+
+/// Turns the engine's tokens into text, applying stop sequences.
+struct Generation {
+    ticket: Ticket,
+    codec: Arc<dyn TextCodec>,
+    detok: Detokenizer,
+    stop: Vec<String>,
+    /// Text not yet sent because it might be the start of a stop sequence.
+    held: String,
+    prompt_tokens: usize,
+    queue: VecDeque<Piece>,
+    ended: bool,
+}
+
+impl Generation {
+    fn new(
+        ticket: Ticket,
+        state: &AppState,
+        stop: Vec<String>,
+        prompt_tokens: usize,
+    ) -> Generation {
+        Generation {
+            ticket,
+            codec: state.0.codec.clone(),
+            detok: Detokenizer::default(),
+            stop,
+            held: String::new(),
+            prompt_tokens,
+            queue: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// Length of the longest tail of `held` that begins a stop sequence.
+    fn holdback(&self) -> usize {
+        let mut keep = 0;
+        for s in &self.stop {
+            for (i, _) in self.held.char_indices() {
+                let tail = &self.held[i..];
+                if s.starts_with(tail) {
+                    keep = keep.max(tail.len());
+                    break;
+                }
+            }
+        }
+        keep
+    }
+
+    fn on_token(&mut self, id: u32) {
+        let Some(fresh) = self.detok.push(self.codec.as_ref(), id) else {
+            return;
+        };
+        if self.stop.is_empty() {
+            self.queue.push_back(Piece::Text(fresh));
+            return;
+        }
+        self.held.push_str(&fresh);
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            // A stop sequence: send what precedes it, and stop the group.
+            self.ticket.guard.cancel();
+            let before = self.held[..at].to_owned();
+            self.held.clear();
+            if !before.is_empty() {
+                self.queue.push_back(Piece::Text(before));
+            }
+            self.queue.push_back(Piece::End {
+                finish: "stop",
+                completion_tokens: self.detok.ids().len(),
+            });
+            self.ended = true;
+            return;
+        }
+        let cut = self.held.len() - self.holdback();
+        if cut > 0 {
+            let out: String = self.held.drain(..cut).collect();
+            self.queue.push_back(Piece::Text(out));
+        }
+    }
+
+    async fn next(&mut self) -> Option<Piece> {
+        loop {
+            if let Some(piece) = self.queue.pop_front() {
+                return Some(piece);
+            }
+            if self.ended {
+                return None;
+            }
+            match self.ticket.steps.recv().await {
+                Some(Step::Token(id)) => self.on_token(id),
+                Some(Step::Finished(outcome)) => {
+                    if let Some(rest) = self.detok.flush(self.codec.as_ref()) {
+                        self.held.push_str(&rest);
+                    }
+                    if !self.held.is_empty() {
+                        let rest = std::mem::take(&mut self.held);
+                        self.queue.push_back(Piece::Text(rest));
+                    }
+                    let finish = match outcome.finish {
+                        Finish::Length => "length",
+                        Finish::Stop | Finish::Cancelled => "stop",
+                    };
+                    self.queue.push_back(Piece::End {
+                        finish,
+                        completion_tokens: outcome.generated,
+                    });
+                    self.ended = true;
+                }
+                Some(Step::Failed(e)) => {
+                    self.queue.push_back(Piece::Error(e));
+                    self.ended = true;
+                }
+                None => {
+                    self.queue
+                        .push_back(Piece::Error(ApiError::unavailable("the engine stopped")));
+                    self.ended = true;
+                }
+            }
+        }
+    }
+}
+
+/// Collects a whole generation into one response.
+async fn whole_response(
+    endpoint: Endpoint,
+    meta: ResponseMeta,
+    mut generation: Generation,
+) -> Response {
+    let mut text = String::new();
+    while let Some(piece) = generation.next().await {
+        match piece {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Error(e) => return e.into_response(),
+            Piece::End {
+                finish,
+                completion_tokens,
+            } => {
+                let usage = Usage {
+                    prompt_tokens: generation.prompt_tokens,
+                    completion_tokens,
+                };
+                return axum::Json(api::full_response(endpoint, &meta, &text, finish, usage))
+                    .into_response();
+            }
+        }
+    }
+    ApiError::unavailable("the engine stopped").into_response()
+}
+
+struct StreamState {
+    endpoint: Endpoint,
+    meta: ResponseMeta,
+    generation: Generation,
+    include_usage: bool,
+    /// Events to send before asking the generation for more.
+    pending: VecDeque<SseEvent>,
+    first: bool,
+    finished: bool,
+}
+
+fn data(value: &Value) -> SseEvent {
+    SseEvent::default().data(value.to_string())
+}
+
+/// Streams a generation as server-sent events, OpenAI style: chunks, then
+/// `[DONE]`; an error mid-stream is an `{"error": ...}` event, then the end.
+fn stream_response(
+    endpoint: Endpoint,
+    meta: ResponseMeta,
+    generation: Generation,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut pending = VecDeque::new();
+    if endpoint == Endpoint::Chat {
+        // The role comes first, before any token, as OpenAI sends it.
+        pending.push_back(data(&api::chunk(endpoint, &meta, Some(""), true, None)));
+    }
+    let state = StreamState {
+        first: endpoint != Endpoint::Chat,
+        endpoint,
+        meta,
+        generation,
+        include_usage,
+        pending,
+        finished: false,
+    };
+    let events = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(event) = st.pending.pop_front() {
+                return Some((Ok(event), st));
+            }
+            if st.finished {
+                return None;
+            }
+            match st.generation.next().await {
+                Some(Piece::Text(t)) => {
+                    let chunk = api::chunk(st.endpoint, &st.meta, Some(&t), st.first, None);
+                    st.first = false;
+                    st.pending.push_back(data(&chunk));
+                }
+                Some(Piece::End {
+                    finish,
+                    completion_tokens,
+                }) => {
+                    st.pending.push_back(data(&api::chunk(
+                        st.endpoint,
+                        &st.meta,
+                        None,
+                        false,
+                        Some(finish),
+                    )));
+                    if st.include_usage {
+                        let usage = Usage {
+                            prompt_tokens: st.generation.prompt_tokens,
+                            completion_tokens,
+                        };
+                        st.pending
+                            .push_back(data(&api::usage_chunk(st.endpoint, &st.meta, usage)));
+                    }
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.finished = true;
+                }
+                Some(Piece::Error(e)) => {
+                    st.pending.push_back(data(&e.body()));
+                    st.finished = true;
+                }
+                None => st.finished = true,
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

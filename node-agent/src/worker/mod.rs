@@ -1,0 +1,712 @@
+//! A rank worker: the child process (`tandem-agent worker`) that runs one
+//! LlamaShard, supervised by the agent.
+//!
+//! - [`protocol`]: the launch message (stdin) and events (stdout).
+//! - [`engine`]: the seam to the inference engine.
+//!
+//! The sequence, reported as shard phases:
+//! 1. `Loading`: every rank meets at rank 0's connect barrier (rank 0
+//!    serves the control service) and all form the MLX group together
+//!    (ring: `MLX_HOSTFILE`/`MLX_RANK`, set by the agent); then each rank
+//!    reads its slice of the weights. The engine takes its rank and size
+//!    from the group, so the group forms first; the messages tell the two
+//!    steps apart.
+//! 2. `Loaded`, then `Connecting`: waiting at the ready barrier, until every
+//!    rank has loaded.
+//! 3. Rank 0 runs one warm-up job through every rank, then serves HTTP.
+//!    `Ready`.
+//! 4. Jobs until the group breaks (a rank's job stream closes, rank 0's
+//!    stream ends), the engine fails, SIGTERM, or stdin closes (the agent
+//!    went away). Every exit but SIGTERM is preceded by a `Failed` event.
+//!
+//! The engine runs on its own thread, which owns the group and the model;
+//! the async side talks to it through channels.
+
+pub mod engine;
+pub mod protocol;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_crds::{Backend as ShardBackend, Progress, ShardPhase};
+use tokio::sync::mpsc;
+
+use self::engine::{GenerationJob, MlxRankEngine, TextCodec, TokenizerCodec};
+use self::protocol::{Event, FailureReason, Launch};
+use crate::control::{self, ControlClient, Coordinator, GroupIdentity, Stage};
+use crate::engine::EngineError;
+use crate::engine::sampling::SamplingParams;
+use crate::mlx::distributed::{Backend, Group};
+use crate::serve::metrics::ServeMetrics;
+use crate::serve::scheduler::{self, EngineTask, Scheduler, Step};
+use crate::serve::{self as http, AppState, ServeConfig};
+
+/// Why the rank stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct Failure {
+    /// The classified reason.
+    pub reason: FailureReason,
+    /// Detail.
+    pub message: String,
+}
+
+impl Failure {
+    fn new(reason: FailureReason, message: impl Into<String>) -> Failure {
+        Failure {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Sorts an engine error into a shard failure reason.
+pub fn classify(e: &EngineError) -> FailureReason {
+    match e {
+        EngineError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            FailureReason::ModelNotFound
+        }
+        EngineError::Io { .. }
+        | EngineError::Json { .. }
+        | EngineError::Config { .. }
+        | EngineError::Unsupported { .. }
+        | EngineError::CorruptHeader { .. }
+        | EngineError::Truncated { .. }
+        | EngineError::Index { .. }
+        | EngineError::MissingTensor { .. }
+        | EngineError::Shape { .. }
+        | EngineError::Dtype { .. }
+        | EngineError::SplitsQuantGroup { .. }
+        | EngineError::Tokenizer { .. }
+        | EngineError::Template { .. }
+        | EngineError::Argument(_) => FailureReason::CorruptModel,
+        EngineError::Sharding { .. } => FailureReason::InvalidShard,
+        EngineError::Distributed(_) => FailureReason::PeerUnreachable,
+        EngineError::Mlx { source, .. } => {
+            let text = source.to_string().to_ascii_lowercase();
+            if text.contains("memory") || text.contains("alloc") {
+                FailureReason::OutOfMemory
+            } else {
+                FailureReason::WorkerCrashed
+            }
+        }
+    }
+}
+
+/// Ends the process. `exit` runs atexit handlers and C++ static
+/// destructors, and MLX's can block on a thread that is still inside the
+/// engine (seen as workers that never exit); a watchdog makes sure the
+/// process dies within two seconds anyway.
+fn exit_now(code: i32) -> ! {
+    let _ = std::io::stdout().lock().flush();
+    let _ = std::thread::Builder::new()
+        .name("exit-watchdog".into())
+        .spawn(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        });
+    std::process::exit(code)
+}
+
+/// Writes one event line to stdout, where the agent reads it.
+fn emit(event: &Event) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", event.to_line());
+    let _ = out.flush();
+}
+
+/// What the engine thread reports.
+#[derive(Debug)]
+enum EngineReport {
+    Joined(Result<(), EngineError>),
+    Loaded(Result<LoadInfo, EngineError>),
+    Stopped(Result<(), EngineError>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LoadInfo {
+    seconds: f64,
+    bytes_read: u64,
+    vocab_size: usize,
+}
+
+/// Starts the thread that owns the group and the model. It joins the MLX
+/// group when `go` fires (groups larger than one), loads, then runs tasks.
+fn spawn_engine_thread(
+    dir: PathBuf,
+    backend: Backend,
+    world: usize,
+    go: std::sync::mpsc::Receiver<()>,
+    tasks: std::sync::mpsc::Receiver<EngineTask>,
+    reports: mpsc::UnboundedSender<EngineReport>,
+    metrics: Option<Arc<ServeMetrics>>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let group = if world > 1 {
+                if go.recv().is_err() {
+                    return;
+                }
+                match Group::join(backend) {
+                    Ok(g) => {
+                        let _ = reports.send(EngineReport::Joined(Ok(())));
+                        Some(g)
+                    }
+                    Err(e) => {
+                        let _ = reports.send(EngineReport::Joined(Err(e.into())));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let started = Instant::now();
+            let mut engine = match MlxRankEngine::load(&dir, group) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = reports.send(EngineReport::Loaded(Err(e)));
+                    return;
+                }
+            };
+            let _ = reports.send(EngineReport::Loaded(Ok(LoadInfo {
+                seconds: started.elapsed().as_secs_f64(),
+                bytes_read: engine.bytes_read(),
+                vocab_size: engine.model().config().vocab_size,
+            })));
+            let result = scheduler::run_tasks(&mut engine, tasks, metrics.as_deref());
+            let _ = reports.send(EngineReport::Stopped(result));
+        })
+        .map(|_| ())
+}
+
+/// Bytes of the checkpoint's tensor files in `dir`.
+fn checkpoint_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Memory the OS can still give (`MemAvailable` on Linux); `None` where
+/// unknown.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix("MemAvailable:")?;
+        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    })
+}
+
+/// The port of an `ip:port` address.
+fn port_of(address: &str) -> Result<u16, Failure> {
+    address
+        .parse::<SocketAddr>()
+        .map(|a| a.port())
+        .map_err(|_| {
+            Failure::new(
+                FailureReason::InvalidShard,
+                format!("`{address}` is not an ip:port address"),
+            )
+        })
+}
+
+/// Runs the worker: reads the launch from stdin, runs the rank, and exits
+/// the process when the rank ends.
+pub async fn main() -> ! {
+    // Plain blocking reads: this runs before anything else, and the
+    // watcher below needs a thread of its own anyway.
+    let mut line = String::new();
+    let read = std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line);
+    let launch: Launch = match read {
+        Ok(n) if n > 0 => match serde_json::from_str(&line) {
+            Ok(l) => l,
+            Err(e) => {
+                emit(&Event::Failed {
+                    reason: FailureReason::InvalidShard,
+                    message: format!("unreadable launch message: {e}"),
+                });
+                exit_now(2);
+            }
+        },
+        _ => {
+            emit(&Event::Failed {
+                reason: FailureReason::InvalidShard,
+                message: "no launch message on stdin".into(),
+            });
+            exit_now(2);
+        }
+    };
+    // The agent keeps stdin open for our whole life; end-of-file means it
+    // is gone, and a rank nobody supervises must not linger holding ports.
+    let watcher = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(|| {
+            let mut buf = [0u8; 256];
+            loop {
+                match std::io::Read::read(&mut std::io::stdin().lock(), &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            tracing::warn!("stdin closed: the agent went away; exiting");
+            exit_now(3);
+        });
+    if let Err(e) = watcher {
+        emit(&Event::Failed {
+            reason: FailureReason::WorkerCrashed,
+            message: format!("starting the stdin watcher: {e}"),
+        });
+        exit_now(2);
+    }
+    let terminate = async {
+        #[cfg(unix)]
+        {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                return;
+            }
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = tokio::select! {
+        r = run(launch) => r,
+        _ = terminate => {
+            emit(&Event::phase(ShardPhase::Terminating, "stopping on request"));
+            exit_now(0);
+        }
+    };
+    match result {
+        Ok(()) => exit_now(0),
+        Err(failure) => {
+            tracing::error!(reason = %failure.reason, message = %failure.message, "rank failed");
+            emit(&Event::Failed {
+                reason: failure.reason,
+                message: failure.message,
+            });
+            // Give in-flight responses a moment to carry their errors out.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            exit_now(1);
+        }
+    }
+}
+
+/// Runs the rank until it stops; `Err` says why.
+async fn run(launch: Launch) -> Result<(), Failure> {
+    let spec = &launch.spec;
+    let rank = spec.rank;
+    let world = usize::try_from(spec.world_size)
+        .ok()
+        .filter(|w| *w >= 1)
+        .ok_or_else(|| Failure::new(FailureReason::InvalidShard, "worldSize must be at least 1"))?;
+    if rank < 0 || rank >= spec.world_size {
+        return Err(Failure::new(
+            FailureReason::InvalidShard,
+            format!("rank {rank} is outside a group of {world}"),
+        ));
+    }
+    let backend = match spec.backend {
+        ShardBackend::Ring => Backend::Ring,
+        ShardBackend::Jaccl => Backend::Jaccl,
+    };
+    let identity = GroupIdentity {
+        deployment: spec.deployment.clone(),
+        epoch: spec.epoch,
+        world_size: spec.world_size,
+        model: spec.model.clone(),
+        revision: spec.revision.clone().unwrap_or_else(|| "main".into()),
+    };
+    let barrier_timeout = Duration::from_millis(launch.barrier_timeout_ms.max(1));
+
+    // Refuse early what cannot fit, rather than being killed mid-load.
+    let total = checkpoint_bytes(&launch.model_dir);
+    let slice_estimate = total / world as u64;
+    if let Some(available) = available_memory()
+        && slice_estimate > available
+    {
+        return Err(Failure::new(
+            FailureReason::OutOfMemory,
+            format!(
+                "this rank's slice needs about {} MiB but only {} MiB of memory is available",
+                slice_estimate >> 20,
+                available >> 20
+            ),
+        ));
+    }
+
+    let metrics = (rank == 0).then(|| Arc::new(ServeMetrics::new()));
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let (task_tx, task_rx) = std::sync::mpsc::channel::<EngineTask>();
+    let (report_tx, mut reports) = mpsc::unbounded_channel();
+    spawn_engine_thread(
+        launch.model_dir.clone(),
+        backend,
+        world,
+        go_rx,
+        task_rx,
+        report_tx,
+        metrics.clone(),
+    )
+    .map_err(|e| {
+        Failure::new(
+            FailureReason::WorkerCrashed,
+            format!("starting the engine thread: {e}"),
+        )
+    })?;
+
+    // Connect.
+    let coordinator = if rank == 0 && world > 1 {
+        let port = port_of(&spec.control_address)?;
+        let listener = control::bind(port).await.map_err(|e| {
+            Failure::new(
+                FailureReason::PeerUnreachable,
+                format!("cannot listen on control port {port}: {e}"),
+            )
+        })?;
+        let coordinator = Coordinator::new(identity.clone(), barrier_timeout);
+        let (formed_tx, formed_rx) = tokio::sync::oneshot::channel::<()>();
+        let c = coordinator.clone();
+        let token = launch.group_token.clone();
+        tokio::spawn(async move {
+            let formed = async move {
+                let _ = formed_rx.await;
+            };
+            if let Err(e) =
+                control::serve(listener, c.clone(), token, formed, std::future::pending()).await
+            {
+                c.mark_broken(format!("the control service stopped: {e}"));
+            }
+        });
+        Some((coordinator, formed_tx))
+    } else {
+        None
+    };
+    let client = if rank > 0 {
+        Some(
+            ControlClient::new(
+                &spec.control_address,
+                identity.clone(),
+                rank,
+                &launch.group_token,
+                barrier_timeout,
+            )
+            .map_err(|e| Failure::new(FailureReason::InvalidShard, e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let peer_failure =
+        |e: &dyn std::fmt::Display| Failure::new(FailureReason::PeerUnreachable, e.to_string());
+
+    let connect_started = Instant::now();
+    if world > 1 {
+        emit(&Event::phase(
+            ShardPhase::Loading,
+            format!(
+                "forming the MLX {backend} group with the other ranks (rank 0's control service at {})",
+                spec.control_address
+            ),
+        ));
+        match (&coordinator, &client) {
+            (Some((c, _)), _) => {
+                c.arrive(0, Stage::Connect)
+                    .await
+                    .map_err(|e| peer_failure(&e))?;
+            }
+            (_, Some(client)) => {
+                client
+                    .join(Stage::Connect)
+                    .await
+                    .map_err(|e| peer_failure(&e))?;
+            }
+            _ => {}
+        }
+        let _ = go_tx.send(());
+        match reports.recv().await {
+            Some(EngineReport::Joined(Ok(()))) => {}
+            Some(EngineReport::Joined(Err(e))) => {
+                return Err(Failure::new(
+                    FailureReason::PeerUnreachable,
+                    format!("forming the MLX {backend} group failed: {e}"),
+                ));
+            }
+            other => return Err(engine_gone(other)),
+        }
+    }
+
+    // Load.
+    emit(&Event::Phase {
+        phase: ShardPhase::Loading,
+        progress: Some(Progress {
+            bytes_done: 0,
+            bytes_total: Some(i64::try_from(slice_estimate).unwrap_or(i64::MAX)),
+        }),
+        load_seconds: None,
+        message: Some(format!(
+            "loading rank {rank} of {world} from {}{}",
+            launch.model_dir.display(),
+            if world > 1 {
+                format!(
+                    " (group formed in {:.2}s)",
+                    connect_started.elapsed().as_secs_f64()
+                )
+            } else {
+                String::new()
+            }
+        )),
+        memory_bytes: None,
+    });
+    let loaded = match reports.recv().await {
+        Some(EngineReport::Loaded(Ok(info))) => info,
+        Some(EngineReport::Loaded(Err(e))) => {
+            return Err(Failure::new(classify(&e), e.to_string()));
+        }
+        other => return Err(engine_gone(other)),
+    };
+    let codec: Option<Arc<dyn TextCodec>> = if rank == 0 {
+        let dir = launch.model_dir.clone();
+        let codec = tokio::task::spawn_blocking(move || TokenizerCodec::load(&dir))
+            .await
+            .map_err(|e| Failure::new(FailureReason::WorkerCrashed, e.to_string()))?
+            .map_err(|e| Failure::new(classify(&e), e.to_string()))?;
+        Some(Arc::new(codec))
+    } else {
+        None
+    };
+    let bytes_read = i64::try_from(loaded.bytes_read).unwrap_or(i64::MAX);
+    emit(&Event::Phase {
+        phase: ShardPhase::Loaded,
+        progress: Some(Progress {
+            bytes_done: bytes_read,
+            bytes_total: Some(bytes_read),
+        }),
+        load_seconds: Some(loaded.seconds),
+        message: Some(format!(
+            "read {} MiB in {:.2}s",
+            loaded.bytes_read >> 20,
+            loaded.seconds
+        )),
+        memory_bytes: Some(loaded.bytes_read),
+    });
+
+    if rank > 0 {
+        let Some(client) = client else {
+            return Err(Failure::new(
+                FailureReason::WorkerCrashed,
+                "no control client",
+            ));
+        };
+        return follow(client, task_tx, reports, &peer_failure).await;
+    }
+    let (Some(metrics), Some(codec)) = (metrics, codec) else {
+        return Err(Failure::new(
+            FailureReason::WorkerCrashed,
+            "rank 0 without metrics or codec",
+        ));
+    };
+    lead(
+        launch,
+        coordinator,
+        task_tx,
+        reports,
+        metrics,
+        codec,
+        loaded,
+    )
+    .await
+}
+
+fn engine_gone(report: Option<EngineReport>) -> Failure {
+    match report {
+        Some(EngineReport::Stopped(Err(e))) => Failure::new(classify(&e), e.to_string()),
+        other => Failure::new(
+            FailureReason::WorkerCrashed,
+            format!("the engine thread ended unexpectedly ({other:?})"),
+        ),
+    }
+}
+
+/// Ranks 1..N: hold the job stream, run every job, until the stream ends.
+async fn follow(
+    client: ControlClient,
+    tasks: std::sync::mpsc::Sender<EngineTask>,
+    mut reports: mpsc::UnboundedReceiver<EngineReport>,
+    peer_failure: &dyn Fn(&dyn std::fmt::Display) -> Failure,
+) -> Result<(), Failure> {
+    emit(&Event::phase(
+        ShardPhase::Connecting,
+        "loaded; waiting for every rank at the ready barrier",
+    ));
+    let mut stream = client.jobs().await.map_err(|e| peer_failure(&e))?;
+    client
+        .join(Stage::Ready)
+        .await
+        .map_err(|e| peer_failure(&e))?;
+    emit(&Event::phase(
+        ShardPhase::Ready,
+        "in the group; following rank 0",
+    ));
+    loop {
+        tokio::select! {
+            message = stream.message() => match message {
+                Ok(Some(job)) => {
+                    let (steps, _ignored) = mpsc::unbounded_channel();
+                    let task = EngineTask {
+                        job: scheduler::from_proto(job),
+                        cancel: Arc::default(),
+                        steps,
+                        done: None,
+                    };
+                    if tasks.send(task).is_err() {
+                        return Err(engine_gone(reports.recv().await));
+                    }
+                }
+                Ok(None) => {
+                    return Err(peer_failure(&"rank 0 closed the job stream (the group broke or rank 0 stopped)"));
+                }
+                Err(status) => {
+                    return Err(peer_failure(&format!("lost rank 0's job stream: {}", status.message())));
+                }
+            },
+            report = reports.recv() => return Err(engine_gone(report)),
+        }
+    }
+}
+
+/// Rank 0: open the group, warm it up, serve HTTP until the group breaks.
+async fn lead(
+    launch: Launch,
+    coordinator: Option<(Arc<Coordinator>, tokio::sync::oneshot::Sender<()>)>,
+    tasks: std::sync::mpsc::Sender<EngineTask>,
+    mut reports: mpsc::UnboundedReceiver<EngineReport>,
+    metrics: Arc<ServeMetrics>,
+    codec: Arc<dyn TextCodec>,
+    loaded: LoadInfo,
+) -> Result<(), Failure> {
+    let spec = &launch.spec;
+    let serving_port = spec
+        .serving_port
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| Failure::new(FailureReason::InvalidShard, "rank 0 has no servingPort"))?;
+    let (scheduler, coordinator) = match coordinator {
+        Some((c, formed)) => {
+            emit(&Event::phase(
+                ShardPhase::Connecting,
+                "loaded; waiting for every rank at the ready barrier",
+            ));
+            c.arrive(0, Stage::Ready)
+                .await
+                .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.to_string()))?;
+            tokio::spawn(c.clone().watch_streams());
+            for r in 0..spec.world_size {
+                metrics.set_rank_ready(r, true);
+            }
+            let _ = formed.send(());
+            let scheduler = Scheduler::start(launch.max_queue, c.clone(), tasks, metrics.clone());
+            (scheduler, Some(c))
+        }
+        None => {
+            metrics.set_rank_ready(0, true);
+            let scheduler =
+                Scheduler::start(launch.max_queue, scheduler::Alone, tasks, metrics.clone());
+            (scheduler, None)
+        }
+    };
+
+    // Warm-up: one short job through every rank, so the first client
+    // request does not pay for first-use costs.
+    let warm_started = Instant::now();
+    let warm = GenerationJob {
+        id: 0,
+        prompt_ids: vec![
+            codec
+                .stop_ids()
+                .first()
+                .copied()
+                .unwrap_or(0)
+                .min(u32::try_from(loaded.vocab_size.saturating_sub(1)).unwrap_or(0)),
+        ],
+        max_tokens: 2,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+    };
+    let mut ticket = scheduler
+        .submit(warm)
+        .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
+    loop {
+        match ticket.steps.recv().await {
+            Some(Step::Token(_)) => {}
+            Some(Step::Finished(_)) => break,
+            Some(Step::Failed(e)) => {
+                return Err(Failure::new(
+                    FailureReason::PeerUnreachable,
+                    format!("warm-up failed: {}", e.message),
+                ));
+            }
+            None => return Err(engine_gone(reports.recv().await)),
+        }
+    }
+    let warm_seconds = warm_started.elapsed().as_secs_f64();
+
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], serving_port)))
+        .await
+        .map_err(|e| {
+            Failure::new(
+                FailureReason::PeerUnreachable,
+                format!("cannot listen on serving port {serving_port}: {e}"),
+            )
+        })?;
+    let config = ServeConfig {
+        model: spec.model.clone(),
+        aliases: vec![spec.deployment.clone()],
+        max_context_tokens: spec.max_context_tokens as usize,
+        vocab_size: loaded.vocab_size,
+        api_key: launch.api_key.clone(),
+    };
+    let state = AppState::new(config, codec, scheduler.clone(), metrics.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, http::router(state), async move {
+        let _ = stop_rx.await;
+    }));
+    emit(&Event::phase(
+        ShardPhase::Ready,
+        format!(
+            "serving on port {serving_port} (warm-up {warm_seconds:.2}s, world size {})",
+            spec.world_size
+        ),
+    ));
+
+    let broken = async {
+        match &coordinator {
+            Some(c) => c.wait_broken().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        reason = broken => {
+            metrics.set_rank_ready(0, false);
+            Err(Failure::new(FailureReason::PeerUnreachable, reason))
+        }
+        report = reports.recv() => Err(engine_gone(report)),
+        served = server => Err(Failure::new(
+            FailureReason::WorkerCrashed,
+            format!("the HTTP server stopped: {served:?}"),
+        )),
+    };
+    let _ = stop_tx.send(());
+    result
+}

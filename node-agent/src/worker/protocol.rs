@@ -1,0 +1,188 @@
+//! What the agent and a rank worker say to each other.
+//!
+//! The agent writes one [`Launch`] as a JSON line to the worker's stdin and
+//! keeps stdin open: secrets never appear in argv or the environment, and
+//! the worker takes end-of-file on stdin as its agent going away (the
+//! portable stand-in for Linux's parent-death signal). The worker writes
+//! [`Event`]s as JSON lines to stdout; its logs go to stderr.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tandem_crds::{LlamaShardSpec, Progress, ShardPhase};
+
+/// Everything a rank worker needs to run one shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Launch {
+    /// Namespace of the LlamaShard.
+    pub namespace: String,
+    /// Name of the LlamaShard.
+    pub shard_name: String,
+    /// The shard's spec.
+    pub spec: LlamaShardSpec,
+    /// The model directory on this node.
+    pub model_dir: PathBuf,
+    /// The group token every rank presents to rank 0.
+    pub group_token: String,
+    /// Bearer key HTTP clients must present (rank 0), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Requests rank 0 queues before answering 429.
+    pub max_queue: usize,
+    /// How long to wait at (and for) rank 0's barrier, in milliseconds.
+    pub barrier_timeout_ms: u64,
+    /// Where to write the MLX ring hostfile.
+    pub hostfile: PathBuf,
+}
+
+/// Why a shard failed, as `status.reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FailureReason {
+    /// The model is in no model directory and could not be downloaded.
+    ModelNotFound,
+    /// The model's files are unreadable or inconsistent.
+    CorruptModel,
+    /// This rank's slice does not fit in memory.
+    OutOfMemory,
+    /// The other ranks could not be reached, or one left the group.
+    PeerUnreachable,
+    /// The worker process died without saying why.
+    WorkerCrashed,
+    /// The shard spec (or a Secret it names) is unusable.
+    InvalidShard,
+}
+
+impl FailureReason {
+    /// The CamelCase reason written to the shard status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::ModelNotFound => "ModelNotFound",
+            FailureReason::CorruptModel => "CorruptModel",
+            FailureReason::OutOfMemory => "OutOfMemory",
+            FailureReason::PeerUnreachable => "PeerUnreachable",
+            FailureReason::WorkerCrashed => "WorkerCrashed",
+            FailureReason::InvalidShard => "InvalidShard",
+        }
+    }
+
+    /// Whether starting the worker again can help without a change to the
+    /// shard or the model files. A crash or a lost peer is often
+    /// transient; a missing or corrupt model, or too little memory, is not.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            FailureReason::PeerUnreachable | FailureReason::WorkerCrashed
+        )
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One report from a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "event",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum Event {
+    /// The rank moved to a phase.
+    Phase {
+        /// The phase.
+        phase: ShardPhase,
+        /// Bytes loaded so far, where known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<Progress>,
+        /// Seconds spent loading (from `Loaded` on).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        load_seconds: Option<f64>,
+        /// What the rank is doing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        /// Bytes of memory this rank holds, where known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_bytes: Option<u64>,
+    },
+    /// The rank cannot go on; the worker exits after this.
+    Failed {
+        /// The reason.
+        reason: FailureReason,
+        /// The detail.
+        message: String,
+    },
+}
+
+impl Event {
+    /// A phase change with a message and nothing else.
+    pub fn phase(phase: ShardPhase, message: impl Into<String>) -> Event {
+        Event::Phase {
+            phase,
+            progress: None,
+            load_seconds: None,
+            message: Some(message.into()),
+            memory_bytes: None,
+        }
+    }
+
+    /// The event as one JSON line (without the newline).
+    pub fn to_line(&self) -> String {
+        // Serializing plain data cannot fail; keep a readable fallback.
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"event\":\"invalid\",\"error\":\"{e}\"}}"))
+    }
+
+    /// Parses a line the worker wrote; `None` for lines that are not events.
+    pub fn parse(line: &str) -> Option<Event> {
+        let line = line.trim();
+        if !line.starts_with('{') {
+            return None;
+        }
+        serde_json::from_str(line).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_as_lines() {
+        let events = [
+            Event::phase(ShardPhase::Connecting, "waiting for ranks 1, 2"),
+            Event::Phase {
+                phase: ShardPhase::Loaded,
+                progress: Some(Progress {
+                    bytes_done: 10,
+                    bytes_total: Some(10),
+                }),
+                load_seconds: Some(1.5),
+                message: None,
+                memory_bytes: Some(100),
+            },
+            Event::Failed {
+                reason: FailureReason::CorruptModel,
+                message: "bad header".into(),
+            },
+        ];
+        for e in events {
+            let line = e.to_line();
+            assert!(!line.contains('\n'));
+            assert_eq!(Event::parse(&line), Some(e));
+        }
+        assert_eq!(Event::parse("plain log line"), None);
+    }
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        assert!(FailureReason::WorkerCrashed.retryable());
+        assert!(FailureReason::PeerUnreachable.retryable());
+        assert!(!FailureReason::CorruptModel.retryable());
+        assert!(!FailureReason::ModelNotFound.retryable());
+        assert!(!FailureReason::OutOfMemory.retryable());
+    }
+}
