@@ -11,9 +11,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
 
-stage "prerequisites: apt packages, kube-apiserver build, helm"
+stage "prerequisites: apt packages, kube-apiserver build, MLX, mlx-lm, openai client, helm"
 bash dev/cluster.sh deps
 bash dev/cluster.sh build
+bash dev/mlx.sh install
+bash dev/venv.sh install        # mlx-lm, the engine's reference
+bash dev/py-client.sh install   # the openai client the agent suites use
 bash dev/helm.sh >/dev/null
 echo "set-up took $((SECONDS - t0))s"
 
