@@ -20,6 +20,11 @@ pub const LABEL_MEMORY_GIB: &str = "tandem.dev/memory-gib";
 /// Well-known LlamaNode label: the operating system, `macos` or `linux`.
 pub const LABEL_OS: &str = "tandem.dev/os";
 
+/// Annotation on a LlamaNode with the TCP ports its agent offers to ranks,
+/// as `FIRST-LAST` (for example `47000-47999`). The agent writes it; the
+/// operator allocates ring and control ports from it.
+pub const ANNOTATION_PORT_RANGE: &str = "tandem.dev/port-range";
+
 /// Default namespace for node Leases.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "tandem-system";
 

@@ -23,9 +23,7 @@ use tandem_planner::{
 use crate::objects::shard_name;
 use crate::time;
 
-/// Annotation on a LlamaNode that overrides the operator's default port range
-/// for ranks on that node, as `first-last` (for example `41000-41999`).
-pub const ANNOTATION_PORT_RANGE: &str = "tandem.dev/port-range";
+pub use tandem_crds::ANNOTATION_PORT_RANGE;
 
 /// Why a deployment's spec cannot be planned at all, before any node is
 /// looked at, or why no node fits. Each has a CamelCase reason.

@@ -31,8 +31,7 @@ use super::hardware::{AGENT_VERSION, Hardware};
 
 /// Field manager of everything the agent writes.
 pub const MANAGER: &str = "tandem-agent";
-/// Annotation carrying the ports this node offers (read by the operator).
-pub const ANNOTATION_PORT_RANGE: &str = "tandem.dev/port-range";
+pub use tandem_crds::ANNOTATION_PORT_RANGE;
 /// The node condition the agent keeps.
 pub const READY: &str = "Ready";
 
