@@ -399,3 +399,74 @@ fn check_output(out: Output, what: &str) -> anyhow::Result<Output> {
     }
     Ok(out)
 }
+
+/// The path of the workspace binary `bin` (of the package of the same name),
+/// built for the suites.
+///
+/// `$<ENV>` wins when set (for example `TANDEM_AGENT_BIN` for
+/// `tandem-agent`: the name upper-cased, `-` as `_`, plus `_BIN`); otherwise
+/// the binary is built with `cargo build -p <bin>` into the target directory
+/// and profile of the running test executable, once per process, and taken
+/// from there.
+pub fn workspace_binary(bin: &str) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    // Held across the build: two suites asking at once build one at a time.
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(bin) {
+        return path.clone();
+    }
+    let var = format!("{}_BIN", bin.to_ascii_uppercase().replace('-', "_"));
+    let path = match std::env::var_os(&var) {
+        Some(path) => PathBuf::from(path),
+        None => build_binary(bin).unwrap_or_else(|e| panic!("{e:#}")),
+    };
+    built.insert(bin.to_owned(), path.clone());
+    path
+}
+
+fn build_binary(bin: &str) -> anyhow::Result<PathBuf> {
+    // <target>/<profile>/deps/<test executable>
+    let exe = std::env::current_exe().context("test executable path")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable not under <target>/<profile>/deps")?;
+    let target_dir = profile_dir.parent().context("no target directory")?;
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    // Drop what cargo set for this test process: build scripts that watch
+    // such variables would otherwise rebuild on every switch between this
+    // build and the outer `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_package = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+            || [
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_ref());
+        if per_package {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd.current_dir(repo_root())
+        .args(["build", "-p", bin, "--bin", bin])
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        cmd.arg("--release");
+    }
+    run_checked(&mut cmd, &format!("cargo build -p {bin}"))?;
+    Ok(profile_dir.join(bin))
+}

@@ -14,22 +14,7 @@ use std::time::{Duration, Instant};
 use agent_support::*;
 use serde_json::json;
 use tandem_crds::ShardPhase;
-use tandem_tests::{TestNamespace, cluster, eventually, repo_root, unique_name};
-
-/// The venv's python, with `openai` installed.
-fn python() -> String {
-    let out = Command::new("bash")
-        .arg(repo_root().join("dev/py-client.sh"))
-        .arg("python")
-        .output()
-        .expect("dev/py-client.sh");
-    assert!(
-        out.status.success(),
-        "dev/py-client.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use tandem_tests::{TestNamespace, cluster, eventually, unique_name};
 
 /// Streams a chat completion with the openai client, printing one JSON line
 /// per chunk, then `{"done": ...}` or `{"error": ...}`.
@@ -65,7 +50,7 @@ except openai.APIError as e:
 "#;
 
 fn start_stream(port: u16, max_tokens: usize, ignore_eos: bool) -> std::process::Child {
-    Command::new(python())
+    Command::new(openai_python())
         .arg("-c")
         .arg(STREAM_CHAT)
         .arg(port.to_string())

@@ -4,8 +4,8 @@
 //! writes them, a plain HTTP client, and a local Hugging Face hub.
 //!
 //! The agent binary is `$TANDEM_AGENT_BIN` when set; otherwise it is built
-//! with `cargo build -p tandem-agent` into the same target directory and
-//! profile as the running test executable.
+//! into the running test executable's target directory and profile
+//! ([`workspace_binary`]).
 
 #![allow(dead_code)]
 
@@ -25,68 +25,37 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use tandem_crds::*;
-use tandem_tests::{Cluster, Identity, eventually, repo_root};
+use tandem_tests::{Cluster, Identity, eventually, repo_root, workspace_binary};
 
 /// How long a test waits for an agent to react.
 pub const WAIT: Duration = Duration::from_secs(90);
 /// Model ID the tests' shards name.
 pub const MODEL: &str = "tandem-test/tiny-llama";
 
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+/// The tandem-agent binary; see [`tandem_tests::workspace_binary`].
+pub fn agent_binary() -> PathBuf {
+    workspace_binary("tandem-agent")
 }
 
-/// The agent binary; see the module docs.
-pub fn agent_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("TANDEM_AGENT_BIN") {
-            return PathBuf::from(bin);
-        }
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable under <target>/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target directory");
-        let release = profile_dir.file_name().is_some_and(|p| p == "release");
-        let mut cmd = Command::new(cargo());
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let per_package = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-            ]
-            .iter()
-            .any(|p| key.starts_with(p))
-                || [
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&key.as_ref());
-            if per_package {
-                cmd.env_remove(key.as_ref());
-            }
-        }
-        cmd.current_dir(repo_root())
-            .args(["build", "-p", "tandem-agent", "--bin", "tandem-agent"])
-            .env("CARGO_TARGET_DIR", target_dir);
-        if release {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().expect("running cargo build -p tandem-agent");
-        assert!(
-            out.status.success(),
-            "cargo build -p tandem-agent failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile_dir.join("tandem-agent")
-    })
-    .clone()
+/// The Python of the venv `dev/py-client.sh` keeps, with the `openai`
+/// client installed.
+pub fn openai_python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let out = Command::new("bash")
+                .arg(repo_root().join("dev/py-client.sh"))
+                .arg("python")
+                .output()
+                .expect("running dev/py-client.sh");
+            assert!(
+                out.status.success(),
+                "dev/py-client.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
 }
 
 /// A free TCP port on loopback (free when asked; good enough for a test).

@@ -15,10 +15,10 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -33,6 +33,7 @@ use serde_json::json;
 use tandem_crds::*;
 use tandem_tests::{
     Cluster, Identity, SYSTEM_NAMESPACE, TestNamespace, cluster, eventually, repo_root,
+    workspace_binary,
 };
 
 /// A bundled model whose ranks need about 0.5 GiB each at 2 ranks.
@@ -40,67 +41,9 @@ pub const MODEL: &str = "mlx-community/Llama-3.2-1B-Instruct-4bit";
 /// How long a test waits for the operator to react.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
-}
-
-/// The operator binary; see the module docs.
+/// The tandem-operator binary; see [`tandem_tests::workspace_binary`].
 pub fn operator_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("TANDEM_OPERATOR_BIN") {
-            return PathBuf::from(bin);
-        }
-        // <target>/<profile>/deps/<test exe>
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable under <target>/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target directory");
-        let release = profile_dir.file_name().is_some_and(|p| p == "release");
-        let mut cmd = Command::new(cargo());
-        // Drop what cargo set for this test process: build scripts that
-        // watch such variables would otherwise rebuild on every switch
-        // between this build and the outer `cargo test`.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            let per_package = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-            ]
-            .iter()
-            .any(|p| key.starts_with(p))
-                || [
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&key.as_ref());
-            if per_package {
-                cmd.env_remove(key.as_ref());
-            }
-        }
-        cmd.current_dir(repo_root())
-            .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
-            .env("CARGO_TARGET_DIR", target_dir);
-        if release {
-            cmd.arg("--release");
-        }
-        let out = cmd
-            .output()
-            .expect("running cargo build -p tandem-operator");
-        assert!(
-            out.status.success(),
-            "cargo build -p tandem-operator failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile_dir.join("tandem-operator")
-    })
-    .clone()
+    workspace_binary("tandem-operator")
 }
 
 /// A free TCP port on loopback (free when asked; good enough for a test).
