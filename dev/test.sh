@@ -2,7 +2,8 @@
 # Runs every Tandem test on a fresh Debian 12 machine: installs what the
 # tests need (apt packages, the kube-apiserver build, the MLX wheel, helm),
 # checks formatting, lints and generated files, runs the whole suite against
-# a real local control plane, and stops the control plane afterwards.
+# a real local control plane, stops the control plane, and then runs the
+# README's demo (`dev/demo.sh --ci`) start to finish.
 #
 # Slow steps are cached under ~/.cache/tandem, keyed by version.
 set -euo pipefail
@@ -35,4 +36,9 @@ trap 'bash dev/cluster.sh down' EXIT
 
 stage "tests"
 cargo test --workspace --locked
+bash dev/cluster.sh down
+trap - EXIT
+
+stage "the demo, non-interactive (its own control plane, agents and model)"
+bash dev/demo.sh --ci
 echo "all done in $((SECONDS - t0))s"

@@ -93,6 +93,26 @@ async fn termination() {
     }
 }
 
+/// How long a stopping controller may take to finish its in-flight
+/// reconciles before they are abandoned (a reconcile is idempotent: the next
+/// leader redoes whatever one left half done).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Waits for a stopping controller task, at most [`DRAIN_TIMEOUT`].
+async fn finish(mut term: tokio::task::JoinHandle<()>) {
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut term).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the controller task failed"),
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?DRAIN_TIMEOUT,
+                "in-flight reconciles did not finish; abandoning them"
+            );
+            term.abort();
+        }
+    }
+}
+
 /// The whole operator: HTTP endpoints, then (with leader election) a loop of
 /// campaigning and leading terms, until SIGTERM or SIGINT. On shutdown the
 /// controller finishes its in-flight reconciles and the leader Lease is released.
@@ -148,9 +168,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             let end = elector.hold(&mut stop_rx).await;
             let _ = term_tx.send(true);
-            if let Err(e) = term.await {
-                tracing::error!(error = %e, "the controller task failed");
-            }
+            finish(term).await;
             metrics.set_leader(false);
             if end == TermEnd::Shutdown {
                 match elector.release().await {
@@ -164,7 +182,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         metrics.set_leader(true);
         health.set_ready(true);
-        controller::run(client, run_config, Arc::clone(&metrics), stop.clone()).await;
+        let term = tokio::spawn(controller::run(
+            client,
+            run_config,
+            Arc::clone(&metrics),
+            stop.clone(),
+        ));
+        // Wait for the stop signal first: `finish` bounds only the drain.
+        let mut stop_rx = stop.clone();
+        let _ = stop_rx.wait_for(|s| *s).await;
+        finish(term).await;
     }
     signal_task.abort();
     http_task.abort();

@@ -310,8 +310,11 @@ impl Story {
 
 impl Drop for Story {
     fn drop(&mut self) {
-        // Agents first (they release their shards and stop renewing), then
-        // whatever they leave in the cluster-scoped and system namespaces.
+        // The operator first: running on, it would put back the finalizers
+        // removed below. Then the agents (they release their shards and stop
+        // renewing), then what they leave in the cluster scope and the
+        // system namespace.
+        let _ = self.operator.terminate();
         let names: Vec<String> = (0..self.agents.len()).map(|i| self.agent_name(i)).collect();
         self.agents.clear();
         let c = cluster();
