@@ -2,16 +2,16 @@
 # Benchmarks Tandem's MLX engine against mlx-lm, in the same run, on a
 # generated model with the real Llama-3.2-1B shape at 4 bits (group size 64):
 # world size 1, and world size 2 on loopback (ours: `generate --world-size 2`;
-# mlx-lm: its own tensor parallelism, `sharded_load` under `mlx.launch
-# --backend ring`). It prints a table with prefill and decode speed, time to
-# first token, peak RSS and bytes read while loading, plus this machine's
-# memory-bandwidth ceiling for decode.
+# mlx-lm: its own tensor parallelism, `sharded_load`, each rank started the
+# way `mlx.launch --backend ring` starts it). It prints a table with prefill
+# and decode speed, time to first token, peak RSS and bytes read while
+# loading, plus this machine's memory-bandwidth ceiling for decode.
 #
 # Not a test: nothing here asserts a speed.
 #
 # usage: dev/bench-engine.sh [--prompt-tokens N] [--max-tokens N] [--preset P]
 #                            [--quick]
-#   --quick  prompt 8, generate 8, skip mlx-lm's float32 row (a smoke run)
+#   --quick  prompt 8, generate 8, skip mlx-lm's bfloat16 rows (a smoke run)
 #
 # Environment: CARGO_TARGET_DIR (default target), TANDEM_BENCH_DIR (models,
 # default $CARGO_TARGET_DIR/bench-models), TANDEM_AGENT_BIN (use this binary
@@ -23,14 +23,14 @@ PROMPT_TOKENS=16
 MAX_TOKENS=16
 PRESET=llama-3.2-1b
 QUANT=4
-F32_ROW=1
+BF16_ROWS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --prompt-tokens) PROMPT_TOKENS=$2; shift 2 ;;
     --max-tokens) MAX_TOKENS=$2; shift 2 ;;
     --preset) PRESET=$2; shift 2 ;;
     --quant) QUANT=$2; shift 2 ;;
-    --quick) PROMPT_TOKENS=8; MAX_TOKENS=8; F32_ROW=0; shift ;;
+    --quick) PROMPT_TOKENS=8; MAX_TOKENS=8; BF16_ROWS=0; shift ;;
     -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -105,21 +105,33 @@ run_mlx_lm() { # world name [extra args]
     "$PY" node-agent/peer/mlx_lm_peer.py bench --model "$MODEL" --ids "$IDS" \
       --max-tokens "$MAX_TOKENS" "$@" >"$OUT/$name-1.json"
   else
-    "$VENV/bin/mlx.launch" --backend ring -n "$world" --starting-port "$(free_port)" \
-      "$PY" node-agent/peer/mlx_lm_peer.py bench --model "$MODEL" --ids "$IDS" \
-      --max-tokens "$MAX_TOKENS" "$@" >"$OUT/$name-$world.raw"
-    grep '^{' "$OUT/$name-$world.raw" >"$OUT/$name-$world.json" || {
-      cat "$OUT/$name-$world.raw" >&2
+    # The environment `mlx.launch --backend ring` gives each rank (a JSON
+    # hostfile and MLX_RANK), without the launcher process itself: it polls
+    # its children's pipes and keeps one of this machine's two cores busy
+    # (95 % CPU measured), which would slow the ranks it launched.
+    local port hostfile pids=() r
+    port=$(free_port)
+    hostfile="$OUT/hosts-$name-$world.json"
+    python3 -c "import json, sys; print(json.dumps([[f'127.0.0.1:{$port + r}'] for r in range($world)]))" >"$hostfile"
+    for r in $(seq 0 $((world - 1))); do
+      MLX_HOSTFILE=$hostfile MLX_RANK=$r "$PY" node-agent/peer/mlx_lm_peer.py bench --model "$MODEL" \
+        --ids "$IDS" --max-tokens "$MAX_TOKENS" "$@" >"$OUT/$name-$world.rank$r" &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    cat "$OUT/$name-$world".rank* | grep '^{' >"$OUT/$name-$world.json" || {
+      cat "$OUT/$name-$world".rank* >&2
       exit 1
     }
   fi
 }
 
 run_ours 1
-run_mlx_lm 1 mlx-lm
-if [ "$F32_ROW" = 1 ]; then run_mlx_lm 1 mlx-lm-f32 --dtype float32; fi
+run_mlx_lm 1 mlx-lm-f32 --dtype float32
+if [ "$BF16_ROWS" = 1 ]; then run_mlx_lm 1 mlx-lm; fi
 run_ours 2
-run_mlx_lm 2 mlx-lm
+run_mlx_lm 2 mlx-lm-f32 --dtype float32
+if [ "$BF16_ROWS" = 1 ]; then run_mlx_lm 2 mlx-lm; fi
 
 python3 - "$OUT" "$MODEL" "$PROMPT_TOKENS" "$MAX_TOKENS" <<'EOF'
 import json, os, platform, sys
@@ -149,10 +161,13 @@ def ours(world):
     r = json.loads((out / f"ours-{world}.json").read_text())
     t = r["timings"]
     ranks = r.get("ranks") or [{"bytes_read": r["bytes_read"], "peak_rss_bytes": r["peak_rss_bytes"]}]
+    n = len(r["generated_ids"])
     rows.append(("tandem (ours)", world, r["compute_dtype"], t["prefill_tokens_per_second"],
                  t["decode_tokens_per_second"], t["time_to_first_token_seconds"],
                  max(x["peak_rss_bytes"] or 0 for x in ranks),
-                 max(x["bytes_read"] for x in ranks), len(r["generated_ids"])))
+                 max(x["bytes_read"] for x in ranks),
+                 (t["prefill_cpu_seconds"] or 0) / len(r["prompt_ids"]),
+                 (t["decode_cpu_seconds"] or 0) / max(n - 1, 1)))
 
 def theirs(name, world, label, dtype):
     path = out / f"{name}-{world}.json"
@@ -162,21 +177,32 @@ def theirs(name, world, label, dtype):
     r = next(x for x in reports if x["rank"] == 0)
     rows.append((label, world, dtype, r["prefill_tokens_per_second"], r["decode_tokens_per_second"],
                  r["time_to_first_token_seconds"], max(x["peak_rss_bytes"] for x in reports),
-                 max(x["bytes_read"] or 0 for x in reports), r["generated_tokens"]))
+                 max(x["bytes_read"] or 0 for x in reports),
+                 r["prefill_cpu_seconds"] / r["prompt_tokens"],
+                 r["decode_cpu_seconds"] / max(r["generated_tokens"] - 1, 1)))
 
-ours(1); theirs("mlx-lm", 1, "mlx-lm", "bfloat16"); theirs("mlx-lm-f32", 1, "mlx-lm set_dtype(f32)", "float32")
-ours(2); theirs("mlx-lm", 2, "mlx-lm (TP, ring)", "bfloat16")
+ours(1)
+theirs("mlx-lm-f32", 1, "mlx-lm, set_dtype(float32)", "float32")
+theirs("mlx-lm", 1, "mlx-lm, as loaded", "bfloat16")
+ours(2)
+theirs("mlx-lm-f32", 2, "mlx-lm TP (ring), set_dtype(float32)", "float32")
+theirs("mlx-lm", 2, "mlx-lm TP (ring), as loaded", "bfloat16")
 
 print(f"\n## Engine benchmark: {Path(model).name} "
       f"({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
       f"{config.get('quantization', {}).get('bits', 16)}-bit, {weights / 1e6:.1f} MB of weights)")
 print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
       f"load average at the end {os.getloadavg()[0]:.1f}; MLX 0.32.2 CPU backend")
-print(f"Prompt {prompt_tokens} tokens, {max_tokens} generated (greedy, EOS ignored), after a warm-up.\n")
-print("| engine | world | activations | prefill tok/s | decode tok/s | TTFT s | peak RSS MB (max rank) | bytes read at load MB (per rank) |")
-print("|---|---:|---|---:|---:|---:|---:|---:|")
-for name, world, dtype, pf, dec, ttft, rss, read, n in rows:
-    print(f"| {name} | {world} | {dtype} | {pf:.2f} | {dec:.2f} | {ttft:.2f} | {rss / 1e6:.0f} | {read / 1e6:.1f} |")
+print(f"Prompt {prompt_tokens} tokens, {max_tokens} generated (greedy, EOS ignored), after a warm-up. "
+      "CPU s/token is the process's CPU time (all threads) per token: on a shared machine it "
+      "measures the engine's own work, where tok/s also measures the neighbours.\n")
+print("| engine | world | activations | prefill tok/s | decode tok/s | TTFT s | "
+      "prefill CPU s/tok (rank 0) | decode CPU s/tok (rank 0) | peak RSS MB (max rank) | "
+      "read at load MB (per rank) |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+for name, world, dtype, pf, dec, ttft, rss, read, pcpu, dcpu in rows:
+    print(f"| {name} | {world} | {dtype} | {pf:.2f} | {dec:.2f} | {ttft:.2f} | {pcpu:.3f} | "
+          f"{dcpu:.3f} | {rss / 1e6:.0f} | {read / 1e6:.1f} |")
 print()
 print(f"Memory bandwidth (1 GiB copy, read + write): {bandwidth / 1e9:.1f} GB/s. "
       f"Decode ceiling if every weight byte is read once per token: "

@@ -85,6 +85,12 @@ def _load_fresh(path, dtype):
     return model, tokenizer, group
 
 
+def _cpu_seconds():
+    """CPU time (user + system, all threads) of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def cmd_logits(args):
     import mlx.core as mx
 
@@ -145,13 +151,15 @@ def cmd_bench(args):
     mx.reset_peak_memory()
 
     tokens = []
+    cpu_start = _cpu_seconds()
     tic = time.perf_counter()
     first = last = None
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=args.max_tokens):
         now = time.perf_counter()
+        cpu_now = _cpu_seconds()
         if first is None:
-            first = now
-        last = now
+            first, cpu_first = now, cpu_now
+        last, cpu_last = now, cpu_now
         tokens.append(int(token))
     ttft = first - tic
     decode_seconds = last - first
@@ -166,6 +174,8 @@ def cmd_bench(args):
         "prefill_tokens_per_second": len(prompt) / ttft,
         "decode_seconds": decode_seconds,
         "decode_tokens_per_second": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
+        "prefill_cpu_seconds": cpu_first - cpu_start,
+        "decode_cpu_seconds": cpu_last - cpu_first,
         "bytes_read": (read_after - read_before) if read_before is not None else None,
         "peak_rss_bytes": _peak_rss(),
         "mlx_peak_memory_bytes": mx.get_peak_memory(),

@@ -13,6 +13,7 @@ use mlx_rs::{Array, Dtype};
 use super::error::{EngineError, Result};
 use super::model::Llama;
 use super::sampling::{Sampler, SamplingParams};
+use super::stats::process_cpu_seconds;
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +56,10 @@ pub struct Timings {
     pub decode_seconds: f64,
     /// Tokens after the first, per second of decode.
     pub decode_tokens_per_second: f64,
+    /// Process CPU seconds from the start of the prefill to the first token.
+    pub prefill_cpu_seconds: Option<f64>,
+    /// Process CPU seconds from the first token to the last.
+    pub decode_cpu_seconds: Option<f64>,
 }
 
 /// The result of one generation.
@@ -113,12 +118,15 @@ pub fn generate(
     let mut cache = model.new_cache(prompt.len() + options.max_tokens);
 
     let started = Instant::now();
+    let cpu_at_start = process_cpu_seconds();
     let logits = model.forward_last(&ids, &mut cache)?;
     let mut current = sampler.sample(&logits)?;
     mlx_rs::transforms::async_eval([&current]).map_err(mlx("prefill"))?;
 
     let mut tokens = Vec::with_capacity(options.max_tokens);
     let mut first_at = None;
+    let mut cpu_at_first = None;
+    let mut cpu_at_last;
     let mut last_at;
     let finish_reason = loop {
         // Queue the step after this one unless this is the last allowed token.
@@ -136,8 +144,13 @@ pub fn generate(
             .try_item_cast::<u32>()
             .map_err(|e| EngineError::Argument(format!("reading the token: {e}")))?;
         let now = Instant::now();
-        first_at.get_or_insert(now);
+        let cpu_now = process_cpu_seconds();
+        if first_at.is_none() {
+            first_at = Some(now);
+            cpu_at_first = cpu_now;
+        }
         last_at = now;
+        cpu_at_last = cpu_now;
         if options.stop_ids.contains(&token) {
             finish(next)?;
             break FinishReason::Stop;
@@ -167,6 +180,8 @@ pub fn generate(
             prefill_tokens_per_second: per_second(prompt.len(), ttft),
             decode_seconds,
             decode_tokens_per_second: per_second(decoded_after_first, decode_seconds),
+            prefill_cpu_seconds: cpu_at_first.zip(cpu_at_start).map(|(b, a)| b - a),
+            decode_cpu_seconds: cpu_at_last.zip(cpu_at_first).map(|(b, a)| b - a),
         },
     })
 }

@@ -544,7 +544,50 @@ impl Llama {
         let normed = fast::rms_norm(hidden, Some(&self.norm), self.config.rms_norm_eps)
             .map_err(mlx("final norm"))?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed.table);
-        head.forward(&normed).map_err(mlx("lm_head"))
+        match &self.group {
+            Some(group) => self.vocab_parallel(head, &normed, group),
+            None => head.forward(&normed).map_err(mlx("lm_head")),
+        }
+    }
+
+    /// The output projection with its work split over the group: every rank
+    /// holds the whole matrix (it is replicated), computes the logits of its
+    /// share of the vocabulary, places them in an otherwise zero vector, and
+    /// the `all_sum` assembles the rest. Each logit is the same product as on
+    /// one rank and `x + 0` is exact, so the result is bit for bit the
+    /// unsplit one, at a fraction of the (largest single) matrix product.
+    fn vocab_parallel(&self, head: &Linear, normed: &Array, group: &Group) -> Result<Array> {
+        let vocab = head.out_features();
+        let world = self.shard.world as i32;
+        let per_rank = (vocab + world - 1) / world;
+        let start = (self.shard.rank as i32 * per_rank).min(vocab);
+        let end = (start + per_rank).min(vocab);
+        let part = || -> mlx_rs::error::Result<Array> {
+            if start >= end {
+                // More ranks than rows: this rank adds nothing.
+                let mut shape = normed.shape().to_vec();
+                let last = shape.len() - 1;
+                shape[last] = vocab;
+                return ops::zeros_dtype(&shape, self.compute);
+            }
+            let mine = head.forward_rows(normed, start, end)?;
+            let mut shape = mine.shape().to_vec();
+            let last = shape.len() - 1;
+            let mut pieces = Vec::with_capacity(3);
+            if start > 0 {
+                shape[last] = start;
+                pieces.push(ops::zeros_dtype(&shape, mine.dtype())?);
+            }
+            let after = vocab - end;
+            pieces.push(mine);
+            if after > 0 {
+                shape[last] = after;
+                pieces.push(ops::zeros_dtype(&shape, pieces[0].dtype())?);
+            }
+            ops::concatenate(&pieces, -1)
+        };
+        let padded = part().map_err(EngineError::mlx("lm_head"))?;
+        Ok(group.all_sum(&padded)?)
     }
 
     /// Logits of the last position after running `ids` (`[1, L]`) through the

@@ -68,6 +68,10 @@ pub struct TimingReport {
     pub decode_seconds: f64,
     /// Tokens after the first ÷ decode seconds.
     pub decode_tokens_per_second: f64,
+    /// Process CPU seconds of the prefill (Linux).
+    pub prefill_cpu_seconds: Option<f64>,
+    /// Process CPU seconds of the decode (Linux).
+    pub decode_cpu_seconds: Option<f64>,
 }
 
 /// What one rank did.
@@ -208,6 +212,8 @@ pub fn run_rank(
             prefill_tokens_per_second: t.prefill_tokens_per_second,
             decode_seconds: t.decode_seconds,
             decode_tokens_per_second: t.decode_tokens_per_second,
+            prefill_cpu_seconds: t.prefill_cpu_seconds,
+            decode_cpu_seconds: t.decode_cpu_seconds,
         },
         bytes_read: load.bytes_read,
         checkpoint_bytes: load.checkpoint_bytes,

@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, Dtype};
 
 use super::config::{ModelConfig, QuantConfig};
@@ -201,7 +202,10 @@ impl Checkpoint {
         Ok((file, info))
     }
 
-    /// Reads a whole tensor of `shape` whose dtype passes `dtype_ok`.
+    /// Reads this rank's part (`split`) of tensor `name`, checking its
+    /// unsharded `shape` and its dtype. For a column split, `group` is the
+    /// number of columns a quantization group spans, which a rank's slice
+    /// must hold whole.
     fn read(
         &self,
         name: &str,
@@ -364,6 +368,30 @@ impl Linear {
                 group_size,
                 bits,
             } => mlx_rs::ops::quantized_matmul(x, weight, scales, biases, true, *group_size, *bits),
+        }
+    }
+
+    /// Outputs `start .. end` of `x Wᵀ`: the same products over a row range
+    /// of the weight (a view; nothing is copied).
+    pub fn forward_rows(&self, x: &Array, start: i32, end: i32) -> mlx_rs::error::Result<Array> {
+        let rows = |a: &Array| a.try_index(start..end);
+        match self {
+            Linear::Dense { weight } => x.matmul(rows(weight)?.t()),
+            Linear::Quantized {
+                weight,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => mlx_rs::ops::quantized_matmul(
+                x,
+                rows(weight)?,
+                rows(scales)?,
+                &rows(biases)?,
+                true,
+                *group_size,
+                *bits,
+            ),
         }
     }
 
