@@ -279,6 +279,50 @@ impl Cluster {
         check_output(out, &format!("kubectl {}", args.join(" ")))
     }
 
+    /// Deletes Leases in [`SYSTEM_NAMESPACE`] by name, as the admin, without
+    /// waiting; for clean-up code, so errors are ignored.
+    pub fn delete_leases(&self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        let mut args = vec![
+            "delete",
+            "lease",
+            "-n",
+            SYSTEM_NAMESPACE,
+            "--ignore-not-found",
+            "--wait=false",
+        ];
+        args.extend(names.iter().map(String::as_str));
+        let _ = self.kubectl(Identity::Admin, &args);
+    }
+
+    /// Removes the finalizers of every LlamaDeployment in `namespace`, as
+    /// the admin: for clean-up after a test whose operator is gone, so
+    /// errors are ignored.
+    pub fn clear_deployment_finalizers(&self, namespace: &str) {
+        let Ok(out) = self.kubectl(
+            Identity::Admin,
+            &["get", "llamadeployments", "-n", namespace, "-o", "name"],
+        ) else {
+            return;
+        };
+        for name in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = self.kubectl(
+                Identity::Admin,
+                &[
+                    "patch",
+                    name,
+                    "-n",
+                    namespace,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ],
+            );
+        }
+    }
+
     /// Stops and starts kube-apiserver, keeping etcd's data, and waits until it is ready.
     pub fn restart_apiserver(&self) -> anyhow::Result<()> {
         run_checked(

@@ -436,18 +436,7 @@ impl Agents {
             Identity::Admin,
             &["delete", "lnode", "-l", &selector, "--wait=false"],
         );
-        if !names.is_empty() {
-            let mut args = vec![
-                "delete",
-                "lease",
-                "-n",
-                SYSTEM_NAMESPACE,
-                "--ignore-not-found",
-                "--wait=false",
-            ];
-            args.extend(names.iter().map(String::as_str));
-            let _ = cluster.kubectl(Identity::Admin, &args);
-        }
+        cluster.delete_leases(&names);
     }
 }
 
@@ -726,38 +715,8 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         let ns = self.ns.name().to_owned();
-        if let Ok(out) = self.cluster.kubectl(
-            Identity::Admin,
-            &["get", "llamadeployments", "-n", &ns, "-o", "name"],
-        ) {
-            for name in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.cluster.kubectl(
-                    Identity::Admin,
-                    &[
-                        "patch",
-                        name,
-                        "-n",
-                        &ns,
-                        "--type=merge",
-                        "-p",
-                        r#"{"metadata":{"finalizers":null}}"#,
-                    ],
-                );
-            }
-        }
+        self.cluster.clear_deployment_finalizers(&ns);
         self.agents.remove_nodes(self.cluster);
-        let lease = format!("op-{ns}");
-        let _ = self.cluster.kubectl(
-            Identity::Admin,
-            &[
-                "delete",
-                "lease",
-                "-n",
-                SYSTEM_NAMESPACE,
-                &lease,
-                "--ignore-not-found",
-                "--wait=false",
-            ],
-        );
+        self.cluster.delete_leases(&[format!("op-{ns}")]);
     }
 }

@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::{Identity, SYSTEM_NAMESPACE, TestNamespace, cluster, eventually};
+use tandem_tests::{Identity, TestNamespace, cluster, eventually};
 
 use crate::agent_support::{self, Agent, AgentOptions, free_port, model_dir, openai_python};
 use crate::operator_support::{Operator, condition};
@@ -319,37 +319,13 @@ impl Drop for Story {
         self.agents.clear();
         let c = cluster();
         let ns = self.ns().to_owned();
-        if let Ok(out) = c.kubectl(Identity::Admin, &["get", "llama", "-n", &ns, "-o", "name"]) {
-            for d in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = c.kubectl(
-                    Identity::Admin,
-                    &[
-                        "patch",
-                        d,
-                        "-n",
-                        &ns,
-                        "--type=merge",
-                        "-p",
-                        r#"{"metadata":{"finalizers":null}}"#,
-                    ],
-                );
-            }
-        }
+        c.clear_deployment_finalizers(&ns);
         let mut args = vec!["delete", "lnode", "--ignore-not-found", "--wait=false"];
         args.extend(names.iter().map(String::as_str));
         let _ = c.kubectl(Identity::Admin, &args);
-        let mut args = vec![
-            "delete",
-            "lease",
-            "-n",
-            SYSTEM_NAMESPACE,
-            "--ignore-not-found",
-            "--wait=false",
-        ];
-        let leader = format!("op-{ns}");
-        args.push(&leader);
-        args.extend(names.iter().map(String::as_str));
-        let _ = c.kubectl(Identity::Admin, &args);
+        let mut leases = names;
+        leases.push(format!("op-{ns}"));
+        c.delete_leases(&leases);
     }
 }
 
