@@ -452,7 +452,14 @@ async fn kubectl_get_shows_the_printer_columns() {
             .unwrap();
         assert!(out.status.success(), "kubectl get {what}: {}", stderr(&out));
         let text = stdout(&out);
-        let mut lines = text.lines();
+        // `kubectl get tandem` prints one table per kind of the category;
+        // LlamaNodes are cluster-scoped, so other suites' nodes may show up
+        // in a table of their own. Take the deployments' table.
+        let table = text
+            .split("\n\n")
+            .find(|t| t.contains("cols"))
+            .unwrap_or_default();
+        let mut lines = table.lines();
         let header: Vec<&str> = lines
             .next()
             .unwrap_or_default()
