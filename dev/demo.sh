@@ -142,8 +142,12 @@ watch_until() {
   while :; do
     IFS='|' read -r phase ready world epoch endpoint reason message <<<"$(snapshot)"
     local line
-    line=$(printf 'epoch %-2s %-10s %s/%s ranks ready  %s: %s' "${epoch:-0}" "${phase:--}" \
-      "${ready:-0}" "${world:-?}" "${reason:--}" "${message:-}")
+    if [ -z "$phase" ]; then
+      line="(no status yet: the operator has not reconciled it)"
+    else
+      line=$(printf 'epoch %-2s %-10s %s/%s ranks ready  %s: %s' "${epoch:-0}" "$phase" \
+        "${ready:-0}" "${world:-?}" "${reason:--}" "${message:-}")
+    fi
     if [ "$line" != "$last" ]; then
       printf '    %s\n' "$line"
       last=$line
