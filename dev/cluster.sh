@@ -45,26 +45,8 @@ STATE=${TANDEM_CLUSTER_DIR:-$REPO/target/tandem-cluster}
 SYSTEM_NAMESPACE=tandem-system
 APT_PACKAGES=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl curl python3 ca-certificates)
 
-log() { printf '[cluster] %s\n' "$*" >&2; }
-die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
-
-# step NAME LOGFILE CMD... runs CMD with its output in LOGFILE; on failure it
-# names the step and the log, and shows the log's tail.
-step() {
-  local name=$1 logfile=$2
-  shift 2
-  mkdir -p "$(dirname "$logfile")"
-  log "$name (log: $logfile)"
-  if ! "$@" >"$logfile" 2>&1; then
-    printf '[cluster] step "%s" failed; its log is %s. Last lines:\n' "$name" "$logfile" >&2
-    tail -n 30 "$logfile" >&2 || true
-    exit 1
-  fi
-}
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+TAG=cluster
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cmd_deps() {
   local missing=()

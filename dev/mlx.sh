@@ -38,29 +38,8 @@ CACHE_DIR=${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}
 WHEEL_ROOT="$CACHE_DIR/$MLX_WHEEL_NAME-$MLX_VERSION"
 LOG_DIR="$CACHE_DIR/logs"
 
-log() { printf '[mlx] %s\n' "$*" >&2; }
-die() {
-  printf '[mlx] error: %s\n' "$*" >&2
-  exit 1
-}
-
-# step NAME LOGFILE CMD... runs CMD with its output in LOGFILE; on failure it
-# names the step and the log, and shows the log's tail.
-step() {
-  local name=$1 logfile=$2
-  shift 2
-  mkdir -p "$(dirname "$logfile")"
-  log "$name (log: $logfile)"
-  if ! "$@" >"$logfile" 2>&1; then
-    printf '[mlx] step "%s" failed; its log is %s. Last lines:\n' "$name" "$logfile" >&2
-    tail -n 30 "$logfile" >&2 || true
-    exit 1
-  fi
-}
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+TAG=mlx
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # A usable MLX directory has the shared library and the headers.
 check_mlx_dir() {
