@@ -39,11 +39,7 @@ async fn form_and_serve(world: usize) -> anyhow::Result<()> {
             Agent::start(
                 cluster,
                 &unique_name(&format!("agent-tp{world}-r{r}")),
-                AgentOptions {
-                    model_dirs: vec![model_dir()],
-                    offline: true,
-                    ..AgentOptions::default()
-                },
+                AgentOptions::tiny_model(),
             )
         })
         .collect();

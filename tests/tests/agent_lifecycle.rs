@@ -20,15 +20,7 @@ async fn a_shard_loads_serves_and_is_released_when_deleted() -> anyhow::Result<(
     let admin = admin(cluster).await;
     let ns = TestNamespace::new(cluster, "agent-life").await?;
     let node_name = unique_name("agent-life");
-    let agent = Agent::start(
-        cluster,
-        &node_name,
-        AgentOptions {
-            model_dirs: vec![model_dir()],
-            offline: true,
-            ..AgentOptions::default()
-        },
-    );
+    let agent = Agent::start(cluster, &node_name, AgentOptions::tiny_model());
     let group = Group::new("solo", 1, std::slice::from_ref(&node_name));
     group.create(&admin, ns.name(), "token-solo").await?;
     let status = wait_phase(
@@ -295,15 +287,7 @@ async fn a_newer_epoch_replaces_the_stale_one() -> anyhow::Result<()> {
     let admin = admin(cluster).await;
     let ns = TestNamespace::new(cluster, "agent-epoch").await?;
     let node_name = unique_name("agent-epoch");
-    let agent = Agent::start(
-        cluster,
-        &node_name,
-        AgentOptions {
-            model_dirs: vec![model_dir()],
-            offline: true,
-            ..AgentOptions::default()
-        },
-    );
+    let agent = Agent::start(cluster, &node_name, AgentOptions::tiny_model());
     let first = Group::new("llama", 1, std::slice::from_ref(&node_name));
     first.create(&admin, ns.name(), "epoch-1").await?;
     first.wait_ready(&admin, ns.name()).await?;
@@ -337,15 +321,7 @@ async fn workers_do_not_outlive_a_killed_agent() -> anyhow::Result<()> {
     let admin = admin(cluster).await;
     let ns = TestNamespace::new(cluster, "agent-orphan").await?;
     let node_name = unique_name("agent-orphan");
-    let mut agent = Agent::start(
-        cluster,
-        &node_name,
-        AgentOptions {
-            model_dirs: vec![model_dir()],
-            offline: true,
-            ..AgentOptions::default()
-        },
-    );
+    let mut agent = Agent::start(cluster, &node_name, AgentOptions::tiny_model());
     let group = Group::new("orphan", 1, std::slice::from_ref(&node_name));
     group.create(&admin, ns.name(), "token-orphan").await?;
     group.wait_ready(&admin, ns.name()).await?;

@@ -86,11 +86,7 @@ async fn group_of_two(prefix: &str, max_context_tokens: u32) -> anyhow::Result<P
             Agent::start(
                 cluster,
                 &unique_name(&format!("{prefix}-r{r}")),
-                AgentOptions {
-                    model_dirs: vec![model_dir()],
-                    offline: true,
-                    ..AgentOptions::default()
-                },
+                AgentOptions::tiny_model(),
             )
         })
         .collect();
@@ -218,10 +214,8 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
         cluster,
         &node_name,
         AgentOptions {
-            model_dirs: vec![model_dir()],
-            offline: true,
             args: vec!["--max-queue".into(), "1".into()],
-            ..AgentOptions::default()
+            ..AgentOptions::tiny_model()
         },
     );
     let mut group = Group::new("errors", 1, std::slice::from_ref(&node_name));

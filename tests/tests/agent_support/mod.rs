@@ -150,6 +150,17 @@ pub struct AgentOptions {
     pub args: Vec<String>,
 }
 
+impl AgentOptions {
+    /// Serving the tiny test model from [`model_dir`], with downloads off.
+    pub fn tiny_model() -> AgentOptions {
+        AgentOptions {
+            model_dirs: vec![model_dir()],
+            offline: true,
+            ..AgentOptions::default()
+        }
+    }
+}
+
 /// A `tandem-agent run` child process.
 #[derive(Debug)]
 pub struct Agent {

@@ -17,7 +17,7 @@ use serde_json::json;
 use tandem_crds::*;
 use tandem_tests::{Identity, TestNamespace, cluster, eventually};
 
-use crate::agent_support::{self, Agent, AgentOptions, free_port, model_dir, openai_python};
+use crate::agent_support::{self, Agent, AgentOptions, free_port, openai_python};
 use crate::operator_support::{Operator, condition};
 
 /// How long a story waits for the system to converge (loading, group
@@ -108,15 +108,13 @@ impl Story {
             &self.agent_name(index),
             AgentOptions {
                 labels: vec![format!("{}={}", self.label.0, self.label.1)],
-                model_dirs: vec![model_dir()],
-                offline: true,
                 args: vec![
                     "--port-range".into(),
                     port_range(),
                     "--lease-duration-seconds".into(),
                     self.lease_seconds.to_string(),
                 ],
-                ..AgentOptions::default()
+                ..AgentOptions::tiny_model()
             },
         );
         self.agents[index] = Some(agent);
