@@ -10,7 +10,9 @@
 //!    `mlx-sys` 0.7.0 package, by asking cargo to resolve a throwaway manifest
 //!    (`MLX_C_DIR` overrides);
 //! 3. compile mlx-c's `mlx/c/*.cpp` with the `cc` crate and link `libmlx`;
-//! 4. run bindgen over mlx-c's headers.
+//! 4. compile Tandem's own additions to that API (`shim/`, see
+//!    `shim/tandem_mlx_shim.h`) into the same library;
+//! 5. run bindgen over mlx-c's headers and the shim's.
 //!
 //! Everything it writes goes to `OUT_DIR`.
 
@@ -41,18 +43,20 @@ fn run() -> BuildResult<()> {
     }
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=compat");
+    println!("cargo::rerun-if-changed=shim");
 
     let manifest_dir = PathBuf::from(env_var("CARGO_MANIFEST_DIR")?);
     let out_dir = PathBuf::from(env_var("OUT_DIR")?);
     let target_os = env_var("CARGO_CFG_TARGET_OS")?;
     let compat_header = manifest_dir.join("compat").join("tandem_mlx_compat.h");
+    let shim_dir = manifest_dir.join("shim");
 
     let mlx_dir = locate_mlx()?;
     let mlx_c = locate_mlx_c(&out_dir)?;
 
-    compile_mlx_c(&mlx_c, &mlx_dir, &compat_header)?;
+    compile_mlx_c(&mlx_c, &shim_dir, &mlx_dir, &compat_header)?;
     link_mlx(&mlx_dir, &target_os);
-    generate_bindings(&mlx_c, &compat_header, &out_dir)
+    generate_bindings(&mlx_c, &shim_dir, &compat_header, &out_dir)
 }
 
 fn env_var(name: &str) -> BuildResult<String> {
@@ -216,12 +220,19 @@ fn files_with_extension(dir: &Path, ext: &str) -> BuildResult<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn compile_mlx_c(mlx_c: &Path, mlx_dir: &Path, compat_header: &Path) -> BuildResult<()> {
-    let sources = files_with_extension(&mlx_c.join("mlx").join("c"), "cpp")?;
+fn compile_mlx_c(
+    mlx_c: &Path,
+    shim_dir: &Path,
+    mlx_dir: &Path,
+    compat_header: &Path,
+) -> BuildResult<()> {
+    let mut sources = files_with_extension(&mlx_c.join("mlx").join("c"), "cpp")?;
+    sources.extend(files_with_extension(shim_dir, "cpp")?);
     cc::Build::new()
         .cpp(true)
         .std("c++20")
         .include(mlx_c)
+        .include(shim_dir)
         .include(mlx_dir.join("include"))
         .flag("-include")
         .flag(compat_header.as_os_str())
@@ -257,8 +268,14 @@ fn link_mlx(mlx_dir: &Path, target_os: &str) {
     println!("cargo::rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
 }
 
-fn generate_bindings(mlx_c: &Path, compat_header: &Path, out_dir: &Path) -> BuildResult<()> {
-    let headers = files_with_extension(&mlx_c.join("mlx").join("c"), "h")?;
+fn generate_bindings(
+    mlx_c: &Path,
+    shim_dir: &Path,
+    compat_header: &Path,
+    out_dir: &Path,
+) -> BuildResult<()> {
+    let mut headers = files_with_extension(&mlx_c.join("mlx").join("c"), "h")?;
+    headers.extend(files_with_extension(shim_dir, "h")?);
     let target = bindgen::RustTarget::stable(85, 0).map_err(|e| format!("bindgen target: {e}"))?;
     let mut builder = bindgen::Builder::default()
         .rust_target(target)

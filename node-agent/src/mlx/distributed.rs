@@ -188,16 +188,22 @@ impl Group {
     /// The element-wise sum of `x` over every rank of the group.
     ///
     /// Like every MLX op it is lazy: the communication happens when the result
-    /// is evaluated, and every rank must evaluate it. It runs on the current
-    /// mlx-rs stream (`mlx_rs::with_stream` picks another).
+    /// is evaluated, and every rank must evaluate it.
+    ///
+    /// It takes no stream, on purpose: MLX runs a collective on its group's
+    /// communication stream only when the caller names none (as
+    /// `mx.distributed.all_sum(x)` does in Python). mlx-c's own
+    /// `mlx_distributed_all_sum` always passes one, and the caller's default
+    /// stream is the GPU stream on Metal and CUDA builds, where the ring
+    /// backend has no kernels: the collective then aborts the process. The
+    /// CPU build hides this, because there the default stream is a CPU one.
     pub fn all_sum(&self, x: &Array) -> Result<Array, DistributedError> {
-        let stream = Stream::thread_local_or_default();
         // SAFETY: creates an empty array handle for mlx-c to fill in.
         let mut result = unsafe { mlx_sys::mlx_array_new() };
-        // SAFETY: `result`, `x`, the group and the stream are live handles for
-        // the whole call; mlx-c only writes into `result`.
+        // SAFETY: `result`, `x` and the group are live handles for the whole
+        // call; the shim only writes into `result`.
         let outcome = with_mlx_errors(|| unsafe {
-            mlx_sys::mlx_distributed_all_sum(&mut result, x.as_ptr(), self.raw, stream.as_ptr())
+            mlx_sys::tandem_distributed_all_sum(&mut result, x.as_ptr(), self.raw)
         });
         // SAFETY: `result` is a handle we own (filled or still empty); `Array`
         // takes that ownership and frees it on drop.
