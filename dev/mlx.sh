@@ -8,7 +8,9 @@
 #
 # Where libmlx comes from is the one platform seam (docs/mlx.md): set MLX_DIR
 # to the `mlx` directory of another wheel (macOS `mlx`, NVIDIA `mlx-cuda-13`)
-# and this script downloads nothing and just reports it.
+# and this script downloads nothing and just reports it. TANDEM_MLX_WHEEL=
+# mlx-cuda-13 fetches and caches the CUDA wheel instead of the CPU one (what
+# dev/gpu.sh builds against; this machine needs no GPU for that).
 #
 # Every command is idempotent; the second run takes well under a second.
 set -euo pipefail
@@ -28,18 +30,24 @@ commands:
 environment:
   MLX_DIR           use this MLX instead (e.g. the macOS `mlx` wheel or the
                     `mlx-cuda-13` wheel's `mlx` directory); nothing is downloaded
+  TANDEM_MLX_WHEEL  mlx-cpu (default) or mlx-cuda-13: which wheel to fetch
   TANDEM_CACHE_DIR  cache root (default: ~/.cache/tandem)
 EOF
 }
 
 MLX_VERSION="0.32.2"
-MLX_WHEEL_NAME="mlx-cpu"
+MLX_WHEEL_NAME=${TANDEM_MLX_WHEEL:-mlx-cpu}
 CACHE_DIR=${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}
 WHEEL_ROOT="$CACHE_DIR/$MLX_WHEEL_NAME-$MLX_VERSION"
 LOG_DIR="$CACHE_DIR/logs"
 
 TAG=mlx
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+case "$MLX_WHEEL_NAME" in
+  mlx-cpu | mlx-cuda-13) ;;
+  *) die "TANDEM_MLX_WHEEL=$MLX_WHEEL_NAME: expected mlx-cpu or mlx-cuda-13" ;;
+esac
 
 # A usable MLX directory has the shared library and the headers.
 check_mlx_dir() {

@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# Tandem on an NVIDIA GPU (MLX's CUDA backend): build here, check there.
+#
+# The GPU machine has no Rust toolchain and reaches no registry, so the agent
+# is built on this machine against the `mlx-cuda-13` wheel (libmlx's CUDA
+# libraries are missing here, hence --allow-shlib-undefined) and packed as
+# small as it goes. docs/mlx.md, "NVIDIA GPUs", explains the whole path.
+#
+# usage:
+#   dev/gpu.sh pack            here: build and pack into .gpu/part1 and .gpu/part2
+#                              (each under the 64 MiB a device call carries);
+#                              TANDEM_AGENT_BIN=PATH packs that CUDA build instead
+#   dev/gpu.sh check [STAGES]  on the GPU machine, from the repo root: lay out
+#                              MLX (part1 from $TANDEM_GPU_STASH, default
+#                              /root/stash, or .gpu/part1), then run the stages
+#                              and write the report to ${OUT:-./gpu-out}
+#
+# Stages (default: all, in this order):
+#   selftest  ring-selftest at 2 and 4 ranks; nccl at 1 rank, and 2 ranks on
+#             one GPU (which NCCL refuses: why the operator allows one rank
+#             per GPU)
+#   correct   greedy ids of `generate` at world sizes 1, 2, 4 against mlx-lm's
+#             (1B shape), and 1 against 2 (8B shape)
+#   bench     `generate` against mlx-lm, 1B/3B/8B shapes at world size 1 and
+#             1B/8B at world size 2 (a functional check: two ranks on one GPU)
+#   serve     `tandem-agent serve` against `mlx_lm.server`: first-request
+#             TTFT, TTFT, throughput with 1/4/8 clients; then the first
+#             request after a restart with a cold and with a kept kernel cache
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TAG=gpu
+LOG_DIR=${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}/logs
+source dev/lib.sh
+
+MLX_VERSION=0.32.2
+PACK=.gpu
+
+cmd_pack() {
+  local mlx_dir target=target/cuda bin
+  mlx_dir=$(TANDEM_MLX_WHEEL=mlx-cuda-13 bash dev/mlx.sh dir)
+  bin=${TANDEM_AGENT_BIN:-}
+  if [ -z "$bin" ]; then
+    log "building tandem-agent (release) against $mlx_dir"
+    MLX_DIR=$mlx_dir CARGO_TARGET_DIR=$target \
+      RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
+      cargo build --release --locked -p tandem-agent >&2
+    bin=$target/release/tandem-agent
+  fi
+  rm -rf "$PACK"
+  mkdir -p "$PACK/part1" "$PACK/part2" "$PACK/tmp"
+  strip -o "$PACK/tmp/tandem-agent" "$bin"
+  xz -T0 -6 -c "$PACK/tmp/tandem-agent" >"$PACK/part2/tandem-agent.xz"
+  # The CUDA wheel's files, layout intact (libmlx finds its CUDA libraries
+  # through rpaths relative to itself). Cached: it only changes with MLX.
+  local wheel_root cached
+  wheel_root=$(dirname "$mlx_dir")
+  cached=${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}/mlx-cuda-13-$MLX_VERSION.tar.xz
+  if [ ! -f "$cached" ]; then
+    log "packing the CUDA wheel's files (xz, a few minutes)"
+    tar -C "$wheel_root" -cf - mlx mlx_cuda_13.libs | xz -T0 -6 >"$cached.tmp"
+    mv "$cached.tmp" "$cached"
+  fi
+  split -b 36m "$cached" "$PACK/tmp/mlx-cuda.tar.xz."
+  mv "$PACK/tmp/mlx-cuda.tar.xz.aa" "$PACK/part1/"
+  mv "$PACK"/tmp/mlx-cuda.tar.xz.a? "$PACK/part2/"
+  # The Python side of mlx-lm, the peer: mlx's bindings for CPython 3.12 and
+  # mlx-lm itself (their other needs are installed there already).
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_35_x86_64 -d "$PACK/part2" \
+    "mlx==$MLX_VERSION" "mlx-lm==$MLX_VERSION" >&2
+  rm -rf "$PACK/tmp"
+  du -sh "$PACK"/part1 "$PACK"/part2 >&2
+  log "packed; send .gpu/part1 to a folder outside the repo first, then run check with .gpu/part2"
+}
+
+# ---- everything below runs on the GPU machine -------------------------------
+
+SITE=/tmp/tandem-site
+AGENT=/tmp/tandem-agent
+MODELS=/tmp/tandem-models
+REPORT=
+PY=python3
+
+layout() {
+  local stash=${TANDEM_GPU_STASH:-/root/stash}
+  [ -d "$stash" ] || stash=$PACK/part1
+  if [ ! -x "$AGENT" ]; then
+    rm -rf "$SITE"
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$PACK"/part2/mlx-*.whl "$PACK"/part2/mlx_lm-*.whl
+    cat "$stash"/mlx-cuda.tar.xz.* "$PACK"/part2/mlx-cuda.tar.xz.* | xz -dc | tar -x -C "$SITE"
+    local torch_nvidia
+    torch_nvidia=$("$PY" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia
+    ln -sfn "$torch_nvidia" "$SITE/nvidia"
+    xz -dc "$PACK/part2/tandem-agent.xz" >"$AGENT"
+    chmod +x "$AGENT"
+  fi
+  export PYTHONPATH=$SITE LD_LIBRARY_PATH=$SITE/mlx/lib
+  export NCCL_NVLS_ENABLE=0
+}
+
+say() { printf '%s\n' "$*" | tee -a "$REPORT"; }
+
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# ranks N CMD... runs CMD as ranks 0..N-1 of a loopback ring group; rank r's
+# stdout goes to $OUT/ranks.r
+ranks() {
+  local n=$1 base hostfile r pids=() status=0
+  shift
+  base=$(free_port)
+  hostfile=$(mktemp)
+  "$PY" -c "import json; print(json.dumps([[f'127.0.0.1:{$base + 10 * r}'] for r in range($n)]))" >"$hostfile"
+  for r in $(seq 0 $((n - 1))); do
+    if [ "${RANKS_NCCL:-0}" = 1 ]; then
+      MLX_RANK=$r MLX_WORLD_SIZE=$n NCCL_HOST_IP=127.0.0.1 NCCL_PORT=$((base + 5)) \
+        timeout 120 "$@" >"$OUT/ranks.$r" 2>"$OUT/ranks.$r.err" &
+    else
+      MLX_HOSTFILE=$hostfile MLX_RANK=$r timeout 120 "$@" >"$OUT/ranks.$r" 2>"$OUT/ranks.$r.err" &
+    fi
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || status=$?; done
+  return $status
+}
+
+stage_selftest() {
+  say "## ring-selftest"
+  local n
+  for n in 2 4; do
+    if ranks "$n" "$AGENT" ring-selftest --backend ring; then
+      say "- ring, $n ranks: $(cat "$OUT"/ranks.[0-9] | tr '\n' ' ')"
+      "$PY" - "$n" "$OUT" <<'EOF' | tee -a "$REPORT"
+import json, sys, glob
+n = int(sys.argv[1])
+rows = [json.loads(open(f).read()) for f in sorted(glob.glob(sys.argv[2] + "/ranks.[0-9]"))]
+ok = all(r["sum_of_ones"] == [float(n)] * 4 and
+         r["sum_of_ranked"] == [n * (n - 1) / 2, n * (n - 1) / 2 + n, n * (n - 1)] for r in rows)
+print(f"- ring, {n} ranks: {'PASS' if ok and len(rows) == n else 'FAIL'}")
+EOF
+    else
+      say "- ring, $n ranks: FAIL"; tail -n 5 "$OUT"/ranks.*.err | tee -a "$REPORT"
+    fi
+    rm -f "$OUT"/ranks.*
+  done
+  if RANKS_NCCL=1 ranks 1 env CUDA_VISIBLE_DEVICES=0 "$AGENT" ring-selftest --backend nccl; then
+    say "- nccl, 1 rank: $(cat "$OUT/ranks.0")"
+  else
+    say "- nccl, 1 rank: FAIL"; tail -n 5 "$OUT/ranks.0.err" | tee -a "$REPORT"
+  fi
+  if RANKS_NCCL=1 ranks 2 env CUDA_VISIBLE_DEVICES=0 "$AGENT" ring-selftest --backend nccl; then
+    say "- nccl, 2 ranks on one GPU: ran ($(cat "$OUT"/ranks.[0-9] | tr '\n' ' '))"
+  else
+    say "- nccl, 2 ranks on one GPU: refused, as expected: $(grep -h -i -m1 'error\|fail' "$OUT"/ranks.*.err | head -c 300)"
+  fi
+  rm -f "$OUT"/ranks.*
+}
+
+model() { # preset -> dir
+  local dir=$MODELS/$1-q4
+  if [ ! -f "$dir/.complete" ]; then
+    rm -rf "$dir"
+    "$AGENT" make-model --preset "$1" --quant 4 --out "$dir" --seed 0 >/dev/null
+    touch "$dir/.complete"
+  fi
+  echo "$dir"
+}
+
+prompt_ids() { # model-dir tokens
+  "$PY" -c "
+import json
+vocab = json.load(open('$1/config.json'))['vocab_size']
+print(','.join(['128000'] + [str((7 + 31 * i) % (vocab - 256)) for i in range($2 - 1)]))"
+}
+
+ids_of() { "$PY" -c 'import json, sys; print(json.load(sys.stdin)["generated_ids"])'; }
+
+stage_correct() {
+  say "## greedy tokens across world sizes and against mlx-lm"
+  local preset dir ids ref w got
+  for preset in llama-3.2-1b llama-3.1-8b; do
+    dir=$(model "$preset")
+    ids=$(prompt_ids "$dir" 128)
+    ref=$("$PY" node-agent/peer/mlx_lm_peer.py greedy --model "$dir" --ids "$ids" --max-tokens 32 --ignore-eos | ids_of)
+    say "- $preset mlx-lm: $ref"
+    local sizes="1 2 4"
+    [ "$preset" = llama-3.1-8b ] && sizes="1 2"
+    for w in $sizes; do
+      got=$("$AGENT" generate --model "$dir" --prompt-ids "$ids" --max-tokens 32 --ignore-eos \
+        --world-size "$w" --json 2>"$OUT/generate.err" | ids_of) || got="FAILED: $(tail -n 3 "$OUT/generate.err")"
+      if [ "$got" = "$ref" ]; then say "- $preset world $w: PASS (equal to mlx-lm)"; else say "- $preset world $w: FAIL: $got"; fi
+    done
+  done
+}
+
+stage_bench() {
+  say "## engine benchmark (prompt 128, 256 generated, greedy, EOS ignored, warm-up on the measured prompt)"
+  local preset dir ids w
+  for preset in llama-3.2-1b llama-3.2-3b llama-3.1-8b; do
+    dir=$(model "$preset")
+    ids=$(prompt_ids "$dir" 128)
+    for w in 1 2; do
+      [ "$preset" = llama-3.2-3b ] && [ "$w" = 2 ] && continue
+      "$AGENT" generate --model "$dir" --prompt-ids "$ids" --max-tokens 256 --ignore-eos \
+        --warmup --world-size "$w" --json >"$OUT/bench-ours-$preset-$w.json" 2>>"$OUT/bench.err" || true
+    done
+    "$PY" node-agent/peer/mlx_lm_peer.py bench --model "$dir" --ids "$ids" --max-tokens 256 \
+      >"$OUT/bench-peer-$preset-1.json" 2>>"$OUT/bench.err" || true
+  done
+  # mlx-lm's own tensor parallelism on the 1B shape, two ranks on the GPU.
+  dir=$(model llama-3.2-1b)
+  ids=$(prompt_ids "$dir" 128)
+  ranks 2 "$PY" node-agent/peer/mlx_lm_peer.py bench --model "$dir" --ids "$ids" --max-tokens 256 || true
+  grep -h '^{' "$OUT/ranks.0" >"$OUT/bench-peer-llama-3.2-1b-2.json" 2>/dev/null || true
+  rm -f "$OUT"/ranks.*
+  "$PY" - "$OUT" <<'EOF' | tee -a "$REPORT"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    p = out / name
+    try:
+        return json.loads(p.read_text().strip().splitlines()[-1])
+    except Exception:
+        return None
+print("| shape | world | engine | prefill tok/s | decode tok/s | TTFT s | peak GPU memory MB |")
+print("|---|---:|---|---:|---:|---:|---:|")
+for preset in ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]:
+    for w in [1, 2]:
+        ours = load(f"bench-ours-{preset}-{w}.json")
+        if ours:
+            t = ours["timings"]
+            mem = max((r.get("mlx_peak_memory_bytes") or 0) for r in (ours.get("ranks") or [ours]))
+            print(f"| {preset} | {w} | tandem | {t['prefill_tokens_per_second']:.0f} | "
+                  f"{t['decode_tokens_per_second']:.1f} | {t['time_to_first_token_seconds']:.4f} | {mem / 1e6:.0f} |")
+        peer = load(f"bench-peer-{preset}-{w}.json")
+        if peer:
+            print(f"| {preset} | {w} | mlx-lm 0.32.2 | {peer['prefill_tokens_per_second']:.0f} | "
+                  f"{peer['decode_tokens_per_second']:.1f} | {peer['time_to_first_token_seconds']:.4f} | "
+                  f"{peer['mlx_peak_memory_bytes'] / 1e6:.0f} |")
+EOF
+}
+
+# serve_until_ready LOG ARGS... starts `tandem-agent serve` in the background
+# and waits for its "serving" line; sets SERVE_PID and READY_SECONDS.
+serve_until_ready() {
+  local log=$1 started=$SECONDS i
+  shift
+  "$AGENT" serve "$@" >"$log" 2>"$log.err" &
+  SERVE_PID=$!
+  for i in $(seq 1 600); do
+    if grep -q '^serving ' "$log" 2>/dev/null; then READY_SECONDS=$((SECONDS - started)); return 0; fi
+    kill -0 "$SERVE_PID" 2>/dev/null || break
+    sleep 0.5
+  done
+  say "serve did not become ready: $(tail -n 5 "$log.err")"
+  return 1
+}
+
+stop_serve() { kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; }
+
+stage_serve() {
+  say "## serving: tandem-agent serve against mlx_lm.server (1B shape, prompt 100 words, 128 tokens)"
+  local dir port state
+  dir=$(model llama-3.2-1b)
+  port=$(free_port)
+  state=$(mktemp -d)
+  # The agent's own kernel cache, under its state directory: no shared one.
+  unset MLX_PTX_CACHE_DIR
+  serve_until_ready "$OUT/serve.log" --model "$dir" --port "$port" --state-dir "$state" || return 0
+  say "- tandem ready after ${READY_SECONDS}s (cold kernel cache, warm-up included): $(grep '^serving' "$OUT/serve.log")"
+  "$PY" dev/bench-serve.py --url "http://127.0.0.1:$port" --model "$(basename "$dir")" --label tandem \
+    | tee -a "$REPORT"
+  stop_serve
+  serve_until_ready "$OUT/serve2.log" --model "$dir" --port "$port" --state-dir "$state" || return 0
+  say "- tandem restarted with its kernel cache kept: ready after ${READY_SECONDS}s"
+  "$PY" dev/bench-serve.py --url "http://127.0.0.1:$port" --model "$(basename "$dir")" --label tandem-restart --first-only \
+    | tee -a "$REPORT"
+  stop_serve
+  serve_until_ready "$OUT/serve3.log" --model "$dir" --port "$port" --state-dir "$(mktemp -d)" \
+    --warmup-prompt-tokens 0 || return 0
+  say "- tandem, fresh kernel cache and no warm-up: ready after ${READY_SECONDS}s"
+  "$PY" dev/bench-serve.py --url "http://127.0.0.1:$port" --model "$(basename "$dir")" --label tandem-cold-no-warmup --first-only \
+    | tee -a "$REPORT"
+  stop_serve
+  serve_until_ready "$OUT/serve4.log" --model "$dir" --port "$port" --state-dir "$state" --world-size 2 || return 0
+  say "- tandem world size 2 (two ranks, one GPU: functional): ready after ${READY_SECONDS}s"
+  "$PY" dev/bench-serve.py --url "http://127.0.0.1:$port" --model "$(basename "$dir")" --label tandem-world-2 \
+    --concurrency 1 --requests-per-client 1 | tee -a "$REPORT"
+  stop_serve
+
+  local peer_port
+  peer_port=$(free_port)
+  "$PY" -m mlx_lm.server --model "$dir" --port "$peer_port" >"$OUT/peer-serve.log" 2>&1 &
+  local peer_pid=$! i
+  for i in $(seq 1 240); do
+    "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$peer_port/v1/models', timeout=2)" 2>/dev/null && break
+    sleep 0.5
+  done
+  "$PY" dev/bench-serve.py --url "http://127.0.0.1:$peer_port" --model default_model --label mlx_lm.server \
+    | tee -a "$REPORT" || say "mlx_lm.server: $(tail -n 5 "$OUT/peer-serve.log")"
+  kill "$peer_pid" 2>/dev/null || true
+}
+
+cmd_check() {
+  OUT=${OUT:-$PWD/gpu-out}
+  mkdir -p "$OUT" "$MODELS"
+  REPORT=$OUT/gpu-report.md
+  layout
+  : >"$REPORT"
+  say "# Tandem GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+  say "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
+  say "- MLX: $("$PY" -c 'import mlx.core as mx; print(mx.__version__, mx.default_device())' 2>&1)"
+  say "- agent: $("$AGENT" --version)"
+  # Kernels compiled once are shared by every process of the run, as an
+  # agent's state directory shares them across its workers.
+  export MLX_PTX_CACHE_DIR=/tmp/tandem-ptx-cache
+  local stages=("$@") s t
+  [ ${#stages[@]} -gt 0 ] || stages=(selftest correct bench serve)
+  for s in "${stages[@]}"; do
+    t=$SECONDS
+    "stage_$s"
+    say "(stage $s took $((SECONDS - t))s)"
+  done
+}
+
+case "${1:-}" in
+  pack) cmd_pack ;;
+  check)
+    shift
+    cmd_check "$@"
+    ;;
+  *)
+    sed -n '2,28p' "$0"
+    exit 2
+    ;;
+esac
