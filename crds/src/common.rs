@@ -135,4 +135,7 @@ pub enum Backend {
     Ring,
     /// MLX's JACCL backend over Thunderbolt RDMA; macOS only.
     Jaccl,
+    /// MLX's NCCL backend; Linux nodes whose agent runs MLX's CUDA backend,
+    /// one rank per GPU.
+    Nccl,
 }

@@ -66,7 +66,10 @@ pub struct LlamaDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
     /// Transport for the group's collective operations. `Ring` (TCP) works
-    /// everywhere; `Jaccl` (Thunderbolt RDMA) needs Macs wired together.
+    /// everywhere; `Jaccl` (Thunderbolt RDMA) needs Macs wired together;
+    /// `Nccl` (NVIDIA NCCL) needs Linux nodes whose agent runs MLX's CUDA
+    /// backend, and takes one of a node's GPUs per rank
+    /// (`LlamaNode.status.capacity.gpus`).
     #[serde(default)]
     pub backend: Backend,
     /// Longest context a request may use, in tokens. The KV cache is sized

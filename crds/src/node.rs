@@ -32,6 +32,12 @@ use crate::shard::ShardPhase;
         json_path = ".status.capacity.memoryBytes"
     ),
     printcolumn(
+        name = "GPUs",
+        type_ = "integer",
+        json_path = ".status.capacity.gpus",
+        priority = 1
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="Ready")].status"#
@@ -112,6 +118,11 @@ pub struct NodeCapacity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub gpu_cores: Option<i32>,
+    /// NVIDIA GPUs this node offers to `Nccl` ranks, one rank each; absent on
+    /// nodes without CUDA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub gpus: Option<i32>,
 }
 
 /// A shard as its node reports it.

@@ -26,7 +26,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tandem_crds::{LlamaDeployment, LlamaDeploymentStatus, LlamaNode, LlamaShard};
+use tandem_crds::{Backend, LlamaDeployment, LlamaDeploymentStatus, LlamaNode, LlamaShard};
 use tandem_planner::{NodeInfo, PortRange};
 use tokio::sync::{mpsc, watch};
 
@@ -149,6 +149,22 @@ impl Context {
             self.config.port_range,
             &self.lease_watch.clock(now),
         )
+    }
+
+    /// The LlamaNodes that cannot run a rank with `backend`, with why,
+    /// counting the GPUs every deployment but `(namespace, name)` holds.
+    fn backend_mismatches(
+        &self,
+        shards: &[Arc<LlamaShard>],
+        exclude: (&str, &str),
+        backend: Backend,
+    ) -> BTreeMap<String, String> {
+        if backend == Backend::Ring {
+            return BTreeMap::new();
+        }
+        let usage = convert::usage_by_node(shards.iter().map(AsRef::as_ref), exclude);
+        let nodes = self.stores.nodes.state();
+        convert::backend_mismatches(backend, nodes.iter().map(AsRef::as_ref), &usage)
     }
 
     fn failure_count(&self, key: &str, failed: bool) -> u32 {
@@ -330,6 +346,7 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         let now = Timestamp::now();
         let (all, own) = shard_views(ctx, &uid);
         let nodes = ctx.node_view(&all, (&ns, &name), now);
+        let mismatched = ctx.backend_mismatches(&all, (&ns, &name), d.spec.backend);
         let own: Vec<&LlamaShard> = own.iter().map(AsRef::as_ref).collect();
         let outcome = decide::reconcile(
             &ReconcileInput {
@@ -338,6 +355,7 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
                 prior: &prior,
                 shards: &own,
                 nodes: &nodes,
+                mismatched: &mismatched,
                 now,
             },
             &ctx.config.settings,
@@ -506,7 +524,8 @@ fn slim<K: Resource>(obj: &mut K) {
 }
 
 /// Hashes what about a node matters to placement: labels, the port-range
-/// annotation, the spec, the capacity and the Ready condition. Status
+/// annotation, the spec, the capacity (GPUs included), the OS and backend
+/// (`spec.backend` eligibility) and the Ready condition. Status
 /// churn (allocated bytes, the shard list) does not trigger reconciles.
 fn node_fingerprint(node: &LlamaNode) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -516,8 +535,9 @@ fn node_fingerprint(node: &LlamaNode) -> Option<u64> {
     node.spec.unschedulable.hash(&mut h);
     if let Some(s) = &node.status {
         if let Some(c) = &s.capacity {
-            (c.memory_bytes, c.wired_limit_bytes).hash(&mut h);
+            (c.memory_bytes, c.wired_limit_bytes, c.gpus).hash(&mut h);
         }
+        (&s.os, &s.backend).hash(&mut h);
         for c in s.conditions.iter().filter(|c| c.type_ == "Ready") {
             c.status.hash(&mut h);
         }

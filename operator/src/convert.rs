@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as metav1;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tandem_crds::{
-    Architecture, LlamaDeployment, LlamaNode, LlamaShard, Quantization as CrdQuantization,
+    Architecture, Backend, LlamaDeployment, LlamaNode, LlamaShard, Quantization as CrdQuantization,
     ShardingStrategy as CrdStrategy, WeightDtype as CrdDtype, default_serving_port,
 };
 use tandem_planner::{
@@ -34,6 +34,9 @@ pub enum Blocker {
     Plan(PlanError),
     /// `spec.placement.nodeSelector` uses an operator Kubernetes does not have.
     InvalidSelector(String),
+    /// Too few of the matching nodes can run `spec.backend` (see
+    /// [`backend_mismatch`]): `BackendUnavailable`.
+    BackendUnavailable(String),
 }
 
 impl Blocker {
@@ -42,6 +45,7 @@ impl Blocker {
         match self {
             Blocker::Plan(e) => e.reason(),
             Blocker::InvalidSelector(_) => "InvalidSelector",
+            Blocker::BackendUnavailable(_) => "BackendUnavailable",
         }
     }
 
@@ -49,7 +53,7 @@ impl Blocker {
     pub fn message(&self) -> String {
         match self {
             Blocker::Plan(e) => e.message().to_owned(),
-            Blocker::InvalidSelector(m) => m.clone(),
+            Blocker::InvalidSelector(m) | Blocker::BackendUnavailable(m) => m.clone(),
         }
     }
 
@@ -60,7 +64,7 @@ impl Blocker {
             Blocker::Plan(PlanError::InvalidSharding { .. } | PlanError::UnknownModel { .. }) => {
                 true
             }
-            Blocker::Plan(_) => false,
+            Blocker::Plan(_) | Blocker::BackendUnavailable(_) => false,
             Blocker::InvalidSelector(_) => true,
         }
     }
@@ -293,13 +297,15 @@ fn reported_not_ready(node: &LlamaNode) -> bool {
     })
 }
 
-/// Memory and ports one node has taken by shards.
+/// Memory, ports and GPUs one node has taken by shards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeUsage {
     /// Bytes held by shards.
     pub bytes: u64,
     /// Ports held by shards.
     pub ports: BTreeSet<u16>,
+    /// `Nccl` shards, each holding one of the node's GPUs.
+    pub gpus: u32,
 }
 
 /// What the shards of every deployment other than `(namespace, name)` hold on
@@ -317,8 +323,149 @@ pub fn usage_by_node<'a>(
         let entry = usage.entry(shard.spec.node_name.clone()).or_default();
         entry.bytes = entry.bytes.saturating_add(shard_memory_bytes(shard));
         entry.ports.extend(shard_ports(shard));
+        if shard.spec.backend == Backend::Nccl {
+            entry.gpus = entry.gpus.saturating_add(1);
+        }
     }
     usage
+}
+
+/// Why `node` cannot run a rank of a deployment whose `spec.backend` is
+/// `backend`, as a short phrase naming the node; `None` when it can.
+///
+/// - `Ring` runs everywhere.
+/// - `Nccl` needs the agent's CUDA backend (`status.backend` is `cuda`) and a
+///   GPU (`status.capacity.gpus`) not held by another deployment's `Nccl`
+///   shard there (`usage`, of the other deployments): one rank per GPU.
+/// - `Jaccl` needs macOS (`status.os` is `macos`).
+pub fn backend_mismatch(
+    backend: Backend,
+    node: &LlamaNode,
+    usage: Option<&NodeUsage>,
+) -> Option<String> {
+    let name = node.name_any();
+    let status = node.status.as_ref();
+    match backend {
+        Backend::Ring => None,
+        Backend::Jaccl => match status.and_then(|s| s.os.as_deref()) {
+            Some("macos") => None,
+            Some(os) => Some(format!("{name} runs {os}")),
+            None => Some(format!("{name} reports no OS")),
+        },
+        Backend::Nccl => {
+            match status.and_then(|s| s.backend.as_deref()) {
+                Some("cuda") => {}
+                Some(other) => return Some(format!("{name} runs {other}")),
+                None => return Some(format!("{name} reports no backend")),
+            }
+            let gpus = status
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.gpus)
+                .and_then(|g| u32::try_from(g).ok())
+                .unwrap_or(0);
+            let taken = usage.map_or(0, |u| u.gpus);
+            if gpus == 0 {
+                Some(format!("{name} offers no GPUs"))
+            } else if taken >= gpus {
+                Some(format!(
+                    "{name} has all {gpus} GPU{} taken by other Nccl ranks",
+                    if gpus == 1 { "" } else { "s" }
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The nodes that cannot run `backend`, by name, with why (see
+/// [`backend_mismatch`]); `usage` is that of the other deployments.
+pub fn backend_mismatches<'a>(
+    backend: Backend,
+    nodes: impl IntoIterator<Item = &'a LlamaNode>,
+    usage: &BTreeMap<String, NodeUsage>,
+) -> BTreeMap<String, String> {
+    nodes
+        .into_iter()
+        .filter_map(|node| {
+            let name = node.name_any();
+            let why = backend_mismatch(backend, node, usage.get(&name))?;
+            Some((name, why))
+        })
+        .collect()
+}
+
+/// What `backend` needs of a node, and what to do instead, for messages.
+fn backend_needs(backend: Backend) -> (&'static str, &'static str) {
+    match backend {
+        Backend::Ring => ("any node", "label more nodes"),
+        Backend::Jaccl => (
+            "macOS nodes wired together with Thunderbolt RDMA",
+            "label more macOS nodes, lower spec.sharding.worldSize, or use backend Ring",
+        ),
+        Backend::Nccl => (
+            "nodes running the agent's CUDA backend with a free GPU (one rank per GPU)",
+            "run the agent with --backend cuda (and --gpus N) on more nodes, free GPUs held \
+             by other Nccl deployments, lower spec.sharding.worldSize, or use backend Ring",
+        ),
+    }
+}
+
+/// The blocker for a failed plan that was made without the nodes in
+/// `mismatched` (see [`backend_mismatches`]). When too few of the nodes that
+/// match the selector are left because of the backend, that is the reason
+/// (`BackendUnavailable`), naming the nodes and why; any other failure is the
+/// planner's.
+pub fn backend_blocker(
+    backend: Backend,
+    error: PlanError,
+    request: &DeploymentRequest,
+    nodes: &[NodeInfo],
+    mismatched: &BTreeMap<String, String>,
+) -> Blocker {
+    if !matches!(error, PlanError::NoMatchingNodes { .. }) {
+        return Blocker::Plan(error);
+    }
+    let matching: BTreeSet<&str> = nodes
+        .iter()
+        .filter(|n| request.selector.matches(&n.labels))
+        .map(|n| n.name.as_str())
+        .collect();
+    let why: Vec<&str> = matching
+        .iter()
+        .filter_map(|n| mismatched.get(*n).map(String::as_str))
+        .collect();
+    let qualify = matching.len() - why.len();
+    if why.is_empty() || qualify >= request.world_size as usize {
+        return Blocker::Plan(error);
+    }
+    const SHOWN: usize = 5;
+    let mut listed = why[..why.len().min(SHOWN)].join(", ");
+    if why.len() > SHOWN {
+        listed.push_str(&format!(", and {} more", why.len() - SHOWN));
+    }
+    let of = if request.selector.is_empty() {
+        format!("{} registered nodes", matching.len())
+    } else {
+        format!(
+            "{} nodes matching selector {}",
+            matching.len(),
+            request.selector
+        )
+    };
+    let (needs, instead) = backend_needs(backend);
+    let backend = match backend {
+        Backend::Ring => "Ring",
+        Backend::Jaccl => "Jaccl",
+        Backend::Nccl => "Nccl",
+    };
+    let w = request.world_size;
+    Blocker::BackendUnavailable(format!(
+        "backend {backend} needs {needs}; {qualify} of {of} qualify ({listed}), but {w} rank{} \
+         {} requested; {instead}",
+        if w == 1 { "" } else { "s" },
+        if w == 1 { "was" } else { "were" },
+    ))
 }
 
 /// Every LlamaNode as the planner sees it. A node is ready when its Lease in
@@ -469,9 +616,24 @@ pub(crate) mod tests {
                 wired_limit_bytes: None,
                 cpu_cores: 8,
                 gpu_cores: None,
+                gpus: None,
             }),
+            os: Some("linux".into()),
+            backend: Some("cpu".into()),
             ..Default::default()
         });
+        n
+    }
+
+    /// A Linux node whose agent runs MLX's CUDA backend with `gpus` GPUs.
+    pub fn cuda_node(name: &str, address: &str, memory_gib: i64, gpus: i32) -> LlamaNode {
+        let mut n = node(name, address, memory_gib);
+        if let Some(s) = n.status.as_mut() {
+            s.backend = Some("cuda".into());
+            if let Some(c) = s.capacity.as_mut() {
+                c.gpus = Some(gpus);
+            }
+        }
         n
     }
 
@@ -760,5 +922,157 @@ pub(crate) mod tests {
         assert!(!by_name["n3"].ready, "lease expired");
         assert_eq!(by_name["n3"].capacity_bytes, 48 << 30);
         assert!(!by_name["n4"].ready, "agent reports not Ready");
+    }
+    #[test]
+    fn nccl_needs_cuda_and_a_free_gpu_jaccl_needs_macos() {
+        let cpu = node("cpu-1", "10.0.0.1", 64);
+        let none = cuda_node("gpu-0", "10.0.0.2", 64, 0);
+        let two = cuda_node("gpu-2", "10.0.0.3", 64, 2);
+        let mut mac = node("mac-1", "10.0.0.4", 64);
+        if let Some(s) = mac.status.as_mut() {
+            s.os = Some("macos".into());
+            s.backend = Some("metal".into());
+        }
+        let mut unknown = node("old-1", "10.0.0.5", 64);
+        unknown.status = None;
+
+        for n in [&cpu, &none, &two, &mac, &unknown] {
+            assert_eq!(backend_mismatch(Backend::Ring, n, None), None);
+        }
+        assert_eq!(
+            backend_mismatch(Backend::Nccl, &cpu, None).as_deref(),
+            Some("cpu-1 runs cpu")
+        );
+        assert_eq!(
+            backend_mismatch(Backend::Nccl, &mac, None).as_deref(),
+            Some("mac-1 runs metal")
+        );
+        assert_eq!(
+            backend_mismatch(Backend::Nccl, &unknown, None).as_deref(),
+            Some("old-1 reports no backend")
+        );
+        assert_eq!(
+            backend_mismatch(Backend::Nccl, &none, None).as_deref(),
+            Some("gpu-0 offers no GPUs")
+        );
+        assert_eq!(backend_mismatch(Backend::Nccl, &two, None), None);
+
+        // Other deployments' Nccl shards hold GPUs; Ring shards hold none.
+        let nccl = |deployment: &str, rank: i32| {
+            let mut s = shard(deployment, "gpu-2", "10.0.0.3:47000", rank, 2);
+            s.spec.backend = Backend::Nccl;
+            s
+        };
+        let ring = shard("ring", "gpu-2", "10.0.0.3:47010", 0, 1);
+        let (b0, b1, own) = (nccl("b", 0), nccl("c", 1), nccl("a", 1));
+        let usage = usage_by_node([&b0, &ring, &own], ("ns", "a"));
+        assert_eq!(usage["gpu-2"].gpus, 1);
+        assert_eq!(
+            backend_mismatch(Backend::Nccl, &two, usage.get("gpu-2")),
+            None
+        );
+        let usage = usage_by_node([&b0, &b1, &ring, &own], ("ns", "a"));
+        assert_eq!(usage["gpu-2"].gpus, 2);
+        assert_eq!(
+            backend_mismatch(Backend::Nccl, &two, usage.get("gpu-2")).as_deref(),
+            Some("gpu-2 has all 2 GPUs taken by other Nccl ranks")
+        );
+
+        assert_eq!(
+            backend_mismatch(Backend::Jaccl, &cpu, None).as_deref(),
+            Some("cpu-1 runs linux")
+        );
+        assert_eq!(backend_mismatch(Backend::Jaccl, &mac, None), None);
+        let all = [cpu, none, two, mac, unknown];
+        let mismatched = backend_mismatches(Backend::Nccl, &all, &BTreeMap::new());
+        assert_eq!(
+            mismatched.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["cpu-1", "gpu-0", "mac-1", "old-1"]
+        );
+        assert!(backend_mismatches(Backend::Ring, &all, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn too_few_nodes_for_the_backend_is_its_own_reason() {
+        let nodes: Vec<LlamaNode> = (1..=4)
+            .map(|i| node(&format!("demo-{i}"), &format!("10.0.0.{i}"), 64))
+            .collect();
+        let infos: Vec<NodeInfo> = nodes
+            .iter()
+            .map(|n| NodeInfo {
+                name: n.name_any(),
+                address: n.spec.address.clone(),
+                labels: BTreeMap::new(),
+                ready: true,
+                unschedulable: false,
+                capacity_bytes: 64 << 30,
+                allocated_bytes: 0,
+                port_range: PortRange {
+                    first: 47000,
+                    last: 47999,
+                },
+                used_ports: BTreeSet::new(),
+            })
+            .collect();
+        let mismatched = backend_mismatches(Backend::Nccl, &nodes, &BTreeMap::new());
+        let mut d = deployment("a", MODEL_1B, 2);
+        d.spec.backend = Backend::Nccl;
+        let request = deployment_request(&d).expect("request");
+        let no_nodes = || PlanError::NoMatchingNodes {
+            world_size: 2,
+            eligible_nodes: 0,
+            message: "no LlamaNodes are registered".into(),
+        };
+        let b = backend_blocker(Backend::Nccl, no_nodes(), &request, &infos, &mismatched);
+        assert_eq!(b.reason(), "BackendUnavailable");
+        assert!(!b.is_spec_error(), "CUDA nodes may still come");
+        assert_eq!(
+            b.message(),
+            "backend Nccl needs nodes running the agent's CUDA backend with a free GPU (one \
+             rank per GPU); 0 of 4 registered nodes qualify (demo-1 runs cpu, demo-2 runs \
+             cpu, demo-3 runs cpu, demo-4 runs cpu), but 2 ranks were requested; run the \
+             agent with --backend cuda (and --gpus N) on more nodes, free GPUs held by other \
+             Nccl deployments, lower spec.sharding.worldSize, or use backend Ring"
+        );
+
+        // Enough qualifying nodes: the planner's own reason stands.
+        let b = backend_blocker(
+            Backend::Nccl,
+            no_nodes(),
+            &request,
+            &infos,
+            &BTreeMap::new(),
+        );
+        assert_eq!(b, Blocker::Plan(no_nodes()));
+        let few: BTreeMap<String, String> =
+            [("demo-1".to_owned(), "demo-1 runs cpu".to_owned())].into();
+        let b = backend_blocker(Backend::Nccl, no_nodes(), &request, &infos, &few);
+        assert_eq!(b.reason(), "NoMatchingNodes");
+        // Memory is the planner's business.
+        let memory = PlanError::InsufficientMemory {
+            world_size: 2,
+            bytes_per_rank: 1,
+            message: "short".into(),
+        };
+        let b = backend_blocker(Backend::Nccl, memory, &request, &infos, &mismatched);
+        assert_eq!(b.reason(), "InsufficientMemory");
+
+        // Only nodes matching the selector count.
+        d.spec.placement = Some(Placement {
+            node_selector: Some(metav1::LabelSelector {
+                match_labels: Some([("pool".to_owned(), "gpu".to_owned())].into()),
+                match_expressions: None,
+            }),
+        });
+        let request = deployment_request(&d).expect("request");
+        let mut infos = infos;
+        infos[3].labels.insert("pool".into(), "gpu".into());
+        let b = backend_blocker(Backend::Nccl, no_nodes(), &request, &infos, &mismatched);
+        assert!(
+            b.message()
+                .contains("0 of 1 nodes matching selector pool=gpu qualify (demo-4 runs cpu)"),
+            "{}",
+            b.message()
+        );
     }
 }

@@ -326,6 +326,7 @@ async fn shards_and_nodes_round_trip_with_status_subresources() {
             wired_limit_bytes: Some(48 << 30),
             cpu_cores: 12,
             gpu_cores: Some(38),
+            gpus: None,
         }),
         allocated_bytes: 1 << 30,
         chip: Some("apple-m4-max".into()),
@@ -584,7 +585,13 @@ async fn the_api_server_rejects_bad_manifests_with_clear_messages() {
         (
             "unknown backend",
             "model: m/x\nsharding: {worldSize: 2}\nbackend: Carrier",
-            &["spec.backend", "Unsupported value", "\"Ring\"", "\"Jaccl\""],
+            &[
+                "spec.backend",
+                "Unsupported value",
+                "\"Ring\"",
+                "\"Jaccl\"",
+                "\"Nccl\"",
+            ],
         ),
         (
             "world size as a string",

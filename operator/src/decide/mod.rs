@@ -81,6 +81,10 @@ pub struct ReconcileInput<'a> {
     /// Every LlamaNode, with only *other* deployments' usage (see
     /// [`convert::node_infos`]).
     pub nodes: &'a [NodeInfo],
+    /// The nodes among `nodes` that cannot run the deployment's
+    /// `spec.backend`, with why (see [`convert::backend_mismatches`]); the
+    /// plan leaves them out.
+    pub mismatched: &'a BTreeMap<String, String>,
     /// The time the decision is made at.
     pub now: Timestamp,
 }
@@ -513,15 +517,28 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
     });
     let plan = convert::deployment_request(d).and_then(|request| {
         let shape = shape.clone()?;
-        let input = PlanInput {
+        let plan_input = PlanInput {
             deployment: request,
             shape,
-            nodes: input.nodes.to_vec(),
+            nodes: input
+                .nodes
+                .iter()
+                .filter(|n| !input.mismatched.contains_key(&n.name))
+                .cloned()
+                .collect(),
             current: convert::current_ranks(&current),
         };
-        plan_placement(&input)
+        plan_placement(&plan_input)
             .map(|plan| (plan, shape))
-            .map_err(Blocker::Plan)
+            .map_err(|e| {
+                convert::backend_blocker(
+                    d.spec.backend,
+                    e,
+                    &plan_input.deployment,
+                    input.nodes,
+                    input.mismatched,
+                )
+            })
     });
     let failures = if current.is_empty() {
         Vec::new()

@@ -54,6 +54,8 @@ fn settings() -> Settings {
 struct World {
     d: LlamaDeployment,
     nodes: Vec<NodeInfo>,
+    /// Nodes that cannot run the deployment's backend, with why.
+    mismatched: BTreeMap<String, String>,
     shards: Vec<LlamaShard>,
     status: LlamaDeploymentStatus,
     settings: Settings,
@@ -64,6 +66,7 @@ impl World {
         World {
             d: deployment("llama", MODEL_1B, world),
             nodes,
+            mismatched: BTreeMap::new(),
             shards: Vec::new(),
             status: LlamaDeploymentStatus::default(),
             settings: settings(),
@@ -81,6 +84,7 @@ impl World {
                 prior: &self.status,
                 shards: &refs,
                 nodes: &self.nodes,
+                mismatched: &self.mismatched,
                 now: ts(now),
             },
             &self.settings,
@@ -693,4 +697,60 @@ fn deletion_gives_up_waiting_after_the_timeout() {
         .expect("event");
     assert!(notice.note.contains("llama-e1-r0"), "{}", notice.note);
     assert_eq!(notice.severity, Severity::Warning);
+}
+
+#[test]
+fn nccl_waits_for_cuda_nodes_with_free_gpus_and_says_so() {
+    let mut w = World::new(2, nodes(3));
+    w.d.spec.backend = tandem_crds::Backend::Nccl;
+    w.mismatched = [
+        ("n1".to_owned(), "n1 runs cpu".to_owned()),
+        (
+            "n2".to_owned(),
+            "n2 has all 1 GPU taken by other Nccl ranks".to_owned(),
+        ),
+    ]
+    .into();
+    let out = w.step(100);
+    assert!(out.apply.is_empty());
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Placing));
+    let (status, reason, message) = w.condition(PLACED);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "BackendUnavailable")
+    );
+    assert!(
+        message.contains(
+            "1 of 3 registered nodes qualify (n1 runs cpu, n2 has all 1 GPU taken by other \
+             Nccl ranks), but 2 ranks were requested"
+        ),
+        "{message}"
+    );
+    assert!(message.contains("--backend cuda"), "{message}");
+    assert_eq!(reasons(&out), ["BackendUnavailable", "Placing"]);
+
+    // The other deployment lets go of n2's GPU: the group goes to n2 and n3,
+    // never to the CPU node.
+    w.mismatched.remove("n2");
+    let out = w.step(110);
+    assert_eq!(out.new_epoch, Some(EpochCause::Initial));
+    assert_eq!(
+        w.placement(),
+        vec![(0, "n2".to_owned()), (1, "n3".to_owned())]
+    );
+    assert!(
+        out.apply
+            .iter()
+            .all(|s| s.spec.backend == tandem_crds::Backend::Nccl)
+    );
+
+    // A node that stops qualifying loses its rank to one that does.
+    w.nodes.push(ninfo("n4", 4, 64));
+    w.mismatched.insert("n3".into(), "n3 runs cpu".into());
+    let out = w.step(120);
+    assert_eq!(out.new_epoch, Some(EpochCause::SpecChange));
+    assert_eq!(
+        w.placement(),
+        vec![(0, "n2".to_owned()), (1, "n4".to_owned())]
+    );
 }

@@ -268,6 +268,7 @@ impl Agents {
                 wired_limit_bytes: None,
                 cpu_cores: 8,
                 gpu_cores: None,
+                gpus: None,
             }),
             os: Some("linux".into()),
             backend: Some("cpu".into()),
