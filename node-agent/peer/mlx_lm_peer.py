@@ -145,8 +145,9 @@ def cmd_bench(args):
 
     # The prompt's ids come from the caller, so the Rust engine gets the same.
     prompt = _ids(args.ids)
-    # Warm-up, so one-time costs (thread pools, allocator) are not measured.
-    for _ in generate_step(mx.array(prompt[:8]), model, max_tokens=2):
+    # Warm-up on the measured prompt itself, so one-time costs (thread pools,
+    # the allocator, and on a GPU the kernels of these shapes) are not measured.
+    for _ in generate_step(mx.array(prompt), model, max_tokens=2):
         pass
     mx.reset_peak_memory()
 

@@ -5,6 +5,8 @@
 //! - `generate` runs a model like `mlx_lm.generate`, alone or as a local
 //!   tensor-parallel group over the ring backend (`--world-size N`).
 //! - `ring-selftest` (hidden) proves that the distributed group forms and sums.
+//! - `serve` serves a model from this machine as a local group (no
+//!   Kubernetes).
 //! - `run` is the node agent daemon; `worker` (hidden) is one rank worker,
 //!   started by `run`.
 
@@ -38,6 +40,9 @@ enum Command {
     /// Run the node agent: register this node, keep its Lease, and run the
     /// LlamaShards assigned to it.
     Run(tandem_agent::agent::config::RunArgs),
+    /// Serve a model from this machine, without Kubernetes: a group of rank
+    /// workers on loopback and the OpenAI-compatible API on rank 0.
+    Serve(tandem_agent::agent::local::ServeArgs),
     /// Run one rank of a shard (started by `run`; reads its launch message
     /// from stdin, reports events on stdout).
     #[command(hide = true)]
@@ -53,6 +58,10 @@ fn main() -> anyhow::Result<()> {
             init_logging();
             runtime()?.block_on(tandem_agent::agent::run(args))?;
             Ok(())
+        }
+        Command::Serve(args) => {
+            init_logging();
+            runtime()?.block_on(tandem_agent::agent::local::serve(args))
         }
         Command::Worker => {
             init_logging();

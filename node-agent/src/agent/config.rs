@@ -69,6 +69,12 @@ pub struct RunArgs {
     /// cannot run is an error at start-up [default: auto].
     #[arg(long, env = "TANDEM_BACKEND")]
     pub backend: Option<BackendChoice>,
+    /// NVIDIA GPUs this node offers to `Nccl` ranks, one rank per GPU (the
+    /// ranks get CUDA devices 0..N); published as the LlamaNode's
+    /// `status.capacity.gpus`. More than 0 needs MLX's CUDA backend
+    /// [default: 1 with the CUDA backend, else 0].
+    #[arg(long, env = "TANDEM_GPUS", value_name = "N")]
+    pub gpus: Option<u32>,
     /// Namespace of the node Lease [default: tandem-system].
     #[arg(long, env = "TANDEM_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -90,6 +96,17 @@ pub struct RunArgs {
     /// before failing with PeerUnreachable [default: 120].
     #[arg(long, env = "TANDEM_BARRIER_TIMEOUT_SECONDS", value_name = "SECONDS")]
     pub barrier_timeout_seconds: Option<u64>,
+    /// Prompt lengths rank 0 runs through its group before it reports Ready,
+    /// so first requests find their GPU kernels compiled (comma-separated;
+    /// `0` alone turns the warm-up off) [default: 1,16,128,512 on a GPU, 1
+    /// on the CPU].
+    #[arg(
+        long,
+        env = "TANDEM_WARMUP_PROMPT_TOKENS",
+        value_delimiter = ',',
+        value_name = "TOKENS"
+    )]
+    pub warmup_prompt_tokens: Option<Vec<usize>>,
     /// Longest pause between restarts of a failing rank worker, in seconds;
     /// the pause starts at 1 s and doubles [default: 30].
     #[arg(
@@ -202,6 +219,8 @@ pub struct FileConfig {
     pub port_range: Option<PortRange>,
     /// See `--backend`.
     pub backend: Option<BackendChoice>,
+    /// See `--gpus`.
+    pub gpus: Option<u32>,
     /// See `--lease-namespace`.
     pub lease_namespace: Option<String>,
     /// See `--lease-duration-seconds`.
@@ -214,6 +233,8 @@ pub struct FileConfig {
     pub max_queue: Option<usize>,
     /// See `--barrier-timeout-seconds`.
     pub barrier_timeout_seconds: Option<u64>,
+    /// See `--warmup-prompt-tokens`.
+    pub warmup_prompt_tokens: Option<Vec<usize>>,
     /// See `--max-restart-backoff-seconds`.
     pub max_restart_backoff_seconds: Option<u64>,
 }
@@ -299,6 +320,9 @@ pub struct AgentConfig {
     pub port_range: PortRange,
     /// Compute backend asked for.
     pub backend: BackendChoice,
+    /// GPUs offered to `Nccl` ranks, as asked for; the default depends on
+    /// the backend detected (see [`Hardware::detect`](super::hardware::Hardware::detect)).
+    pub gpus: Option<u32>,
     /// Namespace of the node Lease.
     pub lease_namespace: String,
     /// Lease duration.
@@ -311,6 +335,9 @@ pub struct AgentConfig {
     pub max_queue: usize,
     /// Barrier wait.
     pub barrier_timeout: Duration,
+    /// Prompt lengths of rank 0's warm-up; empty for none, `None` for the
+    /// worker's choice (a GPU warms more shapes than the CPU).
+    pub warmup_prompt_tokens: Option<Vec<usize>>,
     /// Cap of the restart backoff.
     pub max_restart_backoff: Duration,
 }
@@ -399,6 +426,21 @@ pub fn resolve(
         .clone()
         .or(file.state_dir)
         .unwrap_or_else(|| env.temp_dir.join(format!("tandem-agent-{node_name}")));
+    let backend = args.backend.or(file.backend).unwrap_or(BackendChoice::Auto);
+    let gpus = args.gpus.or(file.gpus);
+    if let Some(n) = gpus.filter(|&n| n > 0) {
+        let named = match backend {
+            BackendChoice::Cpu => Some("cpu"),
+            BackendChoice::Metal => Some("metal"),
+            BackendChoice::Auto | BackendChoice::Cuda => None,
+        };
+        if let Some(named) = named {
+            return Err(ConfigError::Invalid(format!(
+                "--gpus {n} needs MLX's CUDA backend, but --backend is {named}; use \
+                 --backend cuda (or auto on a CUDA build of MLX), or --gpus 0"
+            )));
+        }
+    }
 
     Ok(AgentConfig {
         kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
@@ -415,7 +457,8 @@ pub fn resolve(
             first: 47000,
             last: 47999,
         }),
-        backend: args.backend.or(file.backend).unwrap_or(BackendChoice::Auto),
+        backend,
+        gpus,
         lease_namespace: args
             .lease_namespace
             .clone()
@@ -440,6 +483,11 @@ pub fn resolve(
                 .unwrap_or(30)
                 .max(1),
         ),
+        warmup_prompt_tokens: args
+            .warmup_prompt_tokens
+            .clone()
+            .or(file.warmup_prompt_tokens)
+            .map(|lengths| lengths.into_iter().filter(|&n| n > 0).collect()),
         node_name,
     })
 }
@@ -576,6 +624,33 @@ mod tests {
             }
         );
         assert_eq!(c.state_dir, PathBuf::from("/tmp/tandem-agent-studio-1"));
+        assert_eq!(c.gpus, None, "the default waits for the detected backend");
+    }
+
+    #[test]
+    fn gpus_come_from_the_flag_or_the_file_and_need_cuda() {
+        let file: FileConfig = serde_yaml::from_str("gpus: 4\nbackend: cuda\n").expect("yaml");
+        let c = resolve(&RunArgs::default(), file.clone(), &env()).expect("config");
+        assert_eq!(c.gpus, Some(4));
+        let cli = Cli::try_parse_from(["x", "--gpus", "2"]).expect("flags");
+        let c = resolve(&cli.run, file, &env()).expect("config");
+        assert_eq!(c.gpus, Some(2));
+        assert_eq!(c.backend, BackendChoice::Cuda);
+
+        let cli = Cli::try_parse_from(["x", "--gpus", "2", "--backend", "cpu"]).expect("flags");
+        let err = resolve(&cli.run, FileConfig::default(), &env()).expect_err("cpu has no GPUs");
+        assert!(
+            err.to_string()
+                .contains("--gpus 2 needs MLX's CUDA backend")
+                && err.to_string().contains("--backend cuda"),
+            "{err}"
+        );
+        let cli = Cli::try_parse_from(["x", "--gpus", "0", "--backend", "metal"]).expect("flags");
+        let c = resolve(&cli.run, FileConfig::default(), &env()).expect("0 is fine anywhere");
+        assert_eq!(c.gpus, Some(0));
+        // With auto, the check waits for the detected backend.
+        let cli = Cli::try_parse_from(["x", "--gpus", "1"]).expect("flags");
+        assert!(resolve(&cli.run, FileConfig::default(), &env()).is_ok());
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Hardware {
     pub gpu_cores: Option<u32>,
     /// Compute backend.
     pub backend: ComputeBackend,
+    /// NVIDIA GPUs offered to `Nccl` ranks (0 unless the backend is CUDA).
+    pub gpus: u32,
     /// libmlx version.
     pub mlx_version: Option<String>,
 }
@@ -74,14 +76,27 @@ pub enum HardwareError {
         /// What is available.
         actual: &'static str,
     },
+    /// GPUs were offered for `Nccl` ranks, but the backend is not CUDA.
+    #[error(
+        "--gpus {gpus} needs MLX's CUDA backend, but this agent runs `{backend}`; run it with \
+         --backend cuda on a CUDA build of MLX, or with --gpus 0"
+    )]
+    GpusWithoutCuda {
+        /// GPUs asked for.
+        gpus: u32,
+        /// The backend that runs.
+        backend: &'static str,
+    },
 }
 
 impl Hardware {
-    /// Probes this machine; `choice` is checked against what it can run.
-    pub fn detect(choice: BackendChoice) -> Result<Hardware, HardwareError> {
+    /// Probes this machine; `choice` is checked against what it can run,
+    /// and `gpus` (`--gpus`) against the backend (see [`gpus_for`]).
+    pub fn detect(choice: BackendChoice, gpus: Option<u32>) -> Result<Hardware, HardwareError> {
         let os = os_name(std::env::consts::OS);
         let backend = available_backend(&os, std::env::consts::ARCH, MLX_IS_CUDA.is_some());
         let backend = check_backend(choice, backend)?;
+        let gpus = gpus_for(gpus, backend)?;
         let (chip, memory_bytes, wired_limit_bytes) = if os == "macos" {
             let memory = sysctl("hw.memsize")
                 .and_then(|v| v.parse().ok())
@@ -114,6 +129,7 @@ impl Hardware {
             cpu_cores,
             gpu_cores: None,
             backend,
+            gpus,
             mlx_version: MLX_VERSION.map(str::to_owned),
         })
     }
@@ -145,6 +161,8 @@ impl Hardware {
             wired_limit_bytes: self.wired_limit_bytes.map(i),
             cpu_cores: i32::try_from(self.cpu_cores).unwrap_or(i32::MAX),
             gpu_cores: self.gpu_cores.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+            gpus: (self.backend == ComputeBackend::Cuda)
+                .then(|| i32::try_from(self.gpus).unwrap_or(i32::MAX)),
         }
     }
 }
@@ -187,6 +205,21 @@ fn check_backend(
             asked: asked.as_str(),
             actual: available.as_str(),
         })
+    }
+}
+
+/// The GPUs a node offers to `Nccl` ranks: `asked` (`--gpus`), by default
+/// 1 with the CUDA backend and 0 otherwise. More than 0 without CUDA is an
+/// error, so a misconfigured node fails at start-up, not at its first rank.
+pub fn gpus_for(asked: Option<u32>, backend: ComputeBackend) -> Result<u32, HardwareError> {
+    let cuda = backend == ComputeBackend::Cuda;
+    match asked {
+        None => Ok(u32::from(cuda)),
+        Some(n) if n > 0 && !cuda => Err(HardwareError::GpusWithoutCuda {
+            gpus: n,
+            backend: backend.as_str(),
+        }),
+        Some(n) => Ok(n),
     }
 }
 
@@ -337,6 +370,7 @@ mod tests {
             cpu_cores: 12,
             gpu_cores: None,
             backend: ComputeBackend::Metal,
+            gpus: 0,
             mlx_version: None,
         };
         let extra: BTreeMap<String, String> = [
@@ -350,5 +384,28 @@ mod tests {
         assert_eq!(labels[LABEL_BACKEND], "metal");
         assert_eq!(labels[LABEL_OS], "macos");
         assert_eq!(labels["rack"], "a");
+        assert_eq!(hw.capacity().gpus, None, "no CUDA, no gpus field");
+        let cuda = Hardware {
+            backend: ComputeBackend::Cuda,
+            gpus: 4,
+            ..hw
+        };
+        assert_eq!(cuda.capacity().gpus, Some(4));
+    }
+
+    #[test]
+    fn gpus_default_to_one_with_cuda_and_need_it() {
+        assert_eq!(gpus_for(None, ComputeBackend::Cuda).ok(), Some(1));
+        assert_eq!(gpus_for(None, ComputeBackend::Cpu).ok(), Some(0));
+        assert_eq!(gpus_for(None, ComputeBackend::Metal).ok(), Some(0));
+        assert_eq!(gpus_for(Some(8), ComputeBackend::Cuda).ok(), Some(8));
+        assert_eq!(gpus_for(Some(0), ComputeBackend::Cuda).ok(), Some(0));
+        assert_eq!(gpus_for(Some(0), ComputeBackend::Cpu).ok(), Some(0));
+        let err = gpus_for(Some(2), ComputeBackend::Cpu).expect_err("no CUDA");
+        assert_eq!(
+            err.to_string(),
+            "--gpus 2 needs MLX's CUDA backend, but this agent runs `cpu`; run it with \
+             --backend cuda on a CUDA build of MLX, or with --gpus 0"
+        );
     }
 }

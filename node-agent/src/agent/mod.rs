@@ -7,6 +7,8 @@
 //! - [`supervisor`]: rank-worker child processes and their restarts.
 //! - [`models`]: finding models locally, downloading them from the hub.
 //! - [`metrics`]: the agent's metrics and health endpoints.
+//! - [`local`]: `tandem-agent serve`, the same workers as a local group
+//!   without Kubernetes.
 //!
 //! On SIGTERM or SIGINT the agent stops every worker, releases every shard
 //! (their status says `Terminating`), empties the node's shard list and
@@ -14,6 +16,7 @@
 
 pub mod config;
 pub mod hardware;
+pub mod local;
 pub mod metrics;
 pub mod models;
 pub mod node;
@@ -97,7 +100,7 @@ async fn termination() {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let config = Arc::new(configure(&args)?);
-    let hardware = Hardware::detect(config.backend)?;
+    let hardware = Hardware::detect(config.backend, config.gpus)?;
     tracing::info!(
         node = %config.node_name,
         address = %config.advertise_address,
@@ -180,6 +183,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         program,
         node_shards: node_shards.clone(),
         metrics,
+        backend: registration.hardware().backend,
+        gpus: shards::GpuSlots::new(registration.hardware().gpus),
     });
     let shard_task = tokio::spawn(shards::run(ctx, shutdown.clone()));
 

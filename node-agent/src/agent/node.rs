@@ -132,6 +132,11 @@ impl Registration {
         }
     }
 
+    /// The machine as detected.
+    pub fn hardware(&self) -> &Hardware {
+        &self.hardware
+    }
+
     /// Creates the LlamaNode or brings its labels, annotation and address
     /// up to date.
     pub async fn register(&self) -> Result<(), kube::Error> {

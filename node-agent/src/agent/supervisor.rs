@@ -64,17 +64,67 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// Starts `program worker` for `launch`, with the MLX ring variables set.
-/// Returns the worker and the events it reports.
+/// Where MLX keeps the GPU kernels it compiles, under a state directory.
+/// MLX's CUDA backend reads `MLX_PTX_CACHE_DIR`; kept there, the kernels a
+/// worker compiled survive its restarts (the first CUDA run compiled for
+/// about 40 s).
+pub fn kernel_cache_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("mlx-kernel-cache")
+}
+
+/// The environment a rank worker needs for its group's MLX backend.
+///
+/// - `ring` (and `jaccl`, which reads its devices from the same files):
+///   `MLX_HOSTFILE` and `MLX_RANK`.
+/// - `nccl`: `MLX_RANK`, `MLX_WORLD_SIZE`, and rank 0's ring address as the
+///   NCCL rendezvous (`NCCL_HOST_IP`, `NCCL_PORT`); `CUDA_VISIBLE_DEVICES`
+///   is the one GPU this rank owns, when the caller assigned one.
+///
+/// `MLX_PTX_CACHE_DIR` is `kernel_cache` unless the agent's own environment
+/// already names one.
+pub fn worker_env(
+    launch: &Launch,
+    kernel_cache: &Path,
+    gpu: Option<u32>,
+) -> Vec<(&'static str, std::ffi::OsString)> {
+    let spec = &launch.spec;
+    let mut env = vec![
+        ("MLX_HOSTFILE", launch.hostfile.clone().into_os_string()),
+        ("MLX_RANK", spec.rank.to_string().into()),
+    ];
+    if spec.backend == tandem_crds::Backend::Nccl {
+        env.push(("MLX_WORLD_SIZE", spec.world_size.to_string().into()));
+        if let Some((ip, port)) = spec
+            .peers
+            .iter()
+            .find(|p| p.rank == 0)
+            .and_then(|p| p.address.rsplit_once(':'))
+        {
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
+            env.push(("NCCL_HOST_IP", ip.into()));
+            env.push(("NCCL_PORT", port.into()));
+        }
+        if let Some(gpu) = gpu {
+            env.push(("CUDA_VISIBLE_DEVICES", gpu.to_string().into()));
+        }
+    }
+    if std::env::var_os("MLX_PTX_CACHE_DIR").is_none() {
+        env.push(("MLX_PTX_CACHE_DIR", kernel_cache.as_os_str().to_owned()));
+    }
+    env
+}
+
+/// Starts `program worker` for `launch`, with the environment of
+/// [`worker_env`]. Returns the worker and the events it reports.
 pub async fn start(
     program: &Path,
     launch: &Launch,
+    env: Vec<(&'static str, std::ffi::OsString)>,
     log_name: String,
 ) -> std::io::Result<(Worker, mpsc::UnboundedReceiver<Event>)> {
     let mut child = Command::new(program)
         .arg("worker")
-        .env("MLX_HOSTFILE", &launch.hostfile)
-        .env("MLX_RANK", launch.spec.rank.to_string())
+        .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -131,6 +181,18 @@ impl Worker {
     /// The process id.
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// How the process ended, if it has; never blocks.
+    pub fn try_exit(&mut self) -> Option<Exit> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(Exit::of(status)),
+            Ok(None) => None,
+            Err(_) => Some(Exit {
+                code: None,
+                signal: None,
+            }),
+        }
     }
 
     /// Waits for the process to end.

@@ -170,13 +170,15 @@ pub fn run_rank(
         stop_ids,
     };
     if request.warmup {
-        let head = &prompt_ids[..prompt_ids.len().min(8)];
+        // The measured prompt itself: on a GPU, MLX compiles kernels per
+        // shape on first use, and a shorter prompt would leave the measured
+        // prefill paying for its own.
         let short = GenerateOptions {
             max_tokens: 2,
             sampling: request.sampling,
             stop_ids: Vec::new(),
         };
-        generate(&model, head, &short, |_| {})?;
+        generate(&model, &prompt_ids, &short, |_| {})?;
         let _ = mlx_rs::memory::reset_peak_memory();
     }
     let mut so_far: Vec<u32> = Vec::new();

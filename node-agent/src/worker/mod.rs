@@ -35,7 +35,7 @@ use tandem_crds::{Backend as ShardBackend, Progress, ShardPhase};
 use tokio::sync::mpsc;
 
 use self::engine::{GenerationJob, MlxRankEngine, TextCodec, TokenizerCodec};
-use self::protocol::{Event, FailureReason, Launch};
+use self::protocol::{Event, FailureReason, Launch, warmup_prompt_tokens};
 use crate::control::{self, ControlClient, Coordinator, GroupIdentity, Stage};
 use crate::engine::EngineError;
 use crate::engine::sampling::SamplingParams;
@@ -322,6 +322,7 @@ async fn run(launch: Launch) -> Result<(), Failure> {
     let backend = match spec.backend {
         ShardBackend::Ring => Backend::Ring,
         ShardBackend::Jaccl => Backend::Jaccl,
+        ShardBackend::Nccl => Backend::Nccl,
     };
     let identity = GroupIdentity {
         deployment: spec.deployment.clone(),
@@ -627,37 +628,50 @@ async fn lead(
         }
     };
 
-    // Warm-up: one short job through every rank, so the first client
-    // request does not pay for first-use costs.
+    // Warm-up: short jobs through every rank, one per configured prompt
+    // length, so the first client requests find the kernels of their shapes
+    // compiled (MLX's GPU backends compile per shape on first use; with
+    // MLX_PTX_CACHE_DIR kept, a restart reads them back instead) and pay no
+    // other first-use costs.
     let warm_started = Instant::now();
-    let warm = GenerationJob {
-        id: 0,
-        prompt_ids: vec![
-            codec
-                .stop_ids()
-                .first()
-                .copied()
-                .unwrap_or(0)
-                .min(u32::try_from(loaded.vocab_size.saturating_sub(1)).unwrap_or(0)),
-        ],
-        max_tokens: 2,
-        sampling: SamplingParams::default(),
-        stop_ids: Vec::new(),
-    };
-    let mut ticket = scheduler
-        .submit(warm)
-        .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
-    loop {
-        match ticket.steps.recv().await {
-            Some(Step::Token(_)) => {}
-            Some(Step::Finished(_)) => break,
-            Some(Step::Failed(e)) => {
-                return Err(Failure::new(
-                    FailureReason::PeerUnreachable,
-                    format!("warm-up failed: {}", e.message),
-                ));
+    let vocab = u32::try_from(loaded.vocab_size.max(1)).unwrap_or(u32::MAX);
+    let longest = (spec.max_context_tokens as usize).saturating_sub(2).max(1);
+    let on_gpu = matches!(
+        mlx_rs::Device::default().get_type(),
+        Ok(mlx_rs::DeviceType::Gpu)
+    );
+    let mut lengths: Vec<usize> = launch
+        .warmup_prompt_tokens
+        .clone()
+        .unwrap_or_else(|| warmup_prompt_tokens(on_gpu))
+        .iter()
+        .map(|&n| n.clamp(1, longest))
+        .collect();
+    lengths.dedup();
+    for (i, &length) in lengths.iter().enumerate() {
+        let warm = GenerationJob {
+            id: i as u64,
+            // Ordinary ids spread over the vocabulary; only the shape matters.
+            prompt_ids: (0..length as u32).map(|t| (7 + 31 * t) % vocab).collect(),
+            max_tokens: 2,
+            sampling: SamplingParams::default(),
+            stop_ids: Vec::new(),
+        };
+        let mut ticket = scheduler
+            .submit(warm)
+            .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
+        loop {
+            match ticket.steps.recv().await {
+                Some(Step::Token(_)) => {}
+                Some(Step::Finished(_)) => break,
+                Some(Step::Failed(e)) => {
+                    return Err(Failure::new(
+                        FailureReason::PeerUnreachable,
+                        format!("warm-up ({length}-token prompt) failed: {}", e.message),
+                    ));
+                }
+                None => return Err(engine_gone(reports.recv().await)),
             }
-            None => return Err(engine_gone(reports.recv().await)),
         }
     }
     let warm_seconds = warm_started.elapsed().as_secs_f64();
@@ -685,7 +699,7 @@ async fn lead(
     emit(&Event::phase(
         ShardPhase::Ready,
         format!(
-            "serving on port {serving_port} (warm-up {warm_seconds:.2}s, world size {})",
+            "serving on port {serving_port} (warm-up {warm_seconds:.2}s over prompts of {lengths:?} tokens, world size {})",
             spec.world_size
         ),
     ));

@@ -34,6 +34,24 @@ pub struct Launch {
     pub barrier_timeout_ms: u64,
     /// Where to write the MLX ring hostfile.
     pub hostfile: PathBuf,
+    /// Prompt lengths rank 0 runs through the group before it reports
+    /// Ready, so that the kernels real prompts need are compiled (MLX's GPU
+    /// backends compile per shape on first use); empty turns it off, and
+    /// `None` leaves the choice to the worker ([`warmup_prompt_tokens`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_prompt_tokens: Option<Vec<usize>>,
+}
+
+/// The warm-up's prompt lengths when none are configured. On a GPU, a
+/// decode-sized prompt and three prefill sizes, which compile the kernels
+/// of the shapes ordinary prompts take; on the CPU, which compiles nothing,
+/// a single token, enough to fault in the weights and check the group.
+pub fn warmup_prompt_tokens(on_gpu: bool) -> Vec<usize> {
+    if on_gpu {
+        vec![1, 16, 128, 512]
+    } else {
+        vec![1]
+    }
 }
 
 /// Why a shard failed, as `status.reason`.

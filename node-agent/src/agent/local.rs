@@ -1,0 +1,339 @@
+//! `tandem-agent serve`: one model served from this machine by a group of
+//! rank workers, without Kubernetes.
+//!
+//! It starts the same `tandem-agent worker` processes the agent starts for
+//! LlamaShards, with launch messages of its own instead of ones built from
+//! the API server: every rank on loopback, rank 0's control service and
+//! OpenAI-compatible API on this machine. It is what `mlx_lm.server` is to
+//! mlx-lm: the quickest way to talk to a model, and the way the serving path
+//! is measured on a single GPU machine (docs/mlx.md).
+//!
+//! A rank that fails or exits takes the group down and the command exits
+//! non-zero, naming the rank and why; Ctrl-C or SIGTERM stops every rank.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tandem_crds::{
+    Architecture, Backend, LlamaShardSpec, Peer, Quantization, SecretKeyRef, ShardPhase,
+};
+use tokio::sync::mpsc;
+
+use super::supervisor::{self, Worker};
+use crate::engine::config::ModelConfig;
+use crate::engine::launch::free_ports;
+use crate::worker::protocol::{Event, Launch};
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model directory (config.json, safetensors, tokenizer).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Ranks of the tensor-parallel group, all on this machine.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: i32,
+    /// Port of the OpenAI-compatible API; rank 0 listens on every address.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Collective backend: Ring (TCP on loopback) or Nccl (CUDA builds; rank
+    /// r uses GPU r, so world size at most the number of GPUs).
+    #[arg(long, default_value = "Ring", value_parser = parse_backend)]
+    pub backend: Backend,
+    /// File holding the key HTTP clients must present as `Authorization:
+    /// Bearer KEY`; without it the API is open.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Directory for the ranks' hostfile and MLX's kernel cache, which makes
+    /// later starts skip the GPU kernel compilation [default:
+    /// ~/.cache/tandem/serve].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Requests rank 0 queues before answering 429.
+    #[arg(long, default_value_t = 16)]
+    pub max_queue: usize,
+    /// Longest context a request may use, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub max_context_tokens: u32,
+    /// Prompt lengths rank 0 runs through the group before it serves, so
+    /// that the first requests find their kernels compiled (comma-separated;
+    /// `0` alone turns the warm-up off) [default: 1,16,128,512 on a GPU, 1
+    /// on the CPU].
+    #[arg(long, value_delimiter = ',', value_name = "TOKENS")]
+    pub warmup_prompt_tokens: Option<Vec<usize>>,
+    /// Model name the API reports [default: the directory's name].
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "ring" => Ok(Backend::Ring),
+        "jaccl" => Ok(Backend::Jaccl),
+        "nccl" => Ok(Backend::Nccl),
+        _ => Err(format!("`{s}` is not a backend (Ring, Jaccl or Nccl)")),
+    }
+}
+
+/// The model's shape, as a shard spec carries it.
+fn architecture(config: &ModelConfig) -> Architecture {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    Architecture {
+        num_hidden_layers: n(config.num_hidden_layers),
+        hidden_size: n(config.hidden_size),
+        num_attention_heads: n(config.num_attention_heads),
+        num_key_value_heads: n(config.num_key_value_heads),
+        intermediate_size: n(config.intermediate_size),
+        vocab_size: n(config.vocab_size),
+        head_dim: Some(n(config.head_dim)),
+        tie_word_embeddings: config.tie_word_embeddings,
+        quantization: config.quantization.map(|q| Quantization {
+            bits: n(q.bits),
+            group_size: n(q.group_size),
+        }),
+        dtype: Default::default(),
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("tandem")
+        .join("serve")
+}
+
+/// A fresh group token: only these processes know it.
+fn group_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)
+        .context("reading /dev/urandom for the group token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The launch message of every rank.
+fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
+    let world = args.world_size;
+    if !(1..=256).contains(&world) {
+        bail!("--world-size must be between 1 and 256, not {world}");
+    }
+    let config = ModelConfig::load(&args.model)
+        .with_context(|| format!("reading the model in {}", args.model.display()))?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into())
+    });
+    let api_key = match &args.api_key_file {
+        Some(path) => {
+            let key = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API key from {}", path.display()))?;
+            let key = key.trim().to_owned();
+            if key.is_empty() {
+                bail!("{} is empty; it must hold the API key", path.display());
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let ports = free_ports(world as usize + 1)?;
+    let control = format!("127.0.0.1:{}", ports[world as usize]);
+    let addresses: Vec<String> = ports[..world as usize]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let hostfile = supervisor::write_hostfile(&state_dir.join("hostfile.json"), &addresses)
+        .with_context(|| format!("writing the hostfile in {}", state_dir.display()))?;
+    let token = group_token()?;
+    let peers: Vec<Peer> = addresses
+        .iter()
+        .enumerate()
+        .map(|(r, a)| Peer {
+            rank: r as i32,
+            node: "local".into(),
+            address: a.clone(),
+        })
+        .collect();
+    let warmup: Option<Vec<usize>> = args
+        .warmup_prompt_tokens
+        .as_ref()
+        .map(|lengths| lengths.iter().copied().filter(|&n| n > 0).collect());
+    Ok((0..world)
+        .map(|rank| Launch {
+            namespace: "local".into(),
+            shard_name: format!("{name}-rank-{rank}"),
+            spec: LlamaShardSpec {
+                deployment: name.clone(),
+                epoch: 1,
+                rank,
+                world_size: world,
+                node_name: "local".into(),
+                model: name.clone(),
+                revision: None,
+                architecture: architecture(&config),
+                backend: args.backend,
+                peers: peers.clone(),
+                control_address: control.clone(),
+                serving_port: (rank == 0).then_some(i32::from(args.port)),
+                group_token_secret_ref: SecretKeyRef {
+                    name: "local".into(),
+                    key: None,
+                },
+                api_key_secret_ref: None,
+                max_context_tokens: args.max_context_tokens,
+            },
+            model_dir: args.model.clone(),
+            group_token: token.clone(),
+            api_key: if rank == 0 { api_key.clone() } else { None },
+            max_queue: args.max_queue,
+            barrier_timeout_ms: 120_000,
+            hostfile: hostfile.clone(),
+            warmup_prompt_tokens: warmup.clone(),
+        })
+        .collect())
+}
+
+async fn stop_all(workers: &mut [Worker]) {
+    let stops = workers.iter_mut().map(|w| w.stop(Duration::from_secs(5)));
+    futures::future::join_all(stops).await;
+}
+
+/// Runs `serve` until a signal or a rank's failure.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let launches = launches(&args, &state_dir)?;
+    let program = std::env::current_exe().context("finding the tandem-agent executable")?;
+    let kernel_cache = supervisor::kernel_cache_dir(&state_dir);
+    let (tx, mut events) = mpsc::unbounded_channel::<(i32, Event)>();
+    let mut workers = Vec::with_capacity(launches.len());
+    for launch in &launches {
+        let rank = launch.spec.rank;
+        let gpu = (launch.spec.backend == Backend::Nccl).then_some(rank as u32);
+        let env = supervisor::worker_env(launch, &kernel_cache, gpu);
+        let started = supervisor::start(&program, launch, env, format!("rank {rank}")).await;
+        let (worker, mut rank_events) = match started {
+            Ok(w) => w,
+            Err(e) => {
+                stop_all(&mut workers).await;
+                bail!("starting rank {rank}: {e}");
+            }
+        };
+        workers.push(worker);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rank_events.recv().await {
+                let _ = tx.send((rank, event));
+            }
+        });
+    }
+    drop(tx);
+    let world = launches.len();
+    tracing::info!(
+        model = %args.model.display(),
+        world,
+        backend = ?args.backend,
+        kernel_cache = %kernel_cache.display(),
+        "started {world} rank worker(s)"
+    );
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    let mut exited: Vec<Option<String>> = vec![None; world];
+    let outcome = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some((rank, Event::Phase { phase, message, .. })) => {
+                    let message = message.unwrap_or_default();
+                    tracing::info!(rank, ?phase, "{message}");
+                    if rank == 0 && phase == ShardPhase::Ready {
+                        println!(
+                            "serving {} at http://127.0.0.1:{}/v1 (world size {world}, {:?}); Ctrl-C stops it",
+                            launches[0].spec.model, args.port, args.backend
+                        );
+                    }
+                }
+                Some((rank, Event::Failed { reason, message })) => {
+                    break Err(format!("rank {rank} failed ({reason}): {message}"));
+                }
+                None => break Err("every rank's event stream ended".to_owned()),
+            },
+            _ = poll.tick() => {
+                if let Some(rank) = note_exits(&mut workers, &mut exited) {
+                    break Err(format!("rank {rank} {}", exited[rank].as_deref().unwrap_or("exited")));
+                }
+            }
+            _ = shutdown_signal() => break Ok(()),
+        }
+    };
+    if let Err(first) = outcome {
+        // One rank's end soon ends the others (a lost peer is fatal to a
+        // group): give them a moment, so the error says what happened to each.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        note_exits(&mut workers, &mut exited);
+        stop_all(&mut workers).await;
+        let others: Vec<String> = exited
+            .iter()
+            .enumerate()
+            .filter_map(|(r, e)| e.as_ref().map(|e| format!("rank {r} {e}")))
+            .filter(|line| !first.starts_with(line.as_str()))
+            .collect();
+        if others.is_empty() {
+            bail!("the local group stopped: {first}");
+        }
+        bail!("the local group stopped: {first}; {}", others.join("; "));
+    }
+    stop_all(&mut workers).await;
+    Ok(())
+}
+
+/// Records how each worker that has ended ended; returns the first rank
+/// newly found ended.
+fn note_exits(workers: &mut [Worker], exited: &mut [Option<String>]) -> Option<usize> {
+    let mut first = None;
+    for (rank, worker) in workers.iter_mut().enumerate() {
+        if exited[rank].is_none()
+            && let Some(exit) = worker.try_exit()
+        {
+            exited[rank] = Some(exit.to_string());
+            first.get_or_insert(rank);
+        }
+    }
+    first
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_parse_in_either_case() {
+        assert_eq!(parse_backend("nccl"), Ok(Backend::Nccl));
+        assert_eq!(parse_backend("Ring"), Ok(Backend::Ring));
+        assert!(
+            parse_backend("tcp")
+                .unwrap_err()
+                .contains("Ring, Jaccl or Nccl")
+        );
+    }
+}
