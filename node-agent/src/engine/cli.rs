@@ -278,6 +278,7 @@ fn print_result(args: &GenerateArgs, report: &RankReport, ranks: &[RankReport]) 
                         "rank": r.rank,
                         "bytes_read": r.bytes_read,
                         "peak_rss_bytes": r.peak_rss_bytes,
+                        "mlx_peak_memory_bytes": r.mlx_peak_memory_bytes,
                         "load_seconds": r.timings.load_seconds,
                     })
                 })

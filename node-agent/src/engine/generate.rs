@@ -76,7 +76,7 @@ pub struct Generation {
 /// Logits `[vocab]` (as f32) of the last prompt position, from a fresh cache.
 pub fn prefill_logits(model: &Llama, prompt: &[u32]) -> Result<Vec<f32>> {
     let ids = prompt_array(prompt)?;
-    let mut cache = model.new_cache(prompt.len());
+    let mut cache = model.new_cache();
     let logits = model
         .forward_last(&ids, &mut cache)?
         .as_dtype(Dtype::Float32)
@@ -115,7 +115,7 @@ pub fn generate(
         });
     }
     let mut sampler = Sampler::new(options.sampling)?;
-    let mut cache = model.new_cache(prompt.len() + options.max_tokens);
+    let mut cache = model.new_cache();
 
     let started = Instant::now();
     let cpu_at_start = process_cpu_seconds();

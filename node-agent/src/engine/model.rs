@@ -206,24 +206,21 @@ impl Block {
 }
 
 /// The keys and values of one layer for the positions seen so far, in a
-/// buffer that grows in steps so a decode step writes in place.
+/// buffer that grows in steps of [`CACHE_STEP`] positions so a decode step
+/// writes in place.
+///
+/// The buffer's length depends only on the positions held, never on how many
+/// tokens a request may still generate: on a GPU, MLX builds and caches
+/// kernels (and cuDNN attention graphs) per shape and stride, so a buffer
+/// sized by `max_tokens` would make every new `max_tokens` pay that again.
 #[derive(Debug, Default)]
 pub struct KvCache {
     keys: Option<Array>,
     values: Option<Array>,
     offset: i32,
-    reserve: i32,
 }
 
 impl KvCache {
-    /// A cache that allocates room for `positions` at its first write.
-    pub fn with_capacity(positions: usize) -> KvCache {
-        KvCache {
-            reserve: i32::try_from(positions).unwrap_or(i32::MAX),
-            ..KvCache::default()
-        }
-    }
-
     /// Positions cached so far.
     pub fn offset(&self) -> i32 {
         self.offset
@@ -237,7 +234,7 @@ impl KvCache {
         let prev = self.offset;
         let capacity = self.keys.as_ref().map(|k| k.shape()[2]).unwrap_or(0);
         if self.keys.is_none() || prev + len > capacity {
-            let wanted = (prev + len).max(self.reserve);
+            let wanted = prev + len;
             let steps = (wanted - capacity + CACHE_STEP - 1) / CACHE_STEP;
             let grow = [b, heads, steps * CACHE_STEP, dim];
             let new_k = ops::zeros_dtype(&grow, keys.dtype())?;
@@ -450,11 +447,9 @@ impl Llama {
         self.load_stats
     }
 
-    /// An empty KV cache per layer, with room for `positions`.
-    pub fn new_cache(&self, positions: usize) -> Vec<KvCache> {
-        (0..self.blocks.len())
-            .map(|_| KvCache::with_capacity(positions))
-            .collect()
+    /// An empty KV cache per layer.
+    pub fn new_cache(&self) -> Vec<KvCache> {
+        (0..self.blocks.len()).map(|_| KvCache::default()).collect()
     }
 
     /// Sums a partial result over the group (identity on one rank).

@@ -169,7 +169,7 @@ impl RankEngine for MlxRankEngine {
             .map_err(|_| EngineError::Argument("the prompt is too long".into()))?;
         let ids = Array::from_slice(&job.prompt_ids, &[1, len]);
         let mut sampler = Sampler::new(job.sampling)?;
-        let mut cache = self.model.new_cache(job.prompt_ids.len() + job.max_tokens);
+        let mut cache = self.model.new_cache();
 
         let logits = self.model.forward_last(&ids, &mut cache)?;
         let mut current = sampler.sample(&logits)?;
