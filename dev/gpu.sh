@@ -19,8 +19,8 @@
 #   selftest  ring-selftest at 2 and 4 ranks; nccl at 1 rank, and 2 ranks on
 #             one GPU (which NCCL refuses: why the operator allows one rank
 #             per GPU)
-#   correct   greedy ids of `generate` at world sizes 1, 2, 4 against mlx-lm's
-#             (1B shape), and 1 against 2 (8B shape)
+#   correct   greedy ids of `generate` at world sizes 1, 2, 4 against mlx-lm's,
+#             1B and 8B shapes, in bfloat16 and in float32
 #   bench     `generate` against mlx-lm, 1B/3B/8B shapes at world size 1 and
 #             1B/8B at world size 2 (a functional check: two ranks on one GPU)
 #   serve     `tandem-agent serve` against `mlx_lm.server`: first-request
@@ -175,20 +175,42 @@ print(','.join(['128000'] + [str((7 + 31 * i) % (vocab - 256)) for i in range($2
 
 ids_of() { "$PY" -c 'import json, sys; print(json.load(sys.stdin)["generated_ids"])'; }
 
+# same_prefix A B: how many leading ids two "[1, 2, ...]" lists share
+same_prefix() {
+  "$PY" -c "
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+n = 0
+while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+print(n)" "$1" "$2"
+}
+
 stage_correct() {
-  say "## greedy tokens across world sizes and against mlx-lm"
-  local preset dir ids ref w got
+  say "## greedy tokens across world sizes and against mlx-lm (prompt 128, 32 generated)"
+  say "bfloat16 is the dtype both engines use on a GPU; float32 (ours --compute-dtype float32,"
+  say "mlx-lm set_dtype(float32)) removes bfloat16 rounding, which on random weights can flip a"
+  say "near-tied argmax when the partial sums of tensor parallelism are added in another order."
+  local preset dir ids ref w got dtype ours_flag peer_flag
   for preset in llama-3.2-1b llama-3.1-8b; do
     dir=$(model "$preset")
     ids=$(prompt_ids "$dir" 128)
-    ref=$("$PY" node-agent/peer/mlx_lm_peer.py greedy --model "$dir" --ids "$ids" --max-tokens 32 --ignore-eos | ids_of)
-    say "- $preset mlx-lm: $ref"
-    local sizes="1 2 4"
-    [ "$preset" = llama-3.1-8b ] && sizes="1 2"
-    for w in $sizes; do
-      got=$("$AGENT" generate --model "$dir" --prompt-ids "$ids" --max-tokens 32 --ignore-eos \
-        --world-size "$w" --json 2>"$OUT/generate.err" | ids_of) || got="FAILED: $(tail -n 3 "$OUT/generate.err")"
-      if [ "$got" = "$ref" ]; then say "- $preset world $w: PASS (equal to mlx-lm)"; else say "- $preset world $w: FAIL: $got"; fi
+    for dtype in bfloat16 float32; do
+      ours_flag=(); peer_flag=()
+      if [ "$dtype" = float32 ]; then ours_flag=(--compute-dtype float32); peer_flag=(--dtype float32); fi
+      ref=$("$PY" node-agent/peer/mlx_lm_peer.py greedy --model "$dir" --ids "$ids" --max-tokens 32 \
+        --ignore-eos "${peer_flag[@]}" | ids_of)
+      say "- $preset $dtype mlx-lm: $ref"
+      for w in 1 2 4; do
+        got=$("$AGENT" generate --model "$dir" --prompt-ids "$ids" --max-tokens 32 --ignore-eos \
+          --world-size "$w" "${ours_flag[@]}" --json 2>"$OUT/generate.err" | ids_of) \
+          || got="FAILED: $(tail -n 3 "$OUT/generate.err")"
+        if [ "$got" = "$ref" ]; then
+          say "- $preset $dtype world $w: PASS (equal to mlx-lm)"
+        else
+          say "- $preset $dtype world $w: DIFFERENT after $(same_prefix "$got" "$ref" 2>/dev/null || echo '?') equal tokens: $got"
+        fi
+      done
     done
   done
 }
