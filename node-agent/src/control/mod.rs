@@ -642,6 +642,11 @@ impl ControlClient {
         let started = Instant::now();
         let deadline = started + self.deadline;
         let mut last;
+        // A refused token is retried too: until an older epoch's rank 0 on
+        // the same address has stopped, it answers with its own (older)
+        // token. If the deadline passes with the token still refused, that
+        // refusal is the error.
+        let mut refused: Option<ClientError>;
         loop {
             match self.connect().await {
                 Ok(client) => match call(client).await {
@@ -649,6 +654,15 @@ impl ControlClient {
                     Err(s) => match s.code() {
                         Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled => {
                             last = format!("{:?}: {}", s.code(), s.message());
+                            refused = None;
+                        }
+                        Code::Unauthenticated => {
+                            last = format!("{:?}: {}", s.code(), s.message());
+                            refused = Some(ClientError::Refused {
+                                rank: self.rank,
+                                message: s.message().to_owned(),
+                                code: Code::Unauthenticated,
+                            });
                         }
                         Code::DeadlineExceeded => {
                             return Err(ClientError::BarrierTimeout(s.message().to_owned()));
@@ -662,9 +676,15 @@ impl ControlClient {
                         }
                     },
                 },
-                Err(e) => last = transport_error_text(&e),
+                Err(e) => {
+                    last = transport_error_text(&e);
+                    refused = None;
+                }
             }
             if Instant::now() + Duration::from_millis(300) >= deadline {
+                if let Some(refusal) = refused {
+                    return Err(refusal);
+                }
                 return Err(ClientError::Unreachable {
                     address: self.address.clone(),
                     waited: started.elapsed(),

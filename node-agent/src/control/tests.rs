@@ -96,7 +96,10 @@ async fn ranks_meet_and_every_rank_receives_every_job() {
 async fn outsiders_can_neither_join_nor_read_jobs() {
     let (address, coordinator) = start(2, Duration::from_secs(2)).await;
     for token in ["wrong-token", ""] {
-        let outsider = client(&address, 1, token, identity(2));
+        // A refused token is retried until the deadline (an older epoch's
+        // rank 0 may still hold the address), then the refusal is the error.
+        let outsider = ControlClient::new(&address, identity(2), 1, token, Duration::from_secs(1))
+            .expect("client");
         match outsider.join(Stage::Connect).await {
             Err(ClientError::Refused { code, .. }) => assert_eq!(code, Code::Unauthenticated),
             other => panic!("join with {token:?} should be refused: {other:?}"),
@@ -177,4 +180,55 @@ async fn an_absent_rank_0_is_reported_unreachable() {
         Err(ClientError::Unreachable { address: a, .. }) => assert_eq!(a, address),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_rank_waits_out_an_older_rank_0_that_still_holds_the_address() {
+    // The older epoch's rank 0, with that epoch's token, still listens.
+    let older = Coordinator::new(identity(2), Duration::from_secs(10));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let (stop_older, stopped) = tokio::sync::oneshot::channel::<()>();
+    let older_server = tokio::spawn(async move {
+        let _ = serve(
+            listener,
+            older,
+            "older-epoch-token".into(),
+            std::future::pending(),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await;
+    });
+    let c1 = client(&address.to_string(), 1, TOKEN, identity(2));
+    let joining = tokio::spawn(async move { c1.join(Stage::Connect).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !joining.is_finished(),
+        "the older rank 0's refusal is retried, not taken as final"
+    );
+    let _ = stop_older.send(());
+    older_server.await.expect("the older rank 0 stops");
+
+    // The new epoch's rank 0 takes the same address.
+    let coordinator = Coordinator::new(identity(2), Duration::from_secs(10));
+    let listener = TcpListener::bind(address).await.expect("rebind");
+    let c = coordinator.clone();
+    tokio::spawn(async move {
+        let _ = serve(
+            listener,
+            c,
+            TOKEN.into(),
+            std::future::pending(),
+            std::future::pending(),
+        )
+        .await;
+    });
+    let (r0, r1) = tokio::join!(coordinator.arrive(0, Stage::Connect), joining);
+    assert_eq!(r0.expect("rank 0"), vec![0, 1]);
+    assert_eq!(
+        r1.expect("join task").expect("rank 1 joins the new rank 0"),
+        vec![0, 1]
+    );
 }
