@@ -267,7 +267,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     break Err(format!("rank {rank} {}", exited[rank].as_deref().unwrap_or("exited")));
                 }
             }
-            _ = shutdown_signal() => break Ok(()),
+            _ = super::termination() => break Ok(()),
         }
     };
     if let Err(first) = outcome {
@@ -304,22 +304,6 @@ fn note_exits(workers: &mut [Worker], exited: &mut [Option<String>]) -> Option<u
         }
     }
     first
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

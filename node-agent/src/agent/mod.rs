@@ -81,7 +81,7 @@ pub fn configure(args: &RunArgs) -> Result<AgentConfig, AgentError> {
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
-async fn termination() {
+pub(crate) async fn termination() {
     #[cfg(unix)]
     {
         if let Ok(mut term) =

@@ -14,22 +14,33 @@ fn identity(world_size: i32) -> GroupIdentity {
 
 const TOKEN: &str = "s3cret-token";
 
+/// Serves rank 0's control service on `listener` with `token` until
+/// `shutdown` resolves.
+fn spawn_serve(
+    listener: TcpListener,
+    coordinator: Arc<Coordinator>,
+    token: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let token = token.to_owned();
+    tokio::spawn(async move {
+        let _ = serve(
+            listener,
+            coordinator,
+            token,
+            std::future::pending(),
+            shutdown,
+        )
+        .await;
+    })
+}
+
 /// Starts rank 0's service; returns its address and coordinator.
 async fn start(world_size: i32, barrier: Duration) -> (String, Arc<Coordinator>) {
     let coordinator = Coordinator::new(identity(world_size), barrier);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    let c = coordinator.clone();
-    tokio::spawn(async move {
-        let _ = serve(
-            listener,
-            c,
-            TOKEN.into(),
-            std::future::pending(),
-            std::future::pending(),
-        )
-        .await;
-    });
+    spawn_serve(listener, coordinator.clone(), TOKEN, std::future::pending());
     (address, coordinator)
 }
 
@@ -189,17 +200,8 @@ async fn a_rank_waits_out_an_older_rank_0_that_still_holds_the_address() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr");
     let (stop_older, stopped) = tokio::sync::oneshot::channel::<()>();
-    let older_server = tokio::spawn(async move {
-        let _ = serve(
-            listener,
-            older,
-            "older-epoch-token".into(),
-            std::future::pending(),
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await;
+    let older_server = spawn_serve(listener, older, "older-epoch-token", async {
+        let _ = stopped.await;
     });
     let c1 = client(&address.to_string(), 1, TOKEN, identity(2));
     let joining = tokio::spawn(async move { c1.join(Stage::Connect).await });
@@ -214,17 +216,7 @@ async fn a_rank_waits_out_an_older_rank_0_that_still_holds_the_address() {
     // The new epoch's rank 0 takes the same address.
     let coordinator = Coordinator::new(identity(2), Duration::from_secs(10));
     let listener = TcpListener::bind(address).await.expect("rebind");
-    let c = coordinator.clone();
-    tokio::spawn(async move {
-        let _ = serve(
-            listener,
-            c,
-            TOKEN.into(),
-            std::future::pending(),
-            std::future::pending(),
-        )
-        .await;
-    });
+    spawn_serve(listener, coordinator.clone(), TOKEN, std::future::pending());
     let (r0, r1) = tokio::join!(coordinator.arrive(0, Stage::Connect), joining);
     assert_eq!(r0.expect("rank 0"), vec![0, 1]);
     assert_eq!(
