@@ -6,6 +6,12 @@
 //! and 8-bit checkpoints quantize every linear layer and the embeddings with
 //! group size 64 and keep bf16 norms, scales and biases. Storage sizes are exo's
 //! model cards' figures.
+//!
+//! The three `tandem-dev/SmolLM2-135M-Instruct-*` entries are the project's
+//! real test model (a Llama-architecture instruct model that `dev/real-model.sh`
+//! converts from a GGUF on PyPI); their shape is SmolLM2-135M's `config.json`,
+//! their storage sizes those of the converter's `model.safetensors`. With 9
+//! heads and 3 KV heads they split over 1 or 3 ranks only.
 
 use crate::error::PlanError;
 use crate::model::{ModelShape, Quantization, WeightDtype};
@@ -17,7 +23,8 @@ pub struct CatalogEntry {
     pub model_id: &'static str,
     /// The model's shape, quantization and dtype.
     pub shape: ModelShape,
-    /// Size of the checkpoint on disk, as exo's model card gives it.
+    /// Size of the checkpoint on disk: exo's model card's figure for the
+    /// mlx-community models, the converter's output for the SmolLM2 ones.
     pub storage_bytes: u64,
 }
 
@@ -28,6 +35,12 @@ const Q4: Option<Quantization> = Some(Quantization {
 const Q8: Option<Quantization> = Some(Quantization {
     bits: 8,
     group_size: 64,
+});
+/// 4-bit with groups of 32: SmolLM2 re-quantized from a Q4_1 GGUF keeps its
+/// answers with groups of 32 and loses them with 64.
+const Q4_G32: Option<Quantization> = Some(Quantization {
+    bits: 4,
+    group_size: 32,
 });
 
 const fn llama(
@@ -68,7 +81,30 @@ const fn llama_70b(q: Option<Quantization>, dtype: WeightDtype) -> ModelShape {
 
 const BF16: WeightDtype = WeightDtype::BFloat16;
 
-/// The ten bundled models.
+const fn smollm2_135m(quantization: Option<Quantization>) -> ModelShape {
+    ModelShape {
+        num_hidden_layers: 30,
+        hidden_size: 576,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        intermediate_size: 1536,
+        vocab_size: 49_152,
+        head_dim: None,
+        tie_word_embeddings: true,
+        quantization,
+        dtype: BF16,
+    }
+}
+
+/// The real test model's IDs, smallest first.
+pub const SMOLLM2_135M_4BIT: &str = "tandem-dev/SmolLM2-135M-Instruct-4bit";
+/// The 8-bit conversion (group size 64).
+pub const SMOLLM2_135M_8BIT: &str = "tandem-dev/SmolLM2-135M-Instruct-8bit";
+/// The bf16 conversion.
+pub const SMOLLM2_135M_BF16: &str = "tandem-dev/SmolLM2-135M-Instruct-bf16";
+
+/// The bundled models: ten Llama 3.x checkpoints and the three conversions of
+/// the real test model.
 pub static CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         model_id: "mlx-community/Llama-3.2-1B-Instruct-4bit",
@@ -120,6 +156,21 @@ pub static CATALOG: &[CatalogEntry] = &[
         shape: llama_70b(None, WeightDtype::Float16),
         storage_bytes: 144_383_672_320,
     },
+    CatalogEntry {
+        model_id: SMOLLM2_135M_4BIT,
+        shape: smollm2_135m(Q4_G32),
+        storage_bytes: 84_195_792,
+    },
+    CatalogEntry {
+        model_id: SMOLLM2_135M_8BIT,
+        shape: smollm2_135m(Q8),
+        storage_bytes: 143_031_222,
+    },
+    CatalogEntry {
+        model_id: SMOLLM2_135M_BF16,
+        shape: smollm2_135m(None),
+        storage_bytes: 269_060_451,
+    },
 ];
 
 /// Finds a bundled model by its ID, ignoring ASCII case (Hugging Face IDs are
@@ -163,8 +214,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn catalog_has_the_ten_bundled_models() {
-        assert_eq!(CATALOG.len(), 10);
+    fn catalog_has_the_thirteen_bundled_models() {
+        assert_eq!(CATALOG.len(), 13);
         for entry in CATALOG {
             assert!(entry.shape.validate().is_ok(), "{}", entry.model_id);
             assert_eq!(lookup_model(entry.model_id), Some(entry));

@@ -7,7 +7,7 @@
 //!
 //! Weight sizes follow MLX's affine quantization storage: `bits / 8` bytes per
 //! weight, plus one scale and one bias (in the model's dtype) per group of
-//! `group_size` weights along a row. With this formula the ten bundled
+//! `group_size` weights along a row. With this formula the bundled
 //! checkpoints come out within 2–5 % below the storage sizes in the catalog
 //! (those are rounded figures; see the catalog tests).
 
@@ -347,8 +347,11 @@ mod tests {
     }
 
     #[test]
-    fn every_bundled_model_splits_into_1_2_4_8() {
-        for entry in CATALOG {
+    fn every_bundled_llama_splits_into_1_2_4_8() {
+        for entry in CATALOG
+            .iter()
+            .filter(|e| e.model_id.starts_with("mlx-community/"))
+        {
             assert_eq!(
                 valid_world_sizes(&entry.shape, 64),
                 vec![1, 2, 4, 8],
@@ -356,6 +359,25 @@ mod tests {
                 entry.model_id
             );
         }
+    }
+
+    #[test]
+    fn smollm2_splits_into_1_and_3_only() {
+        // 9 heads and 3 KV heads: only 1 and 3 divide both; the quantized
+        // slices (o_proj 576 / 3 = 192, down_proj 1536 / 3 = 512) are whole
+        // groups of 32 and 64.
+        for id in [
+            crate::catalog::SMOLLM2_135M_4BIT,
+            crate::catalog::SMOLLM2_135M_8BIT,
+            crate::catalog::SMOLLM2_135M_BF16,
+        ] {
+            assert_eq!(valid_world_sizes(&shape(id), 64), vec![1, 3], "{id}");
+        }
+        let two = check_world_size(&shape(crate::catalog::SMOLLM2_135M_4BIT), 2).unwrap_err();
+        assert!(
+            two.0.contains("9 attention heads do not divide by 2"),
+            "{two}"
+        );
     }
 
     #[test]

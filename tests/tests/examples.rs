@@ -1,4 +1,4 @@
-//! The manifests in `examples/`: one per bundled model plus the tiny demo
+//! The manifests in `examples/`: one per bundled model (the SmolLM2 conversions included) plus the tiny demo
 //! model. Each must be accepted by the real API server (server-side dry
 //! run), ask for a world size its model can be split into, and state a
 //! per-rank memory figure that matches the planner's estimate.
