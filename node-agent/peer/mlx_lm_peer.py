@@ -12,7 +12,13 @@ mlx-lm's answer next to the engine's:
   batch    --requests FILE                    many of the above in one process:
                                              FILE is a JSON list of objects with
                                              "op" (logits, greedy or encode) and
-                                             the options as keys; prints a list
+                                             the options as keys; prints a list.
+                                             Two more ops exist only here:
+                                             "tokenize" (tokenizer DIR, texts: the
+                                             `tokenizers` library's ids and decoded
+                                             text per string) and "template"
+                                             (tokenizer DIR, conversations:
+                                             transformers' apply_chat_template)
   bench    --model DIR --ids 1,2,3 --max-tokens N
                                              prefill/decode speed, TTFT, memory;
                                              under `mlx.launch` the model is
@@ -133,6 +139,32 @@ def cmd_encode(args):
     return {"ids": list(ids), "decoded": tokenizer.decode(ids, skip_special_tokens=True)}
 
 
+def cmd_tokenize(args):
+    """The `tokenizers` library on tokenizer.json alone: ids without special
+    tokens added, and the text those ids decode to (special tokens skipped)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json"))
+    out = []
+    for text in args.texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        out.append({"ids": ids, "decoded": tok.decode(ids, skip_special_tokens=True)})
+    return {"results": out}
+
+
+def cmd_template(args):
+    """transformers' apply_chat_template (text, not ids) per conversation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    rendered = [
+        tok.apply_chat_template(c, add_generation_prompt=args.add_generation_prompt,
+                                tokenize=False)
+        for c in args.conversations
+    ]
+    return {"rendered": rendered}
+
+
 def cmd_bench(args):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -191,9 +223,10 @@ def cmd_bench(args):
 def cmd_batch(args):
     with open(args.requests) as f:
         requests = json.load(f)
-    handlers = {"logits": cmd_logits, "greedy": cmd_greedy, "encode": cmd_encode}
+    handlers = {"logits": cmd_logits, "greedy": cmd_greedy, "encode": cmd_encode,
+                "tokenize": cmd_tokenize, "template": cmd_template}
     defaults = {"dtype": None, "max_tokens": 16, "ignore_eos": False, "chat": False,
-                "system": None, "date": None}
+                "system": None, "date": None, "add_generation_prompt": True}
     results = []
     for request in requests:
         options = dict(defaults)

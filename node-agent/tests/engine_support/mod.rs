@@ -283,3 +283,31 @@ fn wait_all(mut children: Vec<std::process::Child>, deadline: std::time::Duratio
         .map(|c| c.wait_with_output().expect("peer rank"))
         .collect()
 }
+
+/// Runs `dev/real-model.sh COMMAND` (which fetches and converts on first use,
+/// cached after) and returns the path it prints.
+fn real_model_script(command: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("dev/real-model.sh"))
+        .arg(command)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run dev/real-model.sh");
+    assert!(out.status.success(), "dev/real-model.sh {command} failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The directory of one conversion of the real test model:
+/// `tandem-dev/SmolLM2-135M-Instruct-{bf16,8bit,4bit}` (the catalog's IDs).
+pub fn real_model(model_id: &str) -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| real_model_script("dir")).join(model_id)
+}
+
+/// The directory holding the real Llama 3 tokenizer.json and
+/// tokenizer_config.json.
+pub fn llama3_tokenizer() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| real_model_script("llama3-tokenizer"))
+        .clone()
+}
