@@ -754,3 +754,272 @@ fn nccl_waits_for_cuda_nodes_with_free_gpus_and_says_so() {
         vec![(0, "n2".to_owned()), (1, "n4".to_owned())]
     );
 }
+
+fn demo_nodes() -> Vec<NodeInfo> {
+    ["demo-a", "demo-b", "demo-c", "demo-d"]
+        .iter()
+        .zip(1..)
+        .map(|(name, octet)| ninfo(name, octet, 64))
+        .collect()
+}
+
+/// Four ranks serving on demo-a..demo-d, with a budget of 5.
+fn serving_on_demo() -> World {
+    let mut w = World::new(4, demo_nodes());
+    w.settings.restart.budget = 5;
+    w.step(100);
+    w.all(ShardPhase::Ready);
+    w.step(101);
+    assert_eq!(
+        w.placement(),
+        vec![
+            (0, "demo-a".to_owned()),
+            (1, "demo-b".to_owned()),
+            (2, "demo-c".to_owned()),
+            (3, "demo-d".to_owned()),
+        ]
+    );
+    w
+}
+
+fn failed(reason: &str, message: &str) -> Option<LlamaShardStatus> {
+    Some(LlamaShardStatus {
+        phase: Some(ShardPhase::Failed),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        ..Default::default()
+    })
+}
+
+const CLOSED: &str = "rank 0 closed the job stream (the group broke or rank 0 stopped); \
+                      restarting in 1s (restart 1)";
+
+fn restart_message(out: &Outcome) -> (&'static str, String) {
+    match &out.new_epoch {
+        Some(EpochCause::Restart { reason, message }) => (reason, message.clone()),
+        other => panic!("expected a restart, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_killed_agent_is_named_once_and_first() {
+    // demo-b's agent is killed: its rank still reads Ready (nobody writes
+    // for it) and its node is ready until the Lease expires. Rank 0 has
+    // already restarted its worker; ranks 2 and 3 lost rank 0's stream.
+    let mut w = serving_on_demo();
+    w.rank(0).status = Some(LlamaShardStatus {
+        phase: Some(ShardPhase::Loading),
+        ..Default::default()
+    });
+    w.rank(2).status = failed("PeerUnreachable", CLOSED);
+    w.rank(3).status = failed("PeerUnreachable", CLOSED);
+    let out = w.step(110);
+    let (reason, message) = restart_message(&out);
+    assert_eq!(reason, "RankFailed");
+    assert_eq!(
+        message,
+        "rank 1 on demo-b stopped answering; ranks 2–3 lost their peer"
+    );
+    let (_, ready_reason, ready) = w.condition(READY);
+    assert_eq!(ready_reason, "Recovering");
+    assert_eq!(
+        ready,
+        "rank 1 on demo-b stopped answering; ranks 2–3 lost their peer; \
+         re-forming, restart 1 of 5"
+    );
+    let record = w.status.last_restart.clone().expect("record");
+    assert_eq!(
+        (record.reason.as_str(), record.message.as_str()),
+        ("RankFailed", message.as_str())
+    );
+    let note = &out.notices[0];
+    assert_eq!(note.reason, "Restarting");
+    assert!(
+        note.note.starts_with(
+            "rank 1 on demo-b stopped answering; ranks 2–3 lost their peer; \
+             re-forming, restart 1 of 5 (epoch 2: rank 0 on demo-a; "
+        ),
+        "{}",
+        note.note
+    );
+
+    // While the new group forms, the message keeps the cause and says how far it is.
+    let out = w.step(111);
+    assert!(out.new_epoch.is_none());
+    let (_, ready_reason, ready) = w.condition(READY);
+    assert_eq!(ready_reason, "Recovering");
+    assert!(
+        ready.starts_with("rank 1 on demo-b stopped answering"),
+        "{ready}"
+    );
+    assert!(ready.contains("ranks 2–3 lost their peer"), "{ready}");
+    assert!(ready.contains("restart 1 of 5"), "{ready}");
+    assert!(ready.ends_with("; 0 of 4 ranks loaded"), "{ready}");
+    assert!(!note.note.contains("restarting in"), "{}", note.note);
+    for text in [&ready, &record.message] {
+        assert!(!text.contains("restarting in"), "{text}");
+        assert_eq!(text.matches("demo-b").count(), 1, "said once: {text}");
+    }
+}
+
+#[test]
+fn a_rank_that_names_the_peer_it_lost_points_at_the_cause() {
+    // Rank 0 saw rank 1's job stream close; ranks 2 and 3 lost rank 0's.
+    let mut w = serving_on_demo();
+    w.rank(0).status = failed(
+        "PeerUnreachable",
+        "rank 1 left the group (its job stream closed); restarting in 1s (restart 1)",
+    );
+    w.rank(2).status = failed("PeerUnreachable", CLOSED);
+    w.rank(3).status = failed("PeerUnreachable", CLOSED);
+    let (reason, message) = restart_message(&w.step(110));
+    assert_eq!(reason, "RankFailed");
+    assert_eq!(
+        message,
+        "rank 1 on demo-b stopped answering; ranks 0, 2–3 lost their peer"
+    );
+}
+
+#[test]
+fn a_lost_node_is_the_cause_of_its_peers_losing_the_group() {
+    let mut w = serving_on_demo();
+    w.nodes.push(ninfo("demo-e", 5, 64));
+    w.node("demo-b").ready = false;
+    w.rank(0).status = failed(
+        "PeerUnreachable",
+        "rank 1 left the group (its job stream closed); restarting in 2s (restart 2)",
+    );
+    w.rank(2).status = failed("PeerUnreachable", CLOSED);
+    w.rank(3).status = failed("PeerUnreachable", CLOSED);
+    let out = w.step(110);
+    let (reason, message) = restart_message(&out);
+    assert_eq!(reason, "NodeLost");
+    assert_eq!(
+        message,
+        "rank 1 on demo-b: node lost (Lease expired or agent not Ready); \
+         ranks 0, 2–3 lost their peer"
+    );
+    assert_eq!(
+        w.status.last_restart.as_ref().map(|r| r.reason.as_str()),
+        Some("NodeLost")
+    );
+    assert!(
+        out.notices[0].note.contains("demo-b"),
+        "{}",
+        out.notices[0].note
+    );
+    let (_, _, ready) = w.condition(READY);
+    assert!(ready.ends_with("; re-forming, restart 1 of 5"), "{ready}");
+    assert_eq!(w.placement()[1], (1, "demo-e".to_owned()), "rank 1 moves");
+}
+
+#[test]
+fn a_rank_that_failed_by_itself_is_the_cause() {
+    let mut w = serving_on_demo();
+    w.rank(2).status = failed(
+        "WorkerCrashed",
+        "the worker was killed by signal 9; restarting in 1s (restart 1)",
+    );
+    w.rank(0).status = failed(
+        "PeerUnreachable",
+        "rank 2 left the group (its job stream closed); restarting in 1s (restart 1)",
+    );
+    w.rank(1).status = failed("PeerUnreachable", CLOSED);
+    w.rank(3).status = failed("PeerUnreachable", CLOSED);
+    let out = w.step(110);
+    let (reason, message) = restart_message(&out);
+    assert_eq!(reason, "RankFailed");
+    assert_eq!(
+        message,
+        "rank 2 on demo-c failed: WorkerCrashed: the worker was killed by signal 9; \
+         ranks 0–1, 3 lost their peer"
+    );
+
+    // It fails again at once: the condition says the cause and the backoff.
+    w.rank(2).status = failed("OutOfMemory", "cannot allocate 3 GiB");
+    w.step(111);
+    let (_, reason, ready) = w.condition(READY);
+    assert_eq!(reason, "RankFailed");
+    assert!(
+        ready.starts_with(
+            "rank 2 on demo-c failed: OutOfMemory: cannot allocate 3 GiB; backing off, \
+             re-forming at "
+        ),
+        "{ready}"
+    );
+    assert!(ready.ends_with(", restart 2 of 5"), "{ready}");
+}
+
+#[test]
+fn when_every_rank_lost_the_group_the_one_its_peers_name_says_why() {
+    let mut w = serving_on_demo();
+    w.rank(0).status = failed(
+        "PeerUnreachable",
+        "cannot listen on control port 47001: address in use; restarting in 1s (restart 1)",
+    );
+    for rank in 1..4 {
+        w.rank(rank).status = failed(
+            "PeerUnreachable",
+            "rank 0's control service at 10.0.0.1:47001 was unreachable for 120s: \
+             connection refused",
+        );
+    }
+    let (_, message) = restart_message(&w.step(110));
+    assert_eq!(
+        message,
+        "rank 0 on demo-a failed: PeerUnreachable: cannot listen on control port 47001: \
+         address in use; ranks 1–3 lost their peer"
+    );
+}
+
+#[test]
+fn peer_loss_messages_name_the_peer_that_went_away() {
+    assert_eq!(
+        mentions("the group broke: rank 3 left the group (its job stream closed)"),
+        [Mention::Gone(3, STOPPED)]
+    );
+    assert_eq!(
+        mentions(
+            "rank 0 refused rank 2: ranks [1, 3] did not reach the connect barrier within 120s"
+        ),
+        [
+            Mention::Alive(0),
+            Mention::Gone(1, LATE),
+            Mention::Gone(3, LATE)
+        ]
+    );
+    assert_eq!(
+        mentions("lost rank 0's job stream: transport error"),
+        [Mention::Gone(0, STOPPED)]
+    );
+    assert_eq!(mentions(CLOSED), [Mention::Alive(0)]);
+    assert!(mentions("forming the MLX ring group failed: timeout").is_empty());
+    assert_eq!(
+        without_retry_note("lost: a; b; restarting in 30s (restart 7)"),
+        "lost: a; b"
+    );
+    assert_eq!(
+        without_retry_note("restarting in style"),
+        "restarting in style"
+    );
+    assert_eq!(rank_list(&[2]), "rank 2");
+    assert_eq!(rank_list(&[3, 2]), "ranks 2–3");
+    assert_eq!(rank_list(&[0, 2, 3]), "ranks 0, 2–3");
+    assert_eq!(rank_list(&[0, 1, 2, 5, 7]), "ranks 0–2, 5, 7");
+    assert_eq!(clip("abcdef", 3), "abc…");
+    assert_eq!(clip("abc", 3), "abc");
+}
+
+#[test]
+fn a_silent_rank_0_is_the_suspect_when_no_other_rank_is_left() {
+    // Rank 0's agent is killed and its followers saw the stream end cleanly.
+    let mut w = serving_on_demo();
+    for rank in 1..4 {
+        w.rank(rank).status = failed("PeerUnreachable", CLOSED);
+    }
+    let (_, message) = restart_message(&w.step(110));
+    assert_eq!(
+        message,
+        "rank 0 on demo-a stopped answering; ranks 1–3 lost their peer"
+    );
+}
