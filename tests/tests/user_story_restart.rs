@@ -20,12 +20,12 @@ use tandem_tests::{SYSTEM_NAMESPACE, cluster, eventually};
 async fn the_group_keeps_serving_through_an_api_server_restart() {
     // Production-length Leases (the agents' default): an API server outage
     // shorter than a Lease must not cost a node.
-    let s = Story::with_lease("restart", 2, 15).await;
-    s.apply(&s.deployment("tiny", 2));
-    let st = s.serving("tiny", 2, 0).await;
-    chat(&st, "Before the restart?").await;
+    let s = Story::with_lease("restart", 3, 15).await;
+    s.apply(&s.deployment("smol", 3));
+    let st = s.serving("smol", 3, 0).await;
+    ask(&st, CAPITAL).await;
     let shards_before: Vec<String> = s
-        .shards("tiny")
+        .shards("smol")
         .await
         .iter()
         .map(|x| x.uid().unwrap_or_default())
@@ -39,7 +39,8 @@ async fn the_group_keeps_serving_through_an_api_server_restart() {
         std::thread::spawn(move || {
             let mut answered = 0;
             while !stop.load(Ordering::Relaxed) {
-                openai_chat(&endpoint, "Are you still there?")?;
+                let (answer, _) = openai_chat(&endpoint, CAPITAL.0)?;
+                anyhow::ensure!(answer.contains(CAPITAL.1), "a wrong answer: {answer:?}");
                 answered += 1;
             }
             anyhow::Ok(answered)
@@ -81,24 +82,24 @@ async fn the_group_keeps_serving_through_an_api_server_restart() {
 
     // Nothing was re-placed: the same epoch and shard objects, still Serving.
     let still = s
-        .status("tiny", "Serving", |x| {
+        .status("smol", "Serving", |x| {
             x.phase == Some(DeploymentPhase::Serving)
         })
         .await;
     assert_eq!(still.epoch, st.epoch, "re-placed: {:?}", still.conditions);
     let shards_after: Vec<String> = s
-        .shards("tiny")
+        .shards("smol")
         .await
         .iter()
         .map(|x| x.uid().unwrap_or_default())
         .collect();
     assert_eq!(shards_after, shards_before);
 
-    // Both reconnected: the operator places a scale-down and the agents
+    // All reconnected: the operator places a scale-down and the agents
     // form the new group.
-    s.scale("tiny", 1);
-    let one = s.serving("tiny", 1, st.epoch).await;
-    chat(&one, "After the restart?").await;
+    s.scale("smol", 1);
+    let one = s.serving("smol", 1, st.epoch).await;
+    ask(&one, CAPITAL).await;
     let api: Api<LlamaShard> = Api::namespaced(s.admin.clone(), s.ns());
     eventually("the old epoch's shards gone", WAIT, || async {
         let list = api.list(&ListParams::default()).await?.items;

@@ -133,6 +133,27 @@ pub fn model_dir() -> PathBuf {
     .clone()
 }
 
+/// The real test model the user stories serve: SmolLM2-135M-Instruct, 4-bit
+/// (group size 32), a catalog entry; it splits over 1 or 3 ranks.
+pub const REAL_MODEL: &str = tandem_planner::catalog::SMOLLM2_135M_4BIT;
+
+/// The model directory `dev/real-model.sh` converts the real model into
+/// (`tandem-dev/SmolLM2-135M-Instruct-*`, cached across runs).
+pub fn real_model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo_root().join("dev/real-model.sh"))
+            .arg("dir")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running dev/real-model.sh");
+        assert!(out.status.success(), "dev/real-model.sh dir failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
 /// How to start an agent.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
@@ -155,6 +176,15 @@ impl AgentOptions {
     pub fn tiny_model() -> AgentOptions {
         AgentOptions {
             model_dirs: vec![model_dir()],
+            offline: true,
+            ..AgentOptions::default()
+        }
+    }
+
+    /// Serving the real test model from [`real_model_dir`], downloads off.
+    pub fn real_model() -> AgentOptions {
+        AgentOptions {
+            model_dirs: vec![real_model_dir()],
             offline: true,
             ..AgentOptions::default()
         }

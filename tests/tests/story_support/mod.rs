@@ -1,8 +1,9 @@
 //! The user stories' world: the real operator (chart identity, watching the
 //! story's namespace) and real `tandem-agent run` processes (chart identity,
-//! each its own node, labelled for the story), serving the tiny generated
-//! model; and what a user does to them: apply, `kubectl scale`, delete, chat
-//! through the `openai` client.
+//! each its own node, labelled for the story), serving the real test model
+//! (SmolLM2-135M-Instruct, 4-bit; valid world sizes 1 and 3); and what a
+//! user does to them: apply, `kubectl scale`, delete, ask questions through
+//! the `openai` client and check the answers.
 
 #![allow(dead_code)]
 
@@ -114,7 +115,7 @@ impl Story {
                     "--lease-duration-seconds".into(),
                     self.lease_seconds.to_string(),
                 ],
-                ..AgentOptions::tiny_model()
+                ..AgentOptions::real_model()
             },
         );
         self.agents[index] = Some(agent);
@@ -164,14 +165,13 @@ impl Story {
         drop(agent);
     }
 
-    /// The tiny model's deployment: `world` ranks on the story's nodes,
-    /// serving on a free port.
+    /// The real model's deployment (a catalog model: no architecture):
+    /// `world` ranks on the story's nodes, serving on a free port.
     pub fn deployment(&self, name: &str, world: i32) -> LlamaDeployment {
-        let tiny = agent_support::tiny_architecture();
         let mut d = LlamaDeployment::new(
             name,
             LlamaDeploymentSpec {
-                model: agent_support::MODEL.into(),
+                model: agent_support::REAL_MODEL.into(),
                 revision: None,
                 sharding: Sharding {
                     strategy: ShardingStrategy::Tensor,
@@ -191,7 +191,7 @@ impl Story {
                     port: i32::from(free_port()),
                     api_key_secret_ref: None,
                 }),
-                architecture: Some(tiny),
+                architecture: None,
             },
         );
         d.metadata.namespace = Some(self.ns().to_owned());
@@ -337,7 +337,7 @@ client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retri
 model = client.models.list().data[0].id
 reply = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": sys.argv[2]}],
-    max_tokens=12, temperature=0,
+    max_tokens=24, temperature=0,
 )
 print(json.dumps({"content": reply.choices[0].message.content,
                   "tokens": reply.usage.completion_tokens,
@@ -382,6 +382,21 @@ pub async fn chat(status: &LlamaDeploymentStatus, question: &str) -> (String, u6
     )
     .await
     .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A question with a checkable answer, and the word the answer must hold.
+pub const CAPITAL: (&str, &str) = ("What is the capital of France?", "Paris");
+
+/// Asks `question` through [`chat`] and checks that the answer holds
+/// `expected`; returns the answer.
+pub async fn ask(status: &LlamaDeploymentStatus, (question, expected): (&str, &str)) -> String {
+    let (answer, _) = chat(status, question).await;
+    assert!(
+        answer.contains(expected),
+        "asked {question:?} at world size {}, expected {expected:?} in the answer {answer:?}",
+        status.ranks.len()
+    );
+    answer
 }
 
 /// The reason of a condition, or "".
