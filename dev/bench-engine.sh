@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks Tandem's MLX engine against mlx-lm, in the same run, on a
-# generated model with the real Llama-3.2-1B shape at 4 bits (group size 64):
+# generated model with the real Llama-3.2-1B shape at 4 bits (group size 64),
+# or on the real test model (--real VARIANT: SmolLM2-135M-Instruct from
+# dev/real-model.sh, bf16, 8bit or 4bit, at world sizes 1 and 3):
 # world size 1, and world size 2 on loopback (ours: `generate --world-size 2`;
 # mlx-lm: its own tensor parallelism, `sharded_load`, each rank started the
 # way `mlx.launch --backend ring` starts it). It prints a table with prefill
@@ -10,7 +12,9 @@
 # Not a test: nothing here asserts a speed.
 #
 # usage: dev/bench-engine.sh [--prompt-tokens N] [--max-tokens N] [--preset P]
-#                            [--quick]
+#                            [--real VARIANT] [--world N] [--quick]
+#   --real   benchmark tandem-dev/SmolLM2-135M-Instruct-VARIANT (world 1 and 3)
+#   --world  the second world size (default 2; 3 with --real)
 #   --quick  prompt 8, generate 8, skip mlx-lm's bfloat16 rows (a smoke run)
 #
 # Environment: CARGO_TARGET_DIR (default target), TANDEM_BENCH_DIR (models,
@@ -24,14 +28,18 @@ MAX_TOKENS=16
 PRESET=llama-3.2-1b
 QUANT=4
 BF16_ROWS=1
+REAL=""
+WORLD=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --real) REAL=$2; shift 2 ;;
+    --world) WORLD=$2; shift 2 ;;
     --prompt-tokens) PROMPT_TOKENS=$2; shift 2 ;;
     --max-tokens) MAX_TOKENS=$2; shift 2 ;;
     --preset) PRESET=$2; shift 2 ;;
     --quant) QUANT=$2; shift 2 ;;
     --quick) PROMPT_TOKENS=8; MAX_TOKENS=8; BF16_ROWS=0; shift ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +49,12 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 TARGET=${CARGO_TARGET_DIR:-target}
 MODELS=${TANDEM_BENCH_DIR:-$TARGET/bench-models}
 MODEL="$MODELS/$PRESET-q$QUANT"
+if [ -n "$REAL" ]; then
+  MODEL="$(bash dev/real-model.sh dir)/tandem-dev/SmolLM2-135M-Instruct-$REAL"
+  [ -f "$MODEL/config.json" ] || { echo "no real model variant $REAL (bf16, 8bit, 4bit)" >&2; exit 2; }
+  WORLD=${WORLD:-3}
+fi
+WORLD=${WORLD:-2}
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench.XXXXXX")
 trap 'rm -rf "$OUT"' EXIT
 
@@ -56,7 +70,7 @@ else
   AGENT="$TARGET/release/tandem-agent"
 fi
 
-if [ ! -f "$MODEL/.complete" ]; then
+if [ -z "$REAL" ] && [ ! -f "$MODEL/.complete" ]; then
   log "writing the $PRESET model ($QUANT-bit) to $MODEL"
   rm -rf "$MODEL"
   "$AGENT" make-model --preset "$PRESET" --quant "$QUANT" --out "$MODEL" --seed 0
@@ -129,15 +143,16 @@ run_mlx_lm() { # world name [extra args]
 run_ours 1
 run_mlx_lm 1 mlx-lm-f32 --dtype float32
 if [ "$BF16_ROWS" = 1 ]; then run_mlx_lm 1 mlx-lm; fi
-run_ours 2
-run_mlx_lm 2 mlx-lm-f32 --dtype float32
-if [ "$BF16_ROWS" = 1 ]; then run_mlx_lm 2 mlx-lm; fi
+run_ours "$WORLD"
+run_mlx_lm "$WORLD" mlx-lm-f32 --dtype float32
+if [ "$BF16_ROWS" = 1 ]; then run_mlx_lm "$WORLD" mlx-lm; fi
 
-python3 - "$OUT" "$MODEL" "$PROMPT_TOKENS" "$MAX_TOKENS" <<'EOF'
+python3 - "$OUT" "$MODEL" "$PROMPT_TOKENS" "$MAX_TOKENS" "$WORLD" <<'EOF'
 import json, os, platform, sys
 from pathlib import Path
 
 out, model, prompt_tokens, max_tokens = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+world = int(sys.argv[5])
 
 def lines(path):
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip().startswith("{")]
@@ -184,9 +199,9 @@ def theirs(name, world, label, dtype):
 ours(1)
 theirs("mlx-lm-f32", 1, "mlx-lm, set_dtype(float32)", "float32")
 theirs("mlx-lm", 1, "mlx-lm, as loaded", "bfloat16")
-ours(2)
-theirs("mlx-lm-f32", 2, "mlx-lm TP (ring), set_dtype(float32)", "float32")
-theirs("mlx-lm", 2, "mlx-lm TP (ring), as loaded", "bfloat16")
+ours(world)
+theirs("mlx-lm-f32", world, "mlx-lm TP (ring), set_dtype(float32)", "float32")
+theirs("mlx-lm", world, "mlx-lm TP (ring), as loaded", "bfloat16")
 
 print(f"\n## Engine benchmark: {Path(model).name} "
       f"({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
@@ -207,6 +222,6 @@ print()
 print(f"Memory bandwidth (1 GiB copy, read + write): {bandwidth / 1e9:.1f} GB/s. "
       f"Decode ceiling if every weight byte is read once per token: "
       f"world 1: {bandwidth / weights:.1f} tok/s; "
-      f"world 2: {bandwidth / (weights / 2):.1f} tok/s per rank "
+      f"world {world}: {bandwidth / (weights / world):.1f} tok/s per rank "
       f"(replicated embedding aside).")
 EOF

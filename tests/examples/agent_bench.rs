@@ -1,7 +1,8 @@
 //! Benchmark (not a test) of the agent path: for world sizes 1, 2 and 4 of
 //! a Llama-3.2-1B-shaped 4-bit model (random weights from `tandem-agent
-//! make-model`), with one real agent per rank on loopback against the local
-//! API server:
+//! make-model`), or with `--model real` for world sizes 1 and 3 of the real
+//! test model (SmolLM2-135M-Instruct 4-bit, `dev/real-model.sh`), with one
+//! real agent per rank on loopback against the local API server:
 //!
 //! - shard creation → Ready, split into connect (connect barrier + MLX ring:
 //!   the `Loading` phase less `loadSeconds`), load (`loadSeconds`) and
@@ -12,7 +13,7 @@
 //!   measured in the same run.
 //!
 //! Run: `cargo run --release -p tandem-tests --example agent_bench -- [--worlds 1,2,4]
-//! [--max-tokens 64] [--prompt-tokens 128] [--runs 3]`. It prints a markdown
+//! [--max-tokens 64] [--prompt-tokens 128] [--runs 3] [--model random|real]`. It prints a markdown
 //! table (docs/benchmarks.md, agent section).
 
 #[path = "../tests/agent_support/mod.rs"]
@@ -39,15 +40,33 @@ struct Options {
     max_tokens: usize,
     prompt_tokens: usize,
     runs: usize,
+    model: BenchModel,
 }
+
+/// The model under test: its directory root, catalog-style ID and vocabulary.
+struct BenchModel {
+    root: PathBuf,
+    id: String,
+    vocab: u32,
+    about: &'static str,
+}
+
+const RANDOM_ID: &str = "tandem-bench/llama-3.2-1b-4bit";
 
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
-        worlds: vec![1, 2, 4],
+        worlds: Vec::new(),
         max_tokens: 64,
         prompt_tokens: 128,
         runs: 3,
+        model: BenchModel {
+            root: PathBuf::new(),
+            id: String::new(),
+            vocab: 0,
+            about: "",
+        },
     };
+    let mut real = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -57,9 +76,37 @@ fn options() -> anyhow::Result<Options> {
             "--max-tokens" => o.max_tokens = value.parse()?,
             "--prompt-tokens" => o.prompt_tokens = value.parse()?,
             "--runs" => o.runs = value.parse()?,
+            "--model" => {
+                real = match value.as_str() {
+                    "real" => true,
+                    "random" => false,
+                    other => anyhow::bail!("--model is random or real, not {other}"),
+                }
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
         i += 2;
+    }
+    if real {
+        o.model = BenchModel {
+            root: real_model_dir(),
+            id: REAL_MODEL.into(),
+            vocab: 49_152,
+            about: "SmolLM2-135M-Instruct, 4-bit group 32 (real weights)",
+        };
+        if o.worlds.is_empty() {
+            o.worlds = vec![1, 3];
+        }
+    } else {
+        o.model = BenchModel {
+            root: bench_model()?,
+            id: RANDOM_ID.into(),
+            vocab: 128_256,
+            about: "Llama-3.2-1B shape, 4-bit (random weights)",
+        };
+        if o.worlds.is_empty() {
+            o.worlds = vec![1, 2, 4];
+        }
     }
     Ok(o)
 }
@@ -67,7 +114,7 @@ fn options() -> anyhow::Result<Options> {
 /// The 1B-shaped 4-bit model, written once and cached under target/.
 fn bench_model() -> anyhow::Result<PathBuf> {
     let root = repo_root().join("target/agent-bench/models");
-    let dir = root.join("tandem-bench/llama-3.2-1b-4bit");
+    let dir = root.join(RANDOM_ID);
     if !dir.join("config.json").is_file() {
         std::fs::create_dir_all(&dir)?;
         let out = std::process::Command::new(agent_binary())
@@ -110,9 +157,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// One streamed completion through rank 0: (TTFT s, decode tokens/s).
-fn http_run(port: u16, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(f64, f64)> {
+fn http_run(
+    port: u16,
+    model: &str,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> anyhow::Result<(f64, f64)> {
     let body = serde_json::json!({
-        "model": "tandem-bench/llama-3.2-1b-4bit",
+        "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -208,7 +260,8 @@ struct Row {
     engine: (f64, f64),
 }
 
-async fn bench_world(world: usize, models: &Path, o: &Options) -> anyhow::Result<Row> {
+async fn bench_world(world: usize, o: &Options) -> anyhow::Result<Row> {
+    let models = o.model.root.as_path();
     let cluster = cluster();
     let admin = admin(cluster).await;
     let ns = TestNamespace::new(cluster, &format!("bench-w{world}")).await?;
@@ -231,7 +284,7 @@ async fn bench_world(world: usize, models: &Path, o: &Options) -> anyhow::Result
         tandem_tests::eventually("registration", WAIT, || async { node(&admin, n).await }).await?;
     }
     let mut group = Group::new(&format!("bench{world}"), 1, &nodes);
-    group.model = "tandem-bench/llama-3.2-1b-4bit".into();
+    group.model = o.model.id.clone();
     group.max_context_tokens = 2048;
 
     // First time each shard was seen in each phase.
@@ -282,13 +335,13 @@ async fn bench_world(world: usize, models: &Path, o: &Options) -> anyhow::Result
         }
     }
     let prompt: Vec<u32> = (0..o.prompt_tokens)
-        .map(|i| 1000 + (i as u32 * 37) % 120_000)
+        .map(|i| 1000 + (i as u32 * 37) % (o.model.vocab - 2000))
         .collect();
     let mut http = (Vec::new(), Vec::new());
     let mut engine = (Vec::new(), Vec::new());
-    let model_dir = models.join("tandem-bench/llama-3.2-1b-4bit");
+    let model_dir = models.join(&o.model.id);
     for _ in 0..o.runs {
-        let (t, r) = http_run(group.serving_port, &prompt, o.max_tokens)?;
+        let (t, r) = http_run(group.serving_port, &o.model.id, &prompt, o.max_tokens)?;
         http.0.push(t);
         http.1.push(r);
     }
@@ -313,18 +366,17 @@ async fn bench_world(world: usize, models: &Path, o: &Options) -> anyhow::Result
 
 fn main() -> anyhow::Result<()> {
     let o = options()?;
-    let models = bench_model()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
     for &world in &o.worlds {
         eprintln!("world size {world}...");
-        rows.push(runtime.block_on(bench_world(world, &models, &o))?);
+        rows.push(runtime.block_on(bench_world(world, &o))?);
     }
     println!(
-        "Llama-3.2-1B shape, 4-bit (random weights), prompt {} tokens, {} generated, median of {} runs\n",
-        o.prompt_tokens, o.max_tokens, o.runs
+        "{}, prompt {} tokens, {} generated, median of {} runs\n",
+        o.model.about, o.prompt_tokens, o.max_tokens, o.runs
     );
     println!(
         "| world | create→Ready s | connect s | load s | ready+warm-up s | MiB read per rank | TTFT s HTTP / engine | decode tok/s HTTP / engine |"
