@@ -8,7 +8,9 @@
 #
 # usage:
 #   dev/gpu.sh pack            here: build and pack into .gpu/part1 and .gpu/part2
-#                              (each under the 64 MiB a device call carries);
+#                              (each under the 64 MiB a device call carries),
+#                              and the real model (4-bit) into .gpu/model, a
+#                              third part to stash with part1;
 #                              TANDEM_AGENT_BIN=PATH packs that CUDA build instead
 #   dev/gpu.sh check [STAGES]  on the GPU machine, from the repo root: lay out
 #                              MLX (part1 from $TANDEM_GPU_STASH, default
@@ -23,6 +25,9 @@
 #             1B and 8B shapes, in bfloat16 and in float32
 #   bench     `generate` against mlx-lm, 1B/3B/8B shapes at world size 1 and
 #             1B/8B at world size 2 (a functional check: two ranks on one GPU)
+#   real      the real model (SmolLM2-135M-Instruct 4-bit, bf16 activations):
+#             greedy answer to the capital question at world sizes 1 and 3
+#             against mlx-lm's; needs .gpu/model stashed too
 #   serve     `tandem-agent serve` against `mlx_lm.server`: first-request
 #             TTFT, TTFT, throughput with 1/4/8 clients; then the first
 #             request after a restart with a cold and with a kept kernel cache
@@ -69,9 +74,18 @@ cmd_pack() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux_2_35_x86_64 -d "$PACK/part2" \
     "mlx==$MLX_VERSION" "mlx-lm==$MLX_VERSION" >&2
+  # The real model, 4-bit (84 MB): most of it in a part of its own, the rest
+  # rides with part2.
+  local real
+  real="$(bash dev/real-model.sh dir)/tandem-dev/SmolLM2-135M-Instruct-4bit"
+  mkdir -p "$PACK/model"
+  tar -C "$(dirname "$real")" -chf - "$(basename "$real")" | xz -T0 -3 >"$PACK/tmp/real.tar.xz"
+  split -b 56m "$PACK/tmp/real.tar.xz" "$PACK/tmp/real.tar.xz."
+  mv "$PACK/tmp/real.tar.xz.aa" "$PACK/model/"
+  mv "$PACK"/tmp/real.tar.xz.a? "$PACK/part2/" 2>/dev/null || true
   rm -rf "$PACK/tmp"
-  du -sh "$PACK"/part1 "$PACK"/part2 >&2
-  log "packed; send .gpu/part1 to a folder outside the repo first, then run check with .gpu/part2"
+  du -sh "$PACK"/part1 "$PACK"/model "$PACK"/part2 >&2
+  log "packed; send .gpu/part1 and .gpu/model to a folder outside the repo first (two calls), then run check with .gpu/part2"
 }
 
 # ---- everything below runs on the GPU machine -------------------------------
@@ -215,6 +229,31 @@ stage_correct() {
   done
 }
 
+stage_real() {
+  say "## the real model: SmolLM2-135M-Instruct 4-bit (group 32), bf16 activations"
+  local stash=${TANDEM_GPU_STASH:-/root/stash} dir=$MODELS/SmolLM2-135M-Instruct-4bit ids ref w got text
+  if [ ! -f "$dir/config.json" ]; then
+    mkdir -p "$MODELS"
+    cat "$stash"/real.tar.xz.* "$PACK"/part2/real.tar.xz.* 2>/dev/null | xz -dc | tar -x -C "$MODELS" ||
+      { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
+  fi
+  ids=$("$AGENT" generate --model "$dir" --chat --prompt "What is the capital of France?" --max-tokens 1 --json |
+    "$PY" -c 'import json, sys; print(",".join(map(str, json.load(sys.stdin)["prompt_ids"])))')
+  ref=$("$PY" node-agent/peer/mlx_lm_peer.py greedy --model "$dir" --ids "$ids" --max-tokens 24 | ids_of)
+  say "- mlx-lm: $ref"
+  for w in 1 3; do
+    "$AGENT" generate --model "$dir" --prompt-ids "$ids" --max-tokens 24 --world-size "$w" --json \
+      >"$OUT/real-$w.json" 2>"$OUT/real.err" || { say "- world $w: FAILED: $(tail -n 3 "$OUT/real.err")"; continue; }
+    got=$(ids_of <"$OUT/real-$w.json")
+    text=$("$PY" -c 'import json, sys; print(repr(json.load(sys.stdin)["text"]))' <"$OUT/real-$w.json")
+    if [ "$got" = "$ref" ]; then
+      say "- world $w: PASS (equal to mlx-lm): $text"
+    else
+      say "- world $w: DIFFERENT after $(same_prefix "$got" "$ref" 2>/dev/null || echo '?') equal tokens: $text"
+    fi
+  done
+}
+
 stage_bench() {
   say "## engine benchmark (prompt 128, 256 generated, greedy, EOS ignored, warm-up on the measured prompt)"
   local preset dir ids w
@@ -338,7 +377,7 @@ cmd_check() {
   # agent's state directory shares them across its workers.
   export MLX_PTX_CACHE_DIR=/tmp/tandem-ptx-cache
   local stages=("$@") s t
-  [ ${#stages[@]} -gt 0 ] || stages=(selftest correct bench serve)
+  [ ${#stages[@]} -gt 0 ] || stages=(selftest correct real bench serve)
   for s in "${stages[@]}"; do
     t=$SECONDS
     "stage_$s"
