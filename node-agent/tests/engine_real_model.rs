@@ -93,32 +93,24 @@ fn logits_and_greedy_answers_match_mlx_lm_at_world_size_1() {
 fn world_size_3_answers_like_world_size_1() {
     for id in MODELS {
         let dir = real_model(id);
-        let one = generate(
-            &dir,
-            &[
-                "--prompt",
-                QUESTION,
-                "--chat",
-                "--max-tokens",
-                MAX_TOKENS,
-                "--compute-dtype",
-                "float32",
-            ],
-        );
-        let three = generate(
-            &dir,
-            &[
-                "--prompt",
-                QUESTION,
-                "--chat",
-                "--max-tokens",
-                MAX_TOKENS,
-                "--compute-dtype",
-                "float32",
-                "--world-size",
-                "3",
-            ],
-        );
+        let answer = |world: &str| {
+            generate(
+                &dir,
+                &[
+                    "--prompt",
+                    QUESTION,
+                    "--chat",
+                    "--max-tokens",
+                    MAX_TOKENS,
+                    "--compute-dtype",
+                    "float32",
+                    "--world-size",
+                    world,
+                ],
+            )
+        };
+        let one = answer("1");
+        let three = answer("3");
         assert_eq!(
             ids(&three["generated_ids"]),
             ids(&one["generated_ids"]),

@@ -101,6 +101,14 @@ fn tokenizers() -> Vec<(&'static str, std::path::PathBuf)> {
     ]
 }
 
+/// The `tokenizers` library's ids and decoded text for each of `texts`.
+fn library_tokenize(dir: &Path, texts: &[String]) -> Vec<Value> {
+    let theirs = mlx_lm_batch(&json!([{
+        "op": "tokenize", "tokenizer": dir, "texts": texts
+    }]));
+    theirs[0]["results"].as_array().expect("results").clone()
+}
+
 fn load(dir: &Path) -> TextTokenizer {
     TextTokenizer::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
@@ -109,10 +117,7 @@ fn load(dir: &Path) -> TextTokenizer {
 fn encodings_equal_the_tokenizers_library_per_string() {
     let texts = corpus();
     for (name, dir) in tokenizers() {
-        let theirs = mlx_lm_batch(&json!([{
-            "op": "tokenize", "tokenizer": dir, "texts": texts
-        }]));
-        let results = theirs[0]["results"].as_array().expect("results").clone();
+        let results = library_tokenize(&dir, &texts);
         let ours = load(&dir);
         for (text, reference) in texts.iter().zip(&results) {
             let mine = ours.encode(text, false).expect("encode");
@@ -181,10 +186,7 @@ impl TextCodec for Codec {
 fn streamed_pieces_add_up_to_the_text_decoded_at_once() {
     let texts = corpus();
     for (name, dir) in tokenizers() {
-        let theirs = mlx_lm_batch(&json!([{
-            "op": "tokenize", "tokenizer": dir, "texts": texts
-        }]));
-        let results: Vec<Value> = theirs[0]["results"].as_array().expect("results").clone();
+        let results = library_tokenize(&dir, &texts);
         let codec = Codec(load(&dir));
         for (text, reference) in texts.iter().zip(&results) {
             let ids = codec.0.encode(text, false).expect("encode");
