@@ -139,3 +139,56 @@ pub enum Backend {
     /// one rank per GPU.
     Nccl,
 }
+
+/// How rank 0 batches requests: the limits of its continuous batching, its
+/// chunked prefill and its prefix KV cache. The operator resolves them from
+/// `spec.serving` of the LlamaDeployment and writes them on every shard; the
+/// planner sizes each rank's memory from them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchLimits {
+    /// Most sequences decoded together in one step. Requests beyond it wait
+    /// in rank 0's queue.
+    #[schemars(range(min = 1, max = 256))]
+    pub max_sequences: u32,
+    /// Most tokens in flight over the batch: the sum, over the running
+    /// requests, of prompt tokens plus the `max_tokens` each asks for (the
+    /// KV cache it reserves). A request is admitted only when its
+    /// reservation fits. The KV cache of each rank is sized from this.
+    #[schemars(range(min = 1))]
+    pub max_tokens: u32,
+    /// Most prompt tokens prefilled in one step; longer prompts are
+    /// prefilled in chunks of this size, between decode steps of the
+    /// running requests.
+    #[schemars(range(min = 16))]
+    pub prefill_chunk_tokens: u32,
+    /// Bytes of KV cache each rank keeps after requests end, so that later
+    /// requests sharing a prompt prefix skip its prefill. 0 turns the prefix
+    /// cache off.
+    #[schemars(range(min = 0))]
+    pub prefix_cache_bytes: i64,
+}
+
+impl BatchLimits {
+    /// Default of `maxSequences` (`spec.serving.maxBatchSequences`).
+    pub const DEFAULT_MAX_SEQUENCES: u32 = 8;
+    /// Default of `maxTokens` (`spec.serving.maxBatchTokens`).
+    pub const DEFAULT_MAX_TOKENS: u32 = 32768;
+    /// Default of `prefillChunkTokens` (`spec.serving.prefillChunkTokens`).
+    pub const DEFAULT_PREFILL_CHUNK_TOKENS: u32 = 2048;
+    /// Default of `prefixCacheBytes` (`spec.serving.prefixCacheBytes`): 512 MiB.
+    pub const DEFAULT_PREFIX_CACHE_BYTES: i64 = 512 << 20;
+}
+
+/// Limits that suit a Mac serving a few users: eight sequences, 32768
+/// tokens in flight, 2048-token prefill chunks and a 512 MiB prefix cache.
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_sequences: Self::DEFAULT_MAX_SEQUENCES,
+            max_tokens: Self::DEFAULT_MAX_TOKENS,
+            prefill_chunk_tokens: Self::DEFAULT_PREFILL_CHUNK_TOKENS,
+            prefix_cache_bytes: Self::DEFAULT_PREFIX_CACHE_BYTES,
+        }
+    }
+}

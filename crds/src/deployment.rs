@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Architecture, Backend, SecretKeyRef, conditions_schema};
+use crate::common::{Architecture, Backend, BatchLimits, SecretKeyRef, conditions_schema};
 use crate::shard::ShardPhase;
 
 /// What the user asks for: a model and how to shard it. The operator places
@@ -72,8 +72,9 @@ pub struct LlamaDeploymentSpec {
     /// (`LlamaNode.status.capacity.gpus`).
     #[serde(default)]
     pub backend: Backend,
-    /// Longest context a request may use, in tokens. The KV cache is sized
-    /// from this when checking that a rank fits in a node's memory.
+    /// Longest context a request may use (prompt plus generated tokens), in
+    /// tokens. The batch's token budget (`serving.maxBatchTokens`) must hold
+    /// at least one such request.
     #[serde(default = "default_max_context_tokens")]
     #[schemars(range(min = 128, max = 131072))]
     pub max_context_tokens: u32,
@@ -89,6 +90,24 @@ pub struct LlamaDeploymentSpec {
 /// Default for `spec.maxContextTokens`.
 pub fn default_max_context_tokens() -> u32 {
     8192
+}
+
+impl LlamaDeploymentSpec {
+    /// The batch limits the operator writes on every shard: those of
+    /// `spec.serving` ([`serving_batch_limits`]), except that an unset
+    /// `maxBatchTokens` is never below `maxContextTokens`, so that the
+    /// default budget always admits one request of the longest context.
+    pub fn batch_limits(&self) -> BatchLimits {
+        let mut limits = serving_batch_limits(self.serving.as_ref());
+        let set = self
+            .serving
+            .as_ref()
+            .is_some_and(|s| s.max_batch_tokens.is_some());
+        if !set {
+            limits.max_tokens = limits.max_tokens.max(self.max_context_tokens);
+        }
+        limits
+    }
 }
 
 /// How a model is split across ranks.
@@ -126,7 +145,7 @@ pub struct Placement {
     pub node_selector: Option<LabelSelector>,
 }
 
-/// The HTTP API served by rank 0.
+/// The HTTP API served by rank 0, and how rank 0 batches its requests.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Serving {
@@ -138,11 +157,72 @@ pub struct Serving {
     /// the API is open. The key defaults to `api-key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Most requests rank 0 decodes together in one step (continuous
+    /// batching); more wait in its queue. Defaults to 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_batch_sequences: Option<u32>,
+    /// Most tokens in flight over the batch: the sum, over the running
+    /// requests, of prompt tokens plus the `max_tokens` each asks for, which
+    /// is the KV cache they reserve. Each rank's memory estimate counts a KV
+    /// cache of this many tokens. Must be at least `maxContextTokens`.
+    /// Defaults to 32768, or to `maxContextTokens` when that is larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_batch_tokens: Option<u32>,
+    /// Most prompt tokens prefilled in one step. Longer prompts are
+    /// prefilled in chunks of this size between decode steps, so a long
+    /// prompt does not stall the requests already running. Defaults to 2048.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16))]
+    pub prefill_chunk_tokens: Option<u32>,
+    /// Bytes of KV cache each rank keeps after requests end, so that later
+    /// requests sharing a prompt prefix (a system prompt, a conversation so
+    /// far) skip its prefill. Counted in each rank's memory estimate. 0
+    /// turns the prefix cache off. Defaults to 536870912 (512 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub prefix_cache_bytes: Option<i64>,
 }
 
 /// Default for `spec.serving.port`.
 pub fn default_serving_port() -> i32 {
     8080
+}
+
+/// Port 8080, no API key and the default batch limits.
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            port: default_serving_port(),
+            api_key_secret_ref: None,
+            max_batch_sequences: None,
+            max_batch_tokens: None,
+            prefill_chunk_tokens: None,
+            prefix_cache_bytes: None,
+        }
+    }
+}
+
+impl Serving {
+    /// The batch limits this block asks for, each unset one at its default
+    /// ([`BatchLimits::default`]). A deployment's limits also depend on its
+    /// `maxContextTokens`; see [`LlamaDeploymentSpec::batch_limits`].
+    pub fn batch_limits(&self) -> BatchLimits {
+        let d = BatchLimits::default();
+        BatchLimits {
+            max_sequences: self.max_batch_sequences.unwrap_or(d.max_sequences),
+            max_tokens: self.max_batch_tokens.unwrap_or(d.max_tokens),
+            prefill_chunk_tokens: self.prefill_chunk_tokens.unwrap_or(d.prefill_chunk_tokens),
+            prefix_cache_bytes: self.prefix_cache_bytes.unwrap_or(d.prefix_cache_bytes),
+        }
+    }
+}
+
+/// The batch limits of an optional `spec.serving`: [`Serving::batch_limits`],
+/// or every default when the block is absent.
+pub fn serving_batch_limits(serving: Option<&Serving>) -> BatchLimits {
+    serving.map_or_else(BatchLimits::default, Serving::batch_limits)
 }
 
 /// Observed state of a LlamaDeployment, written by the operator.
@@ -178,7 +258,9 @@ pub struct LlamaDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub valid_world_sizes: Vec<i32>,
     /// Estimated memory each rank needs: its weight slice, the replicated
-    /// tensors and the KV cache for `maxContextTokens`.
+    /// tensors, a KV cache for the batch's token budget
+    /// (`serving.maxBatchTokens`, at least `maxContextTokens`) and the prefix
+    /// cache (`serving.prefixCacheBytes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_per_rank_bytes: Option<i64>,
     /// Placed, ShardsLoaded, GroupFormed and Ready.

@@ -4,7 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Architecture, Backend, SecretKeyRef};
+use crate::common::{Architecture, Backend, BatchLimits, SecretKeyRef};
 
 /// The rank to run, written by the operator. The agent on `nodeName` runs it
 /// and reports in the status.
@@ -78,6 +78,15 @@ pub struct LlamaShardSpec {
     #[serde(default = "crate::deployment::default_max_context_tokens")]
     #[schemars(range(min = 128, max = 131072))]
     pub max_context_tokens: u32,
+    /// How rank 0 batches requests, resolved by the operator from the
+    /// deployment's `spec.serving` (every default filled in); `maxTokens`
+    /// must be at least `maxContextTokens`. When absent, the agent's own
+    /// defaults apply (its `--max-batch-sequences`, `--max-batch-tokens`,
+    /// `--prefill-chunk-tokens` and `--prefix-cache-bytes` flags, the token
+    /// budget raised to `maxContextTokens`). Every rank carries it: each
+    /// keeps its slice of the batch's KV cache and of the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchLimits>,
 }
 
 /// One member of a group.

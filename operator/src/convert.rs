@@ -11,13 +11,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as metav1;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tandem_crds::{
-    Architecture, Backend, LlamaDeployment, LlamaNode, LlamaShard, Quantization as CrdQuantization,
-    ShardingStrategy as CrdStrategy, WeightDtype as CrdDtype, default_serving_port,
+    Architecture, Backend, BatchLimits, LlamaDeployment, LlamaNode, LlamaShard,
+    Quantization as CrdQuantization, ShardingStrategy as CrdStrategy, WeightDtype as CrdDtype,
+    default_serving_port,
 };
 use tandem_planner::{
     CurrentRank, DeploymentRequest, LabelSelector, ModelShape, NodeInfo, PlanError, PortRange,
-    Quantization, SelectorOperator, SelectorRequirement, ShardingStrategy, WeightDtype,
-    memory_per_rank, resolve_model,
+    Quantization, SelectorOperator, SelectorRequirement, ServingBudget, ShardingStrategy,
+    WeightDtype, memory_per_rank, resolve_model,
 };
 
 use crate::objects::shard_name;
@@ -34,6 +35,9 @@ pub enum Blocker {
     Plan(PlanError),
     /// `spec.placement.nodeSelector` uses an operator Kubernetes does not have.
     InvalidSelector(String),
+    /// `spec.serving`'s batch limits cannot work together with the rest of
+    /// the spec (see [`batch_limits`]): `InvalidServing`.
+    InvalidServing(String),
     /// Too few of the matching nodes can run `spec.backend` (see
     /// [`backend_mismatch`]): `BackendUnavailable`.
     BackendUnavailable(String),
@@ -45,6 +49,7 @@ impl Blocker {
         match self {
             Blocker::Plan(e) => e.reason(),
             Blocker::InvalidSelector(_) => "InvalidSelector",
+            Blocker::InvalidServing(_) => "InvalidServing",
             Blocker::BackendUnavailable(_) => "BackendUnavailable",
         }
     }
@@ -53,7 +58,9 @@ impl Blocker {
     pub fn message(&self) -> String {
         match self {
             Blocker::Plan(e) => e.message().to_owned(),
-            Blocker::InvalidSelector(m) | Blocker::BackendUnavailable(m) => m.clone(),
+            Blocker::InvalidSelector(m)
+            | Blocker::InvalidServing(m)
+            | Blocker::BackendUnavailable(m) => m.clone(),
         }
     }
 
@@ -65,7 +72,7 @@ impl Blocker {
                 true
             }
             Blocker::Plan(_) | Blocker::BackendUnavailable(_) => false,
-            Blocker::InvalidSelector(_) => true,
+            Blocker::InvalidSelector(_) | Blocker::InvalidServing(_) => true,
         }
     }
 }
@@ -167,8 +174,66 @@ pub fn serving_port(d: &LlamaDeployment) -> u16 {
     u16::try_from(port).unwrap_or(0)
 }
 
+/// The batch limits the deployment's shards get
+/// ([`LlamaDeploymentSpec::batch_limits`](tandem_crds::LlamaDeploymentSpec::batch_limits)),
+/// checked. The schema bounds each field on its own (an API server with an
+/// older CRD may not, so the bounds are checked again); what it cannot check
+/// is that the batch's token budget holds one request of the longest
+/// context. Each refusal says what would work.
+pub fn batch_limits(d: &LlamaDeployment) -> Result<BatchLimits, Blocker> {
+    let limits = d.spec.batch_limits();
+    let invalid = |m: String| Err(Blocker::InvalidServing(m));
+    if !(1..=256).contains(&limits.max_sequences) {
+        return invalid(format!(
+            "spec.serving.maxBatchSequences is {}; use 1 to 256 (the default is {})",
+            limits.max_sequences,
+            BatchLimits::DEFAULT_MAX_SEQUENCES
+        ));
+    }
+    if limits.prefill_chunk_tokens < 16 {
+        return invalid(format!(
+            "spec.serving.prefillChunkTokens is {}; use at least 16 (the default is {})",
+            limits.prefill_chunk_tokens,
+            BatchLimits::DEFAULT_PREFILL_CHUNK_TOKENS
+        ));
+    }
+    if limits.prefix_cache_bytes < 0 {
+        return invalid(format!(
+            "spec.serving.prefixCacheBytes is {}; use 0 (no prefix cache) or more bytes \
+             (the default is {})",
+            limits.prefix_cache_bytes,
+            BatchLimits::DEFAULT_PREFIX_CACHE_BYTES
+        ));
+    }
+    let context = d.spec.max_context_tokens;
+    if limits.max_tokens < context {
+        return invalid(format!(
+            "spec.serving.maxBatchTokens ({}) is less than spec.maxContextTokens ({context}), \
+             so a request of the longest context could never be admitted; set maxBatchTokens \
+             to at least {context} (or leave it out: the default is {} or maxContextTokens, \
+             whichever is larger), or lower maxContextTokens to at most {}",
+            limits.max_tokens,
+            BatchLimits::DEFAULT_MAX_TOKENS,
+            limits.max_tokens
+        ));
+    }
+    Ok(limits)
+}
+
+/// What each rank keeps for serving under `limits` with requests of up to
+/// `max_context_tokens`: a KV cache for the batch's token budget (never less
+/// than one longest request) and the prefix cache.
+pub fn serving_budget(limits: &BatchLimits, max_context_tokens: u32) -> ServingBudget {
+    ServingBudget::batched(
+        u64::from(max_context_tokens),
+        u64::from(limits.max_tokens),
+        u64::try_from(limits.prefix_cache_bytes).unwrap_or(0),
+    )
+}
+
 /// What the deployment asks the planner for.
 pub fn deployment_request(d: &LlamaDeployment) -> Result<DeploymentRequest, Blocker> {
+    let limits = batch_limits(d)?;
     let node_selector = d
         .spec
         .placement
@@ -183,7 +248,7 @@ pub fn deployment_request(d: &LlamaDeployment) -> Result<DeploymentRequest, Bloc
             CrdStrategy::Pipeline => ShardingStrategy::Pipeline,
         },
         selector: selector(node_selector)?,
-        max_context_tokens: u64::from(d.spec.max_context_tokens),
+        budget: serving_budget(&limits, d.spec.max_context_tokens),
         serving_port: serving_port(d),
     })
 }
@@ -209,11 +274,15 @@ pub fn parse_port_range(text: &str) -> Option<PortRange> {
 }
 
 /// Memory a shard holds on its node, computed from its own spec (its resolved
-/// architecture, world size and context), so no other object is needed.
+/// architecture, world size, context and batch limits), so no other object is
+/// needed. A shard without batch limits runs with its agent's, which the
+/// operator cannot see; it is counted at the defaults the agent's flags have.
 pub fn shard_memory_bytes(shard: &LlamaShard) -> u64 {
     let shape = shape_from_architecture(&shard.spec.architecture);
     let world = u32::try_from(shard.spec.world_size).unwrap_or(1);
-    memory_per_rank(&shape, world, u64::from(shard.spec.max_context_tokens)).total()
+    let limits = shard.spec.batching.unwrap_or_default();
+    let budget = serving_budget(&limits, shard.spec.max_context_tokens);
+    memory_per_rank(&shape, world, budget).total()
 }
 
 /// Ports a shard holds on its node: its ring port, and for rank 0 the
@@ -687,6 +756,7 @@ pub(crate) mod tests {
                 },
                 api_key_secret_ref: None,
                 max_context_tokens: 8192,
+                batching: Some(BatchLimits::default()),
             },
         );
         s.metadata.namespace = Some("ns".into());
@@ -803,10 +873,73 @@ pub(crate) mod tests {
         assert_eq!((r.namespace.as_str(), r.name.as_str()), ("ns", "a"));
         assert_eq!(r.world_size, 4);
         assert_eq!(r.serving_port, 8080);
-        assert_eq!(r.max_context_tokens, 8192);
+        assert_eq!(
+            r.budget,
+            ServingBudget {
+                kv_tokens: 32768,
+                cache_bytes: 512 << 20
+            }
+        );
         assert_eq!(r.selector.to_string(), "k=v");
         d.spec.sharding.world_size = -1;
         assert_eq!(deployment_request(&d).expect("request").world_size, 0);
+    }
+
+    #[test]
+    fn batch_limits_default_to_the_context_and_refuse_nonsense() {
+        let mut d = deployment("a", MODEL_1B, 2);
+        assert_eq!(batch_limits(&d), Ok(BatchLimits::default()));
+        // A long context raises the default token budget with it.
+        d.spec.max_context_tokens = 65536;
+        assert_eq!(batch_limits(&d).map(|l| l.max_tokens), Ok(65536));
+        assert_eq!(
+            deployment_request(&d).map(|r| r.budget.kv_tokens),
+            Ok(65536)
+        );
+
+        // A budget set below the context cannot admit the longest request.
+        d.spec.serving = Some(tandem_crds::Serving {
+            max_batch_tokens: Some(16384),
+            ..Default::default()
+        });
+        let err = batch_limits(&d).expect_err("16384 < 65536");
+        assert_eq!(err.reason(), "InvalidServing");
+        assert!(err.is_spec_error());
+        assert_eq!(
+            err.message(),
+            "spec.serving.maxBatchTokens (16384) is less than spec.maxContextTokens (65536), \
+             so a request of the longest context could never be admitted; set maxBatchTokens \
+             to at least 65536 (or leave it out: the default is 32768 or maxContextTokens, \
+             whichever is larger), or lower maxContextTokens to at most 16384"
+        );
+        assert_eq!(deployment_request(&d).map(|_| ()), Err(err));
+        d.spec.max_context_tokens = 16384;
+        assert_eq!(batch_limits(&d).map(|l| l.max_tokens), Ok(16384));
+
+        // What the schema refuses, in case the installed CRD is older.
+        let bad = |serving: tandem_crds::Serving| {
+            let mut d = deployment("b", MODEL_1B, 2);
+            d.spec.serving = Some(serving);
+            batch_limits(&d).expect_err("refused").message()
+        };
+        let m = bad(tandem_crds::Serving {
+            max_batch_sequences: Some(0),
+            ..Default::default()
+        });
+        assert!(m.contains("maxBatchSequences is 0; use 1 to 256"), "{m}");
+        let m = bad(tandem_crds::Serving {
+            prefill_chunk_tokens: Some(8),
+            ..Default::default()
+        });
+        assert!(
+            m.contains("prefillChunkTokens is 8; use at least 16"),
+            "{m}"
+        );
+        let m = bad(tandem_crds::Serving {
+            prefix_cache_bytes: Some(-1),
+            ..Default::default()
+        });
+        assert!(m.contains("prefixCacheBytes is -1"), "{m}");
     }
 
     #[test]
@@ -854,10 +987,26 @@ pub(crate) mod tests {
         assert_eq!(shard_ports(&s0), vec![47000, 47001, 8080]);
         assert_eq!(shard_ports(&s1), vec![47003]);
         let shape = lookup_model(MODEL_1B).expect("1b").shape;
+        let batch = ServingBudget::batched(8192, 32768, 512 << 20);
         assert_eq!(
             shard_memory_bytes(&s1),
-            memory_per_rank(&shape, 2, 8192).total()
+            memory_per_rank(&shape, 2, batch).total()
         );
+        // Limits of the shard's own: a bigger batch, no prefix cache.
+        let mut big = s1.clone();
+        big.spec.batching = Some(BatchLimits {
+            max_tokens: 65536,
+            prefix_cache_bytes: 0,
+            ..BatchLimits::default()
+        });
+        let budget = ServingBudget::batched(8192, 65536, 0);
+        assert_eq!(
+            shard_memory_bytes(&big),
+            memory_per_rank(&shape, 2, budget).total()
+        );
+        // None: the agent's defaults.
+        big.spec.batching = None;
+        assert_eq!(shard_memory_bytes(&big), shard_memory_bytes(&s1));
         let current = current_ranks(&[&s0, &s1]);
         assert_eq!(current[0].control_port, Some(47001));
         assert_eq!(current[1].ring_port, 47003);

@@ -98,8 +98,9 @@ pub fn shard_labels(deployment: &str, node: &str, epoch: i64) -> BTreeMap<String
 }
 
 /// One LlamaShard per rank of `plan`, for `epoch`. Every shard carries the
-/// full peer list; rank 0 also carries the serving port and the API key
-/// reference.
+/// full peer list and the resolved batch limits
+/// ([`LlamaDeploymentSpec::batch_limits`](tandem_crds::LlamaDeploymentSpec::batch_limits));
+/// rank 0 also carries the serving port and the API key reference.
 pub fn build_shards(
     d: &LlamaDeployment,
     owner: &OwnerReference,
@@ -133,6 +134,7 @@ pub fn build_shards(
         key: Some(TOKEN_KEY.to_owned()),
     };
     let world_size = i32::try_from(plan.world_size).unwrap_or(i32::MAX);
+    let batching = Some(d.spec.batch_limits());
     plan.ranks
         .iter()
         .map(|p| {
@@ -166,6 +168,7 @@ pub fn build_shards(
                     group_token_secret_ref: token.clone(),
                     api_key_secret_ref: if rank0 { api_key.clone() } else { None },
                     max_context_tokens: d.spec.max_context_tokens,
+                    batching,
                 },
                 status: None,
             }
@@ -225,7 +228,7 @@ pub fn random_token() -> String {
 mod tests {
     use super::*;
     use crate::convert::tests::{MODEL_1B, deployment};
-    use tandem_crds::Serving;
+    use tandem_crds::{BatchLimits, Serving};
     use tandem_planner::{RankPlacement, lookup_model};
 
     fn plan(world: u32) -> Plan {
@@ -284,6 +287,9 @@ mod tests {
                 name: "keys".into(),
                 key: None,
             }),
+            max_batch_sequences: Some(4),
+            prefix_cache_bytes: Some(0),
+            ..Serving::default()
         });
         let owner = owner_reference(&d).expect("uid");
         assert_eq!(owner.controller, Some(true));
@@ -309,6 +315,16 @@ mod tests {
             assert_eq!(s.spec.revision.as_deref(), Some("main"));
             assert_eq!(s.spec.group_token_secret_ref.name, "llama-group-token");
             assert_eq!(s.spec.architecture, architecture_from_shape(&shape));
+            assert_eq!(
+                s.spec.batching,
+                Some(BatchLimits {
+                    max_sequences: 4,
+                    max_tokens: 32768,
+                    prefill_chunk_tokens: 2048,
+                    prefix_cache_bytes: 0,
+                }),
+                "every rank carries the resolved limits"
+            );
         }
         assert_eq!(r0.spec.serving_port, Some(9000));
         assert_eq!(r1.spec.serving_port, None);

@@ -22,8 +22,8 @@ pub mod selector;
 pub use catalog::{CATALOG, CatalogEntry, lookup_model, resolve_model};
 pub use error::PlanError;
 pub use model::{
-    MAX_WORLD_SIZE, MemoryEstimate, ModelShape, Quantization, ShapeError, WeightDtype,
-    check_world_size, memory_per_rank, valid_world_sizes,
+    MAX_WORLD_SIZE, MemoryEstimate, ModelShape, Quantization, ServingBudget, ShapeError,
+    WeightDtype, check_world_size, memory_per_rank, valid_world_sizes,
 };
 pub use placement::{
     CurrentRank, DeploymentRequest, NodeInfo, Plan, PlanInput, PortRange, RankPlacement,

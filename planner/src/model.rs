@@ -81,6 +81,32 @@ pub struct ModelShape {
 #[error("{0}")]
 pub struct ShapeError(pub String);
 
+/// What a group keeps in memory for serving, besides the weights: the KV
+/// cache of the requests it runs at once, and the KV it keeps for reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServingBudget {
+    /// Token positions of KV the running requests may hold together, over
+    /// the whole batch: one request of the longest context for a server that
+    /// runs one request at a time, the batch's token budget for one that
+    /// batches (see [`ServingBudget::batched`]).
+    pub kv_tokens: u64,
+    /// Bytes of KV each rank keeps after requests end, for reuse by later
+    /// requests with the same prompt prefix (the prefix cache); 0 when off.
+    pub cache_bytes: u64,
+}
+
+impl ServingBudget {
+    /// The budget of a server that batches: a KV cache for `batch_tokens`
+    /// positions, never fewer than one request of `max_context_tokens` needs,
+    /// plus `prefix_cache_bytes` kept per rank.
+    pub fn batched(max_context_tokens: u64, batch_tokens: u64, prefix_cache_bytes: u64) -> Self {
+        ServingBudget {
+            kv_tokens: batch_tokens.max(max_context_tokens),
+            cache_bytes: prefix_cache_bytes,
+        }
+    }
+}
+
 /// What one rank of a tensor-parallel group holds in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemoryEstimate {
@@ -88,8 +114,12 @@ pub struct MemoryEstimate {
     pub sharded_weight_bytes: u64,
     /// Tensors every rank holds whole: embeddings, `lm_head` when untied, norms.
     pub replicated_weight_bytes: u64,
-    /// Keys and values of this rank's KV heads for the longest context.
+    /// Keys and values of this rank's KV heads for
+    /// [`ServingBudget::kv_tokens`] positions: the running batch's cache.
     pub kv_cache_bytes: u64,
+    /// The prefix cache ([`ServingBudget::cache_bytes`]), which each rank
+    /// holds for its own KV heads.
+    pub prefix_cache_bytes: u64,
 }
 
 impl MemoryEstimate {
@@ -98,6 +128,7 @@ impl MemoryEstimate {
         self.sharded_weight_bytes
             .saturating_add(self.replicated_weight_bytes)
             .saturating_add(self.kv_cache_bytes)
+            .saturating_add(self.prefix_cache_bytes)
     }
 }
 
@@ -312,19 +343,21 @@ pub fn valid_world_sizes(shape: &ModelShape, max: u32) -> Vec<u32> {
 }
 
 /// Memory one rank of a `world_size` tensor-parallel group needs to serve
-/// requests of up to `max_context_tokens` tokens: its slice of the sharded
-/// weights, the replicated weights and its part of the KV cache. Activations
-/// and MLX's scratch buffers are not counted. A `world_size` of 0 counts as 1.
+/// within `budget`: its slice of the sharded weights, the replicated weights,
+/// its part of the KV cache for `budget.kv_tokens` positions and the
+/// `budget.cache_bytes` of its prefix cache. Activations and MLX's scratch
+/// buffers are not counted. A `world_size` of 0 counts as 1.
 pub fn memory_per_rank(
     shape: &ModelShape,
     world_size: u32,
-    max_context_tokens: u64,
+    budget: ServingBudget,
 ) -> MemoryEstimate {
     let n = u64::from(world_size.max(1));
     MemoryEstimate {
         sharded_weight_bytes: shape.sharded_weight_bytes().div_ceil(n),
         replicated_weight_bytes: shape.replicated_weight_bytes(),
-        kv_cache_bytes: shape.kv_cache_bytes(world_size, max_context_tokens),
+        kv_cache_bytes: shape.kv_cache_bytes(world_size, budget.kv_tokens),
+        prefix_cache_bytes: budget.cache_bytes,
     }
 }
 
@@ -335,6 +368,14 @@ mod tests {
 
     fn shape(id: &str) -> ModelShape {
         lookup_model(id).expect("bundled model").shape
+    }
+
+    /// One request of `tokens` at a time, no prefix cache.
+    fn single_context(tokens: u64) -> ServingBudget {
+        ServingBudget {
+            kv_tokens: tokens,
+            cache_bytes: 0,
+        }
     }
 
     #[test]
@@ -435,7 +476,10 @@ mod tests {
         };
         assert!(zero.validate().is_err());
         assert!(valid_world_sizes(&zero, 8).is_empty());
-        assert_eq!(memory_per_rank(&zero, 0, 0).total(), 0);
+        assert_eq!(
+            memory_per_rank(&zero, 0, ServingBudget::batched(0, 0, 0)).total(),
+            0
+        );
         let huge = ModelShape {
             num_hidden_layers: u32::MAX,
             hidden_size: u32::MAX,
@@ -448,7 +492,8 @@ mod tests {
             quantization: None,
             dtype: WeightDtype::Float32,
         };
-        assert_eq!(memory_per_rank(&huge, 1, u64::MAX).total(), u64::MAX);
+        let most = ServingBudget::batched(u64::MAX, u64::MAX, u64::MAX);
+        assert_eq!(memory_per_rank(&huge, 1, most).total(), u64::MAX);
     }
 
     #[test]
@@ -463,12 +508,29 @@ mod tests {
         //   = 671,088,640.
         // Total 11,481,661,440 bytes: 11.5 GB, 10.7 GiB per rank.
         let s = shape("mlx-community/Llama-3.3-70B-Instruct-4bit");
-        let m = memory_per_rank(&s, 4, 8192);
+        let m = memory_per_rank(&s, 4, single_context(8192));
         assert_eq!(m.sharded_weight_bytes, 9_625_927_680);
         assert_eq!(m.replicated_weight_bytes, 1_184_645_120);
         assert_eq!(m.kv_cache_bytes, 671_088_640);
+        assert_eq!(m.prefix_cache_bytes, 0);
         assert_eq!(m.total(), 11_481_661_440);
         assert!((11.3e9..11.7e9).contains(&(m.total() as f64)));
+    }
+
+    #[test]
+    fn a_batch_counts_its_token_budget_and_the_prefix_cache() {
+        // The 70B on 4 ranks with a 32768-token batch and a 512 MiB prefix
+        // cache: four times the 8k KV cache above, plus the cache.
+        let s = shape("mlx-community/Llama-3.3-70B-Instruct-4bit");
+        let m = memory_per_rank(&s, 4, ServingBudget::batched(8192, 32768, 512 << 20));
+        assert_eq!(m.kv_cache_bytes, 4 * 671_088_640);
+        assert_eq!(m.prefix_cache_bytes, 536_870_912);
+        assert_eq!(
+            m.total(),
+            9_625_927_680 + 1_184_645_120 + 4 * 671_088_640 + 536_870_912
+        );
+        // A budget below one longest request still holds that request.
+        assert_eq!(ServingBudget::batched(8192, 1024, 0), single_context(8192));
     }
 
     #[test]
@@ -477,7 +539,7 @@ mod tests {
             let sizes = valid_world_sizes(&entry.shape, 64);
             let totals: Vec<u64> = sizes
                 .iter()
-                .map(|&n| memory_per_rank(&entry.shape, n, 8192).total())
+                .map(|&n| memory_per_rank(&entry.shape, n, single_context(8192)).total())
                 .collect();
             assert!(totals.windows(2).all(|w| w[1] < w[0]), "{}", entry.model_id);
         }

@@ -5,8 +5,9 @@
 //! - One rank per node, on nodes that match the deployment's selector and are
 //!   Ready. A node's free memory is its capacity minus what *other*
 //!   deployments' shards hold there; a rank fits when its estimate
-//!   ([`memory_per_rank`]) is no more than that, so capacity is never
-//!   exceeded counting every deployment.
+//!   ([`memory_per_rank`] for the deployment's [`ServingBudget`]: weights,
+//!   the batch's KV cache and the prefix cache) is no more than that, so
+//!   capacity is never exceeded counting every deployment.
 //! - **Stable:** a current rank stays on its node, with its ports, while the
 //!   node is still Ready, still matches the selector and still fits the rank.
 //!   If only its ports became unusable it stays on the node with new ports.
@@ -40,7 +41,7 @@ use std::ops::RangeInclusive;
 
 use crate::error::PlanError;
 use crate::model::{
-    MAX_WORLD_SIZE, ModelShape, check_world_size, memory_per_rank, valid_world_sizes,
+    MAX_WORLD_SIZE, ModelShape, ServingBudget, check_world_size, memory_per_rank, valid_world_sizes,
 };
 use crate::selector::LabelSelector;
 
@@ -94,8 +95,9 @@ pub struct DeploymentRequest {
     pub strategy: ShardingStrategy,
     /// Which nodes may run ranks (`spec.placement.nodeSelector`).
     pub selector: LabelSelector,
-    /// Longest context a request may use; sizes the KV cache in the memory estimate.
-    pub max_context_tokens: u64,
+    /// What each rank keeps for serving besides its weights: the batch's KV
+    /// cache and the prefix cache; sizes the memory estimate.
+    pub budget: ServingBudget,
     /// Port of rank 0's OpenAI-compatible API (`spec.serving.port`).
     pub serving_port: u16,
 }
@@ -237,7 +239,7 @@ impl Plan {
 pub fn plan_placement(input: &PlanInput) -> Result<Plan, PlanError> {
     let d = &input.deployment;
     check_sharding(d, &input.shape)?;
-    let memory = memory_per_rank(&input.shape, d.world_size, d.max_context_tokens).total();
+    let memory = memory_per_rank(&input.shape, d.world_size, d.budget).total();
     let planner = Planner::new(input, memory);
     let ranks = planner
         .assign(true)
@@ -508,7 +510,7 @@ impl<'a> Planner<'a> {
         valid_world_sizes(self.shape, MAX_WORLD_SIZE)
             .into_iter()
             .filter_map(|size| {
-                let need = memory_per_rank(self.shape, size, self.d.max_context_tokens).total();
+                let need = memory_per_rank(self.shape, size, self.d.budget).total();
                 let fitting = nodes.iter().filter(|n| n.free_bytes() >= need).count();
                 (fitting >= size as usize).then_some((size, need))
             })
@@ -606,12 +608,21 @@ impl<'a> Planner<'a> {
                 .iter()
                 .map(|n| format!("node {} has {} free", n.name, gib(n.free_bytes())))
                 .collect();
+            let budget = self.d.budget;
+            let held = if budget.cache_bytes > 0 {
+                format!(
+                    "weights, a {}-token KV cache for the batch and a {} prefix cache",
+                    budget.kv_tokens,
+                    gib(budget.cache_bytes)
+                )
+            } else {
+                format!("weights and a {}-token KV cache", budget.kv_tokens)
+            };
             let mut message = format!(
-                "{} and each rank needs {} (weights and a {}-token KV \
-                 cache), but only {} of the {} eligible nodes have that much free ({}); ",
+                "{} and each rank needs {} ({held}), but only {} of the {} eligible nodes \
+                 have that much free ({}); ",
                 ranks_requested(w),
                 gib(self.memory),
-                self.d.max_context_tokens,
                 fitting.len(),
                 usable.len(),
                 short_list(&shortfalls)
@@ -626,8 +637,10 @@ impl<'a> Planner<'a> {
                     options.join(", ")
                 ));
             }
-            message
-                .push_str("free memory on these nodes, add nodes, or lower spec.maxContextTokens");
+            message.push_str(
+                "free memory on these nodes, add nodes, or lower spec.serving.maxBatchTokens \
+                 (at least spec.maxContextTokens) or spec.serving.prefixCacheBytes",
+            );
             return PlanError::InsufficientMemory {
                 world_size: w,
                 bytes_per_rank: self.memory,
@@ -725,7 +738,10 @@ mod tests {
                 world_size,
                 strategy: ShardingStrategy::Tensor,
                 selector: m3_selector(),
-                max_context_tokens: 8192,
+                budget: ServingBudget {
+                    kv_tokens: 8192,
+                    cache_bytes: 0,
+                },
                 serving_port: 8080,
             },
             shape: shape("mlx-community/Llama-3.3-70B-Instruct-4bit"),
@@ -830,12 +846,41 @@ mod tests {
              cache), but only 3 of the 4 eligible nodes have that much free (node mac-2 has \
              8.0 GiB free); world sizes that would fit: 1 (39.5 GiB per rank), 2 (20.3 GiB \
              per rank); or free memory on these nodes, add nodes, or lower \
-             spec.maxContextTokens"
+             spec.serving.maxBatchTokens (at least spec.maxContextTokens) or \
+             spec.serving.prefixCacheBytes"
         );
         let PlanError::InsufficientMemory { bytes_per_rank, .. } = err else {
             panic!("wrong variant");
         };
         assert_eq!(bytes_per_rank, 11_481_661_440);
+    }
+
+    #[test]
+    fn the_batch_budget_and_the_prefix_cache_count_against_memory() {
+        // 10.7 GiB per rank for one 8k request; a 32k batch adds 1.9 GiB and
+        // a 512 MiB prefix cache 0.5 GiB: 13.1 GiB, more than 12 GiB nodes have.
+        let nodes: Vec<NodeInfo> = (1..=4).map(|i| node(&format!("mac-{i}"), 12)).collect();
+        assert!(plan_placement(&input(4, nodes.clone())).is_ok());
+        let mut batched = input(4, nodes);
+        batched.deployment.budget = ServingBudget::batched(8192, 32768, 512 << 20);
+        let err = plan_placement(&batched).expect_err("the batch does not fit");
+        assert_eq!(err.reason(), "InsufficientMemory");
+        assert!(
+            err.message().starts_with(
+                "4 ranks were requested and each rank needs 13.1 GiB (weights, a \
+                 32768-token KV cache for the batch and a 0.5 GiB prefix cache), but only 0 \
+                 of the 4 eligible nodes"
+            ),
+            "{}",
+            err.message()
+        );
+        let PlanError::InsufficientMemory { bytes_per_rank, .. } = err else {
+            panic!("wrong variant");
+        };
+        assert_eq!(
+            bytes_per_rank,
+            memory_per_rank(&batched.shape, 4, batched.deployment.budget).total()
+        );
     }
 
     #[test]

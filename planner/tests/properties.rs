@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use tandem_planner::{
     CATALOG, CurrentRank, DeploymentRequest, LabelSelector, NodeInfo, Plan, PlanError, PlanInput,
-    PortRange, SelectorOperator, SelectorRequirement, ShardingStrategy, check_world_size,
-    memory_per_rank, plan_placement,
+    PortRange, SelectorOperator, SelectorRequirement, ServingBudget, ShardingStrategy,
+    check_world_size, memory_per_rank, plan_placement,
 };
 
 const GIB: u64 = 1 << 30;
@@ -124,18 +124,20 @@ fn arb_input() -> impl Strategy<Value = PlanInput> {
         prop::sample::select(vec![1u32, 1, 2, 2, 4, 4, 8, 3]),
         arb_selector(),
         prop::sample::select(vec![0u64, 2048, 8192, 32768, 131_072]),
+        prop::sample::select(vec![0u64, 8192, 32768, 262_144]),
+        prop::sample::select(vec![0u64, 512 << 20, 4 * GIB]),
         arb_nodes(),
         arb_current(),
     )
         .prop_map(
-            |(shape, world_size, selector, context, nodes, current)| PlanInput {
+            |(shape, world_size, selector, context, batch, cache, nodes, current)| PlanInput {
                 deployment: DeploymentRequest {
                     namespace: "default".into(),
                     name: "llama".into(),
                     world_size,
                     strategy: ShardingStrategy::Tensor,
                     selector,
-                    max_context_tokens: context,
+                    budget: ServingBudget::batched(context, batch, cache),
                     serving_port: SERVING,
                 },
                 shape,
@@ -166,7 +168,7 @@ fn check_plan(input: &PlanInput, plan: &Plan) -> Result<(), TestCaseError> {
     let d = &input.deployment;
     let nodes: BTreeMap<&str, &NodeInfo> =
         input.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let memory = memory_per_rank(&input.shape, d.world_size, d.max_context_tokens).total();
+    let memory = memory_per_rank(&input.shape, d.world_size, d.budget).total();
     prop_assert_eq!(plan.memory_per_rank_bytes, memory);
     prop_assert_eq!(plan.world_size, d.world_size);
     prop_assert_eq!(plan.ranks.len(), d.world_size as usize);
@@ -220,7 +222,7 @@ fn check_plan(input: &PlanInput, plan: &Plan) -> Result<(), TestCaseError> {
 /// schedulable, fitting nodes with a free port, one of which can serve rank 0.
 fn fresh_placement_exists(input: &PlanInput) -> bool {
     let d = &input.deployment;
-    let memory = memory_per_rank(&input.shape, d.world_size, d.max_context_tokens).total();
+    let memory = memory_per_rank(&input.shape, d.world_size, d.budget).total();
     let free_ports = |n: &NodeInfo| {
         n.port_range
             .ports()

@@ -74,6 +74,10 @@ fn full_deployment(name: &str) -> LlamaDeployment {
                     name: "llama-api-key".into(),
                     key: Some("key".into()),
                 }),
+                max_batch_sequences: Some(4),
+                max_batch_tokens: Some(16384),
+                prefill_chunk_tokens: Some(512),
+                prefix_cache_bytes: Some(0),
             }),
             architecture: Some(architecture()),
         },
@@ -282,6 +286,7 @@ async fn shards_and_nodes_round_trip_with_status_subresources() {
             },
             api_key_secret_ref: None,
             max_context_tokens: 8192,
+            batching: Some(BatchLimits::default()),
         },
     );
     let created = shards.create(&PostParams::default(), &shard).await.unwrap();
@@ -625,6 +630,30 @@ async fn the_api_server_rejects_bad_manifests_with_clear_messages() {
             "serving port out of range",
             "model: m/x\nsharding: {worldSize: 2}\nserving: {port: 70000}",
             &["spec.serving.port", "should be less than or equal to 65535"],
+        ),
+        (
+            "batch of no sequences",
+            "model: m/x\nsharding: {worldSize: 2}\nserving: {maxBatchSequences: 0}",
+            &[
+                "spec.serving.maxBatchSequences",
+                "should be greater than or equal to 1",
+            ],
+        ),
+        (
+            "prefill chunk too small",
+            "model: m/x\nsharding: {worldSize: 2}\nserving: {prefillChunkTokens: 8}",
+            &[
+                "spec.serving.prefillChunkTokens",
+                "should be greater than or equal to 16",
+            ],
+        ),
+        (
+            "negative prefix cache",
+            "model: m/x\nsharding: {worldSize: 2}\nserving: {prefixCacheBytes: -1}",
+            &[
+                "spec.serving.prefixCacheBytes",
+                "should be greater than or equal to 0",
+            ],
         ),
         (
             "quantization bits out of range",

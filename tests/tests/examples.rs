@@ -1,13 +1,16 @@
 //! The manifests in `examples/`: one per bundled model (the SmolLM2 conversions included) plus the tiny demo
 //! model. Each must be accepted by the real API server (server-side dry
 //! run), ask for a world size its model can be split into, and state a
-//! per-rank memory figure that matches the planner's estimate.
+//! per-rank memory figure that matches the planner's estimate (weights, the
+//! batch's KV cache and the prefix cache, as the operator counts them).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use tandem_crds::{Architecture, LlamaDeployment, WeightDtype};
-use tandem_planner::{ModelShape, Quantization, check_world_size, lookup_model, memory_per_rank};
+use tandem_planner::{
+    ModelShape, Quantization, ServingBudget, check_world_size, lookup_model, memory_per_rank,
+};
 use tandem_tests::{Identity, TestNamespace, cluster, repo_root};
 
 fn examples() -> Vec<(PathBuf, String, LlamaDeployment)> {
@@ -78,6 +81,7 @@ fn every_bundled_model_has_an_example_plus_the_tiny_one() {
 
 #[test]
 fn examples_ask_for_valid_world_sizes_and_state_true_memory_figures() {
+    let mut wrong = Vec::new();
     for (path, text, d) in examples() {
         let shape = match (&d.spec.architecture, lookup_model(&d.spec.model)) {
             (Some(arch), _) => shape_of(arch),
@@ -88,16 +92,23 @@ fn examples_ask_for_valid_world_sizes_and_state_true_memory_figures() {
         check_world_size(&shape, world)
             .unwrap_or_else(|e| panic!("{}: world size {world}: {e}", path.display()));
         if let Some(stated) = stated_gb_per_rank(&text) {
-            let estimate =
-                memory_per_rank(&shape, world, u64::from(d.spec.max_context_tokens)).total();
-            let estimate_gb = estimate as f64 / 1e9;
-            assert!(
-                (stated - estimate_gb).abs() / estimate_gb < 0.15,
-                "{}: says about {stated} GB per rank, the planner estimates {estimate_gb:.1} GB",
-                path.display()
+            let limits = d.spec.batch_limits();
+            let budget = ServingBudget::batched(
+                u64::from(d.spec.max_context_tokens),
+                u64::from(limits.max_tokens),
+                u64::try_from(limits.prefix_cache_bytes).expect("non-negative cache"),
             );
+            let estimate = memory_per_rank(&shape, world, budget).total();
+            let estimate_gb = estimate as f64 / 1e9;
+            if (stated - estimate_gb).abs() / estimate_gb >= 0.15 {
+                wrong.push(format!(
+                    "{}: says about {stated} GB per rank, the planner estimates {estimate_gb:.1} GB",
+                    path.display()
+                ));
+            }
         }
     }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[tokio::test]

@@ -146,7 +146,7 @@ async fn placing_1000_deployments_over_64_nodes() {
         let mut d = deployment(&format!("d{i:04}"), worlds[i % 3], &s.agents);
         d.spec.serving = Some(Serving {
             port: 20000 + i as i32,
-            api_key_secret_ref: None,
+            ..Serving::default()
         });
         let api = api.clone();
         let gate = Arc::clone(&gate);

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+use tandem_crds::{BatchLimits, LlamaShardSpec};
 
 /// Flags of `tandem-agent run`. Every flag can also come from its
 /// environment variable or from the `--config` file; flags win over the
@@ -115,6 +116,83 @@ pub struct RunArgs {
         value_name = "SECONDS"
     )]
     pub max_restart_backoff_seconds: Option<u64>,
+    /// Rank 0's batching defaults, for shards whose spec carries no
+    /// `batching`.
+    #[command(flatten)]
+    pub batching: BatchFlags,
+}
+
+/// How rank 0 batches requests, as flags: for `run`, the limits of shards
+/// whose spec carries no `batching` (the operator writes it on every
+/// shard); for `serve`, the limits of its group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct BatchFlags {
+    /// Most requests rank 0 decodes together in one step, 1 to 256; more
+    /// wait in its queue [default: 8].
+    #[arg(long, env = "TANDEM_MAX_BATCH_SEQUENCES", value_name = "N")]
+    pub max_batch_sequences: Option<u32>,
+    /// Most tokens in flight over the batch: the sum, over the running
+    /// requests, of the prompt plus the `max_tokens` each reserves; never
+    /// below the longest context [default: 32768, or the context when larger].
+    #[arg(long, env = "TANDEM_MAX_BATCH_TOKENS", value_name = "TOKENS")]
+    pub max_batch_tokens: Option<u32>,
+    /// Most prompt tokens prefilled in one step, at least 16; longer prompts
+    /// are prefilled in chunks between decode steps [default: 2048].
+    #[arg(long, env = "TANDEM_PREFILL_CHUNK_TOKENS", value_name = "TOKENS")]
+    pub prefill_chunk_tokens: Option<u32>,
+    /// Bytes of KV each rank keeps after requests end, for reuse by later
+    /// requests sharing a prompt prefix; 0 turns the prefix cache off
+    /// [default: 536870912, 512 MiB].
+    #[arg(long, env = "TANDEM_PREFIX_CACHE_BYTES", value_name = "BYTES")]
+    pub prefix_cache_bytes: Option<i64>,
+}
+
+impl BatchFlags {
+    /// These flags over `under` (the config file's values): each flag that
+    /// is set wins.
+    pub fn or(&self, under: &BatchFlags) -> BatchFlags {
+        BatchFlags {
+            max_batch_sequences: self.max_batch_sequences.or(under.max_batch_sequences),
+            max_batch_tokens: self.max_batch_tokens.or(under.max_batch_tokens),
+            prefill_chunk_tokens: self.prefill_chunk_tokens.or(under.prefill_chunk_tokens),
+            prefix_cache_bytes: self.prefix_cache_bytes.or(under.prefix_cache_bytes),
+        }
+    }
+
+    /// The limits, with [`BatchLimits::default`] where a flag is absent,
+    /// checked against the bounds of the LlamaShard schema; the error names
+    /// the flag at fault.
+    pub fn limits(&self) -> Result<BatchLimits, String> {
+        let d = BatchLimits::default();
+        let limits = BatchLimits {
+            max_sequences: self.max_batch_sequences.unwrap_or(d.max_sequences),
+            max_tokens: self.max_batch_tokens.unwrap_or(d.max_tokens),
+            prefill_chunk_tokens: self.prefill_chunk_tokens.unwrap_or(d.prefill_chunk_tokens),
+            prefix_cache_bytes: self.prefix_cache_bytes.unwrap_or(d.prefix_cache_bytes),
+        };
+        if !(1..=256).contains(&limits.max_sequences) {
+            return Err(format!(
+                "--max-batch-sequences must be 1 to 256, not {}",
+                limits.max_sequences
+            ));
+        }
+        if limits.max_tokens == 0 {
+            return Err("--max-batch-tokens must be at least 1".into());
+        }
+        if limits.prefill_chunk_tokens < 16 {
+            return Err(format!(
+                "--prefill-chunk-tokens must be at least 16, not {}",
+                limits.prefill_chunk_tokens
+            ));
+        }
+        if limits.prefix_cache_bytes < 0 {
+            return Err(format!(
+                "--prefix-cache-bytes must be 0 or more, not {}",
+                limits.prefix_cache_bytes
+            ));
+        }
+        Ok(limits)
+    }
 }
 
 /// `--label key=value`.
@@ -237,6 +315,14 @@ pub struct FileConfig {
     pub warmup_prompt_tokens: Option<Vec<usize>>,
     /// See `--max-restart-backoff-seconds`.
     pub max_restart_backoff_seconds: Option<u64>,
+    /// See `--max-batch-sequences`.
+    pub max_batch_sequences: Option<u32>,
+    /// See `--max-batch-tokens`.
+    pub max_batch_tokens: Option<u32>,
+    /// See `--prefill-chunk-tokens`.
+    pub prefill_chunk_tokens: Option<u32>,
+    /// See `--prefix-cache-bytes`.
+    pub prefix_cache_bytes: Option<i64>,
 }
 
 /// Why the configuration is unusable.
@@ -340,9 +426,24 @@ pub struct AgentConfig {
     pub warmup_prompt_tokens: Option<Vec<usize>>,
     /// Cap of the restart backoff.
     pub max_restart_backoff: Duration,
+    /// Batch limits for shards whose spec carries none (see
+    /// [`AgentConfig::batching_for`]).
+    pub batching: BatchLimits,
 }
 
 impl AgentConfig {
+    /// The batch limits a shard's worker runs with: the spec's, which the
+    /// operator resolves for every shard, else this agent's, with the token
+    /// budget raised to the shard's `maxContextTokens` so that a request of
+    /// the longest context can be admitted.
+    pub fn batching_for(&self, spec: &LlamaShardSpec) -> BatchLimits {
+        spec.batching.unwrap_or_else(|| {
+            let mut limits = self.batching;
+            limits.max_tokens = limits.max_tokens.max(spec.max_context_tokens);
+            limits
+        })
+    }
+
     /// How often the Lease is renewed: a third of its duration, so two
     /// renewals may fail before it expires.
     pub fn lease_renew_interval(&self) -> Duration {
@@ -426,6 +527,17 @@ pub fn resolve(
         .clone()
         .or(file.state_dir)
         .unwrap_or_else(|| env.temp_dir.join(format!("tandem-agent-{node_name}")));
+    let from_file = BatchFlags {
+        max_batch_sequences: file.max_batch_sequences,
+        max_batch_tokens: file.max_batch_tokens,
+        prefill_chunk_tokens: file.prefill_chunk_tokens,
+        prefix_cache_bytes: file.prefix_cache_bytes,
+    };
+    let batching = args
+        .batching
+        .or(&from_file)
+        .limits()
+        .map_err(ConfigError::Invalid)?;
     let backend = args.backend.or(file.backend).unwrap_or(BackendChoice::Auto);
     let gpus = args.gpus.or(file.gpus);
     if let Some(n) = gpus.filter(|&n| n > 0) {
@@ -488,6 +600,7 @@ pub fn resolve(
             .clone()
             .or(file.warmup_prompt_tokens)
             .map(|lengths| lengths.into_iter().filter(|&n| n > 0).collect()),
+        batching,
         node_name,
     })
 }
@@ -625,6 +738,51 @@ mod tests {
         );
         assert_eq!(c.state_dir, PathBuf::from("/tmp/tandem-agent-studio-1"));
         assert_eq!(c.gpus, None, "the default waits for the detected backend");
+        assert_eq!(c.batching, BatchLimits::default());
+    }
+
+    #[test]
+    fn batch_limits_come_from_flags_over_the_file_and_fill_shards_without_them() {
+        let file: FileConfig = serde_yaml::from_str(
+            "maxBatchSequences: 4\nmaxBatchTokens: 8192\nprefixCacheBytes: 0\n",
+        )
+        .expect("yaml");
+        let cli = Cli::try_parse_from(["x", "--max-batch-sequences", "16"]).expect("flags");
+        let c = resolve(&cli.run, file, &env()).expect("config");
+        let want = BatchLimits {
+            max_sequences: 16,
+            max_tokens: 8192,
+            prefill_chunk_tokens: 2048,
+            prefix_cache_bytes: 0,
+        };
+        assert_eq!(c.batching, want);
+
+        // A shard without limits gets the agent's, raised to its context.
+        let mut spec: LlamaShardSpec = serde_json::from_value(serde_json::json!({
+            "deployment": "d", "epoch": 1, "rank": 0, "worldSize": 1, "nodeName": "n",
+            "model": "m/x", "peers": [], "controlAddress": "127.0.0.1:1",
+            "groupTokenSecretRef": {"name": "t"}, "maxContextTokens": 16384,
+            "architecture": {"numHiddenLayers": 1, "hiddenSize": 64,
+                "numAttentionHeads": 4, "numKeyValueHeads": 2,
+                "intermediateSize": 128, "vocabSize": 256},
+        }))
+        .expect("shard spec");
+        assert_eq!(
+            c.batching_for(&spec),
+            BatchLimits {
+                max_tokens: 16384,
+                ..want
+            }
+        );
+        // The operator's limits win.
+        spec.batching = Some(BatchLimits::default());
+        assert_eq!(c.batching_for(&spec), BatchLimits::default());
+
+        let cli = Cli::try_parse_from(["x", "--prefill-chunk-tokens", "8"]).expect("flags");
+        let err = resolve(&cli.run, FileConfig::default(), &env()).expect_err("too small");
+        assert!(err.to_string().contains("--prefill-chunk-tokens"), "{err}");
+        let cli = Cli::try_parse_from(["x", "--max-batch-sequences", "0"]).expect("flags");
+        assert!(resolve(&cli.run, FileConfig::default(), &env()).is_err());
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tandem_crds::{
-    Architecture, Backend, LlamaShardSpec, Peer, Quantization, SecretKeyRef, ShardPhase,
+    Architecture, Backend, BatchLimits, LlamaShardSpec, Peer, Quantization, SecretKeyRef,
+    ShardPhase,
 };
 use tokio::sync::mpsc;
 
@@ -66,6 +67,9 @@ pub struct ServeArgs {
     /// Model name the API reports [default: the directory's name].
     #[arg(long)]
     pub name: Option<String>,
+    /// How rank 0 batches requests (the same flags as `run`'s).
+    #[command(flatten)]
+    pub batching: super::config::BatchFlags,
 }
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -114,6 +118,23 @@ fn group_token() -> anyhow::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The group's batch limits: the flags, with an unset `--max-batch-tokens`
+/// raised to `--max-context-tokens`, as the operator resolves a deployment's.
+fn batch_limits(args: &ServeArgs) -> anyhow::Result<BatchLimits> {
+    let mut limits = args.batching.limits().map_err(anyhow::Error::msg)?;
+    let context = args.max_context_tokens;
+    match args.batching.max_batch_tokens {
+        None => limits.max_tokens = limits.max_tokens.max(context),
+        Some(tokens) if tokens < context => bail!(
+            "--max-batch-tokens {tokens} is less than --max-context-tokens {context}, so a \
+             request of the longest context could never run; raise --max-batch-tokens to at \
+             least {context}, or leave it out"
+        ),
+        Some(_) => {}
+    }
+    Ok(limits)
+}
+
 /// The launch message of every rank.
 fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
     let world = args.world_size;
@@ -159,6 +180,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
             address: a.clone(),
         })
         .collect();
+    let batching = batch_limits(args)?;
     let warmup: Option<Vec<usize>> = args
         .warmup_prompt_tokens
         .as_ref()
@@ -186,6 +208,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
                 },
                 api_key_secret_ref: None,
                 max_context_tokens: args.max_context_tokens,
+                batching: Some(batching),
             },
             model_dir: args.model.clone(),
             group_token: token.clone(),
@@ -194,6 +217,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
             barrier_timeout_ms: 120_000,
             hostfile: hostfile.clone(),
             warmup_prompt_tokens: warmup.clone(),
+            batching,
         })
         .collect())
 }
@@ -309,6 +333,28 @@ fn note_exits(workers: &mut [Worker], exited: &mut [Option<String>]) -> Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_limits_follow_the_context_unless_set() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let argv = ["x", "--model", "m"].iter().chain(extra).copied();
+            Cli::try_parse_from(argv).expect("flags").serve
+        };
+        assert_eq!(batch_limits(&parse(&[])).ok(), Some(BatchLimits::default()));
+        let long = parse(&["--max-context-tokens", "65536"]);
+        assert_eq!(batch_limits(&long).ok().map(|l| l.max_tokens), Some(65536));
+        let short = parse(&["--max-context-tokens", "8192", "--max-batch-tokens", "4096"]);
+        let err = batch_limits(&short).expect_err("below the context");
+        assert!(err.to_string().contains("--max-batch-tokens 4096"), "{err}");
+        let bad = parse(&["--max-batch-sequences", "0"]);
+        assert!(batch_limits(&bad).is_err());
+    }
 
     #[test]
     fn backends_parse_in_either_case() {

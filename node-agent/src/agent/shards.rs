@@ -647,6 +647,15 @@ fn validate(config: &AgentConfig, shard: &LlamaShard) -> Result<Vec<String>, Str
             spec.control_address
         ));
     }
+    if let Some(b) = &spec.batching
+        && b.max_tokens < spec.max_context_tokens
+    {
+        return Err(format!(
+            "spec.batching.maxTokens ({}) is less than spec.maxContextTokens ({}), so a \
+             request of the longest context could never run",
+            b.max_tokens, spec.max_context_tokens
+        ));
+    }
     Ok(peers.into_iter().map(|p| p.address).collect())
 }
 
@@ -834,6 +843,7 @@ async fn attempt(
             .unwrap_or(u64::MAX),
         hostfile,
         warmup_prompt_tokens: ctx.config.warmup_prompt_tokens.clone(),
+        batching: ctx.config.batching_for(spec),
     };
     // Held until this attempt ends, so the worker has the GPU to itself.
     let gpu = if spec.backend == Backend::Nccl {

@@ -40,6 +40,10 @@ pub struct Launch {
     /// `None` leaves the choice to the worker ([`warmup_prompt_tokens`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_prompt_tokens: Option<Vec<usize>>,
+    /// How rank 0 batches requests: the shard's limits, or the agent's own
+    /// defaults (its flags) where the shard names none.
+    #[serde(default)]
+    pub batching: tandem_crds::BatchLimits,
 }
 
 /// The warm-up's prompt lengths when none are configured. On a GPU, a

@@ -733,10 +733,13 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
         .into_iter()
         .filter_map(|n| i32::try_from(n).ok())
         .collect();
-    let memory = shape.as_ref().ok().and_then(|s| {
+    let budget = convert::batch_limits(d)
+        .ok()
+        .map(|limits| convert::serving_budget(&limits, d.spec.max_context_tokens));
+    let memory = shape.as_ref().ok().zip(budget).and_then(|(s, budget)| {
         valid_sizes
             .contains(&d.spec.sharding.world_size)
-            .then(|| memory_per_rank(s, spec_world, u64::from(d.spec.max_context_tokens)).total())
+            .then(|| memory_per_rank(s, spec_world, budget).total())
     });
     let plan = convert::deployment_request(d).and_then(|request| {
         let shape = shape.clone()?;

@@ -7,10 +7,10 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use tandem_crds::{
-    DeploymentPhase, LlamaDeployment, LlamaDeploymentStatus, LlamaShard, LlamaShardStatus,
-    ShardPhase, ShardingStrategy,
+    BatchLimits, DeploymentPhase, LlamaDeployment, LlamaDeploymentStatus, LlamaShard,
+    LlamaShardStatus, Serving, ShardPhase, ShardingStrategy,
 };
-use tandem_planner::{NodeInfo, PortRange, lookup_model, memory_per_rank};
+use tandem_planner::{NodeInfo, PortRange, ServingBudget, lookup_model, memory_per_rank};
 
 use super::*;
 use crate::conditions::{GROUP_FORMED, PLACED, READY, SHARDS_LOADED};
@@ -166,9 +166,17 @@ fn first_placement_writes_one_shard_per_rank_with_peers_and_a_token() {
     assert_eq!(s.ready.as_deref(), Some("0/2"));
     assert_eq!(s.valid_world_sizes, vec![1, 2, 4, 8]);
     let shape = lookup_model(MODEL_1B).expect("1b").shape;
+    // Weights, a KV cache for the default 32768-token batch and the default
+    // 512 MiB prefix cache.
+    let budget = ServingBudget::batched(8192, 32768, 512 << 20);
     assert_eq!(
         s.memory_per_rank_bytes,
-        Some(memory_per_rank(&shape, 2, 8192).total() as i64)
+        Some(memory_per_rank(&shape, 2, budget).total() as i64)
+    );
+    assert!(
+        out.apply
+            .iter()
+            .all(|sh| sh.spec.batching == Some(BatchLimits::default()))
     );
     assert_eq!(s.observed_generation, Some(1));
     assert_eq!(s.ranks.len(), 2);
@@ -298,7 +306,7 @@ fn scaling_up_keeps_the_nodes_and_starts_a_new_epoch() {
 #[test]
 fn bad_specs_give_a_condition_and_an_event_and_no_shards() {
     type Edit = fn(&mut LlamaDeployment);
-    let cases: [(&str, Edit, u8, &str, DeploymentPhase); 5] = [
+    let cases: [(&str, Edit, u8, &str, DeploymentPhase); 6] = [
         (
             "InvalidSharding",
             |d| d.spec.sharding.world_size = 3,
@@ -332,6 +340,18 @@ fn bad_specs_give_a_condition_and_an_event_and_no_shards() {
             |d| d.spec.sharding.strategy = ShardingStrategy::Pipeline,
             4,
             "Pipeline is reserved",
+            DeploymentPhase::Failed,
+        ),
+        (
+            "InvalidServing",
+            |d| {
+                d.spec.serving = Some(Serving {
+                    max_batch_tokens: Some(4096),
+                    ..Serving::default()
+                })
+            },
+            4,
+            "set maxBatchTokens to at least 8192",
             DeploymentPhase::Failed,
         ),
     ];
@@ -394,6 +414,66 @@ fn an_impossible_edit_leaves_the_serving_group_alone() {
     w.edit(|d| d.spec.sharding.world_size = 1);
     let out = w.step(103);
     assert_eq!(out.new_epoch, Some(EpochCause::Scale { from: 2, to: 1 }));
+}
+
+#[test]
+fn changed_batch_limits_start_a_new_epoch_and_bad_ones_leave_the_group_alone() {
+    let mut w = World::new(2, nodes(2));
+    w.step(100);
+    w.all(ShardPhase::Ready);
+    w.step(101);
+
+    // Limits that cannot work: refused, and the serving group keeps running.
+    w.edit(|d| {
+        d.spec.serving = Some(Serving {
+            max_batch_tokens: Some(1024),
+            ..Serving::default()
+        })
+    });
+    let out = w.step(102);
+    assert!(out.apply.is_empty() && out.delete.is_empty());
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Serving));
+    let (status, reason, message) = w.condition(PLACED);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "InvalidServing")
+    );
+    assert!(message.contains("keeps running"), "{message}");
+    assert_eq!(reasons(&out), ["InvalidServing"]);
+    assert_eq!(
+        w.status.memory_per_rank_bytes, None,
+        "no estimate for a bad spec"
+    );
+
+    // Limits that work are a spec change like any other: a new epoch whose
+    // shards carry them, and a memory estimate that counts them.
+    w.edit(|d| {
+        d.spec.serving = Some(Serving {
+            max_batch_sequences: Some(16),
+            max_batch_tokens: Some(65536),
+            prefix_cache_bytes: Some(0),
+            ..Serving::default()
+        })
+    });
+    let out = w.step(103);
+    assert_eq!(out.new_epoch, Some(EpochCause::SpecChange));
+    let want = BatchLimits {
+        max_sequences: 16,
+        max_tokens: 65536,
+        prefill_chunk_tokens: 2048,
+        prefix_cache_bytes: 0,
+    };
+    assert!(out.apply.iter().all(|s| s.spec.batching == Some(want)));
+    assert_eq!(out.delete.len(), 2);
+    let shape = lookup_model(MODEL_1B).expect("1b").shape;
+    let budget = ServingBudget::batched(8192, 65536, 0);
+    assert_eq!(
+        w.status.memory_per_rank_bytes,
+        Some(memory_per_rank(&shape, 2, budget).total() as i64)
+    );
+    // The same limits again: nothing to do.
+    w.all(ShardPhase::Ready);
+    assert!(w.step(104).new_epoch.is_none());
 }
 
 #[test]

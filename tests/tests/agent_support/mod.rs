@@ -381,6 +381,9 @@ pub struct Group {
     pub api_key_secret: Option<String>,
     /// Context limit.
     pub max_context_tokens: u32,
+    /// Batch limits written on every shard; `None` leaves them to the
+    /// agents' flags, as for a shard an older operator wrote.
+    pub batching: Option<BatchLimits>,
 }
 
 impl Group {
@@ -398,6 +401,7 @@ impl Group {
             token_secret: format!("{deployment}-group-token"),
             api_key_secret: None,
             max_context_tokens: 512,
+            batching: None,
         }
     }
 
@@ -444,6 +448,7 @@ impl Group {
                     None
                 },
                 max_context_tokens: self.max_context_tokens,
+                batching: self.batching,
             },
         );
         shard.metadata.namespace = Some(namespace.to_owned());

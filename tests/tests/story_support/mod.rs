@@ -189,7 +189,7 @@ impl Story {
                 max_context_tokens: 512,
                 serving: Some(Serving {
                     port: i32::from(free_port()),
-                    api_key_secret_ref: None,
+                    ..Serving::default()
                 }),
                 architecture: None,
             },
