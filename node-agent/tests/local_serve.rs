@@ -4,116 +4,22 @@
 
 mod engine_support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use engine_support::{agent, model, scratch, tied_spec};
-use serde_json::{Value, json};
-use tandem_agent::engine::launch::free_ports;
+use engine_support::serve::Serve;
+use engine_support::{model, tied_spec};
+use serde_json::json;
 use tandem_agent::engine::make_model::WeightFormat;
 
-const READY_DEADLINE: Duration = Duration::from_secs(180);
-
-struct Serve {
-    child: Child,
-    port: u16,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Serve {
-    fn start(name: &str, world: usize) -> Serve {
-        let dir = model("serve-tied-q4", &tied_spec(WeightFormat::Quantized(4)), 1);
-        let state = scratch(name);
-        let port = free_ports(1).expect("a free port")[0];
-        let mut child = Command::new(agent())
-            .args([
-                "serve",
-                "--world-size",
-                &world.to_string(),
-                "--port",
-                &port.to_string(),
-            ])
-            .arg("--model")
-            .arg(&dir)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--name", "tiny"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tandem-agent serve");
-        let (tx, stderr) = mpsc::channel();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let out = child.stdout.take().expect("stdout");
-        let (ready_tx, ready) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("serving ") {
-                    let _ = ready_tx.send(line);
-                }
-            }
-        });
-        let mut serve = Serve {
-            child,
-            port,
-            stderr,
-        };
-        match ready.recv_timeout(READY_DEADLINE) {
-            Ok(line) => assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}"),
-            Err(_) => panic!("serve never became ready:\n{}", serve.logs()),
-        }
-        serve
-    }
-
-    fn logs(&mut self) -> String {
-        self.stderr.try_iter().collect::<Vec<_>>().join("\n")
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("timeout");
-        let body = body.to_string();
-        write!(
-            stream,
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("send");
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).expect("read");
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status code");
-        let json =
-            serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
-        (status, json)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn tiny_group(name: &str, world: usize) -> Serve {
+    let dir = model("serve-tied-q4", &tied_spec(WeightFormat::Quantized(4)), 1);
+    Serve::start(name, &dir, "tiny", world, &[])
 }
 
 #[test]
 fn a_local_group_of_two_answers_like_generate_alone() {
-    let mut serve = Serve::start("serve-two", 2);
+    let serve = tiny_group("serve-two", 2);
     let (status, answer) = serve.post(
         "/v1/completions",
         &json!({"model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0}),
@@ -152,7 +58,7 @@ fn a_local_group_of_two_answers_like_generate_alone() {
 
 #[test]
 fn a_dead_rank_takes_the_local_group_down_and_says_which() {
-    let mut serve = Serve::start("serve-kill", 2);
+    let mut serve = tiny_group("serve-kill", 2);
     let pid = serve.child.id();
     let children = Command::new("pgrep")
         .args(["-P", &pid.to_string()])

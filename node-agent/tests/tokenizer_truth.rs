@@ -20,8 +20,8 @@ use std::path::Path;
 
 use engine_support::*;
 use serde_json::{Value, json};
+use tandem_agent::engine::text::{Detokenizer, TextCodec};
 use tandem_agent::engine::tokenizer::{ChatMessage, TextTokenizer};
-use tandem_agent::worker::engine::{Detokenizer, TextCodec};
 
 /// Strings tokenizers get wrong when a regex, a normalizer or a special-token
 /// rule differs.

@@ -1,7 +1,9 @@
 //! Rank 0's API from the outside: the real `openai` Python client (PyPI,
 //! venv from `dev/py-client.sh`) streaming a chat completion from a group
-//! of two; a rank worker killed with SIGKILL mid-stream (the client gets an
-//! error promptly, the shard reports the crash, the group re-forms); every
+//! of two; 8 streams at once in one batch, one of them cancelled by its
+//! client while the rest go on; a rank worker killed with SIGKILL while 4
+//! streams run (every client gets an error promptly, the shard reports the
+//! crash, the group re-forms); every
 //! kind of bad request answered with an OpenAI-style error; a full queue
 //! answered 429; a client that disconnects stops its generation.
 
@@ -48,6 +50,64 @@ except openai.APIError as e:
     print(json.dumps({"error": str(e), "type": type(e).__name__, "after": time.time() - started}), flush=True)
     sys.exit(3)
 "#;
+
+/// Streams `n` chat completions at once with the openai client, one thread
+/// each, printing one JSON line per event: `{"stream": i, "chunk": ..}`,
+/// then `{"stream": i, "done": ..}` or `{"stream": i, "error": ..}`. Stream
+/// `cancel` (if not -1) closes its connection after 3 chunks and prints
+/// `{"stream": i, "cancelled": true}`.
+const MULTI_STREAM: &str = r#"
+import json, sys, threading, time, openai
+port, n, max_tokens, cancel = (int(a) for a in sys.argv[1:5])
+client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+model = client.models.list().data[0].id
+lock = threading.Lock()
+def say(**kw):
+    with lock:
+        kw["t"] = time.time()
+        print(json.dumps(kw), flush=True)
+def run(i):
+    try:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"Story number {i}, please."}],
+            max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
+        chunks, usage = 0, None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    chunks += 1
+                    say(stream=i, chunk=choice.delta.content)
+            if i == cancel and chunks >= 3:
+                stream.close()
+                say(stream=i, cancelled=True)
+                return
+        say(stream=i, done={"chunks": chunks, "usage": usage})
+    except openai.APIError as e:
+        say(stream=i, error=str(e))
+threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+"#;
+
+fn start_streams(port: u16, n: usize, max_tokens: usize, cancel: i32) -> std::process::Child {
+    Command::new(openai_python())
+        .arg("-c")
+        .arg(MULTI_STREAM)
+        .args([
+            port.to_string(),
+            n.to_string(),
+            max_tokens.to_string(),
+            cancel.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python")
+}
 
 fn start_stream(port: u16, max_tokens: usize, ignore_eos: bool) -> std::process::Child {
     Command::new(openai_python())
@@ -135,6 +195,41 @@ async fn the_openai_client_streams_a_chat_completion() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn eight_concurrent_streams_complete_and_a_cancelled_one_leaves_the_rest()
+-> anyhow::Result<()> {
+    let pair = group_of_two("agent-eight", 512).await?;
+    let mut child = start_streams(pair.group.serving_port, 8, 40, 2);
+    let lines: Vec<serde_json::Value> = lines_of(&mut child).collect();
+    child.wait()?;
+    let of = |i: u64| lines.iter().filter(move |l| l["stream"] == i);
+    let cancelled_at = of(2)
+        .find(|l| l.get("cancelled").is_some())
+        .and_then(|l| l["t"].as_f64())
+        .expect("stream 2 cancelled itself");
+    for i in (0..8).filter(|&i| i != 2) {
+        let done = of(i)
+            .find_map(|l| l.get("done").cloned())
+            .unwrap_or_else(|| panic!("stream {i} did not complete: {lines:?}"));
+        assert_eq!(done["usage"], 40, "stream {i}: {done}");
+        assert!(done["chunks"].as_u64().is_some_and(|c| c >= 1), "{done}");
+    }
+    // The others kept streaming after the cancellation.
+    let after = lines
+        .iter()
+        .filter(|l| l["stream"] != 2 && l.get("chunk").is_some())
+        .filter(|l| l["t"].as_f64().is_some_and(|t| t > cancelled_at))
+        .count();
+    assert!(after > 0, "no stream went on after the cancellation");
+    // The cancelled generation stopped: the group went idle.
+    eventually("the batch to empty", Duration::from_secs(30), || async {
+        let m = request(pair.group.serving_port, "GET", "/metrics", &[], None)?.body;
+        Ok(m.lines().any(|l| l == "tandem_in_flight 0").then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_rank_killed_mid_stream_fails_the_request_promptly_and_the_group_recovers()
 -> anyhow::Result<()> {
     let pair = group_of_two("agent-kill", 8192).await?;
@@ -147,28 +242,44 @@ async fn a_rank_killed_mid_stream_fails_the_request_promptly_and_the_group_recov
     let victims = rank1.workers();
     assert_eq!(victims.len(), 1);
 
-    let mut child = start_stream(pair.group.serving_port, 6000, true);
+    // Four streams in one batch.
+    let mut child = start_streams(pair.group.serving_port, 4, 6000, -1);
     let mut lines = lines_of(&mut child);
-    // Wait for the first streamed piece, then kill rank 1's worker.
-    let first = lines
-        .find(|l| l.get("chunk").is_some())
-        .expect("a first chunk");
-    assert!(first["chunk"].is_string());
+    // Wait until every stream has its first piece, then kill rank 1's worker.
+    let mut started = std::collections::BTreeSet::new();
+    for line in lines.by_ref() {
+        if line.get("chunk").is_some() {
+            started.insert(line["stream"].as_u64().unwrap_or(99));
+        }
+        if started.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(started.len(), 4, "every stream started");
     let killed_at = Instant::now();
     Command::new("kill")
         .args(["-KILL", &victims[0].to_string()])
         .status()?;
-    let end = lines
-        .find(|l| l.get("error").is_some() || l.get("done").is_some())
-        .expect("an end");
+    let mut ended = std::collections::BTreeMap::new();
+    for line in lines {
+        if line.get("error").is_some() || line.get("done").is_some() {
+            ended.insert(line["stream"].as_u64().unwrap_or(99), line);
+        }
+        if ended.len() == 4 {
+            break;
+        }
+    }
     let noticed = killed_at.elapsed();
-    assert!(
-        end.get("error").is_some(),
-        "the client sees an error, not a normal end: {end}"
-    );
+    assert_eq!(ended.len(), 4, "every stream ended: {ended:?}");
+    for (i, end) in &ended {
+        assert!(
+            end.get("error").is_some(),
+            "stream {i} sees an error, not a normal end: {end}"
+        );
+    }
     assert!(
         noticed < Duration::from_secs(10),
-        "the error came {noticed:?} after the kill"
+        "the last error came {noticed:?} after the kill"
     );
     let _ = child.wait();
 
@@ -214,7 +325,13 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
         cluster,
         &node_name,
         AgentOptions {
-            args: vec!["--max-queue".into(), "1".into()],
+            // One request in the batch, one waiting, the rest refused.
+            args: vec![
+                "--max-queue".into(),
+                "1".into(),
+                "--max-batch-sequences".into(),
+                "1".into(),
+            ],
             ..AgentOptions::tiny_model()
         },
     );

@@ -2,12 +2,14 @@
 //! the other ranks use.
 //!
 //! - [`Coordinator`]: the group's state on rank 0: the barriers (which ranks
-//!   have arrived at which [`Stage`]), the job streams to ranks 1..N, and
-//!   whether the group is broken (a rank's stream closed).
+//!   have arrived at which [`Stage`]), the step streams to ranks 1..N, and
+//!   whether the group is broken (a rank's stream closed). It is the
+//!   [`PlanSink`] rank 0's decode loop hands every step's plan to.
 //! - [`ControlService`]: the tonic service over a coordinator, with the
 //!   group-token check in front ([`serve`]), and tonic-health beside it.
 //! - [`ControlClient`]: joins a barrier with retries until a deadline, and
-//!   opens the job stream, presenting the group token on every call.
+//!   opens the step stream, presenting the group token on every call.
+//! - [`plan_to_proto`] and [`plan_from_proto`]: a step's wire form.
 //!
 //! Rank 0 refuses callers without the token (UNAUTHENTICATED), callers of
 //! another epoch, model or group shape (FAILED_PRECONDITION), and joins
@@ -28,6 +30,9 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
+use crate::engine::batch::{Admit, Feed, PlanSink, Reuse, Save, StepPlan};
+use crate::engine::sampling::SamplingParams;
+
 /// Generated messages, client and server of `tandem.control.v1`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
 pub mod pb {
@@ -35,6 +40,9 @@ pub mod pb {
 }
 
 pub use pb::Stage;
+
+/// Steps a rank's stream may hold unread before rank 0 gives up on it.
+const STEP_BACKLOG: usize = 256;
 
 /// Metadata key of the group token.
 const AUTHORIZATION: &str = "authorization";
@@ -145,8 +153,8 @@ fn stage_name(stage: Stage) -> &'static str {
 struct State {
     connect: BTreeSet<i32>,
     ready: BTreeSet<i32>,
-    /// Job streams to ranks 1..N.
-    streams: BTreeMap<i32, mpsc::Sender<Result<pb::Job, Status>>>,
+    /// Step streams to ranks 1..N.
+    streams: BTreeMap<i32, mpsc::Sender<Result<pb::Step, Status>>>,
     /// Both barriers opened.
     formed: bool,
     /// Why the group broke, once it has.
@@ -266,8 +274,8 @@ impl Coordinator {
         }
     }
 
-    /// Registers rank `rank`'s job stream.
-    fn open_stream(&self, rank: i32) -> Result<mpsc::Receiver<Result<pb::Job, Status>>, Status> {
+    /// Registers rank `rank`'s step stream.
+    fn open_stream(&self, rank: i32) -> Result<mpsc::Receiver<Result<pb::Step, Status>>, Status> {
         let mut s = self.lock();
         if let Some(reason) = &s.broken {
             return Err(Status::aborted(format!("the group broke: {reason}")));
@@ -280,17 +288,20 @@ impl Coordinator {
         }
         if !s.connect.contains(&rank) {
             return Err(Status::failed_precondition(format!(
-                "rank {rank} opened its job stream before the connect barrier"
+                "rank {rank} opened its step stream before the connect barrier"
             )));
         }
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(STEP_BACKLOG);
         s.streams.insert(rank, tx);
         Ok(rx)
     }
 
-    /// Hands `job` to every other rank, in the order jobs are run.
-    pub async fn broadcast(&self, job: pb::Job) -> Result<(), String> {
-        let streams: Vec<(i32, mpsc::Sender<Result<pb::Job, Status>>)> = {
+    /// Hands `step` to every other rank, in the order steps are run. Never
+    /// blocks: rank 0 can be at most a step or two ahead of the others (the
+    /// collectives hold it back), so a full stream means a rank stopped
+    /// following, and the group is broken.
+    pub fn send_step(&self, step: pb::Step) -> Result<(), String> {
+        let streams: Vec<(i32, mpsc::Sender<Result<pb::Step, Status>>)> = {
             let s = self.lock();
             if let Some(reason) = &s.broken {
                 return Err(reason.clone());
@@ -300,7 +311,7 @@ impl Coordinator {
         let expected = usize::try_from(self.identity.world_size - 1).unwrap_or(0);
         if streams.len() < expected {
             let reason = format!(
-                "only {} of {} ranks hold a job stream",
+                "only {} of {} ranks hold a step stream",
                 streams.len(),
                 expected
             );
@@ -308,18 +319,22 @@ impl Coordinator {
             return Err(reason);
         }
         for (rank, tx) in streams {
-            let sent =
-                tokio::time::timeout(Duration::from_secs(10), tx.send(Ok(job.clone()))).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                let reason = format!("rank {rank} left the group");
-                self.mark_broken(reason.clone());
-                return Err(reason);
-            }
+            let reason = match tx.try_send(Ok(step.clone())) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    format!("rank {rank} stopped following ({STEP_BACKLOG} steps behind rank 0)")
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    format!("rank {rank} left the group")
+                }
+            };
+            self.mark_broken(reason.clone());
+            return Err(reason);
         }
         Ok(())
     }
 
-    /// Records that the group can no longer run jobs, and why.
+    /// Records that the group can no longer run steps, and why.
     pub fn mark_broken(&self, reason: String) {
         let first = {
             let mut s = self.lock();
@@ -352,10 +367,10 @@ impl Coordinator {
         }
     }
 
-    /// Watches the job streams: the first one to close breaks the group.
+    /// Watches the step streams: the first one to close breaks the group.
     /// Runs until then.
     pub async fn watch_streams(self: Arc<Self>) {
-        let streams: Vec<(i32, mpsc::Sender<Result<pb::Job, Status>>)> = {
+        let streams: Vec<(i32, mpsc::Sender<Result<pb::Step, Status>>)> = {
             let s = self.lock();
             s.streams.iter().map(|(r, tx)| (*r, tx.clone())).collect()
         };
@@ -370,7 +385,7 @@ impl Coordinator {
         });
         let (rank, _, _) = futures::future::select_all(closed).await;
         self.mark_broken(format!(
-            "rank {rank} left the group (its job stream closed)"
+            "rank {rank} left the group (its step stream closed)"
         ));
     }
 }
@@ -447,12 +462,12 @@ impl pb::control_server::Control for ControlService {
         }
     }
 
-    type JobsStream = ReceiverStream<Result<pb::Job, Status>>;
+    type StepsStream = ReceiverStream<Result<pb::Step, Status>>;
 
-    async fn jobs(
+    async fn steps(
         &self,
-        request: Request<pb::JobsRequest>,
-    ) -> Result<Response<Self::JobsStream>, Status> {
+        request: Request<pb::StepsRequest>,
+    ) -> Result<Response<Self::StepsStream>, Status> {
         let request = request.into_inner();
         let rank = self.check(request.member.as_ref())?;
         let rx = self.coordinator.open_stream(rank)?;
@@ -708,14 +723,14 @@ impl ControlClient {
         .await
     }
 
-    /// Opens this rank's job stream.
-    pub async fn jobs(&self) -> Result<tonic::Streaming<pb::Job>, ClientError> {
+    /// Opens this rank's step stream.
+    pub async fn steps(&self) -> Result<tonic::Streaming<pb::Step>, ClientError> {
         let member = self.identity.member(self.rank);
         self.with_retries(|mut client| {
-            let request = pb::JobsRequest {
+            let request = pb::StepsRequest {
                 member: Some(member.clone()),
             };
-            async move { client.jobs(request).await.map(|r| r.into_inner()) }
+            async move { client.steps(request).await.map(|r| r.into_inner()) }
         })
         .await
     }
@@ -731,6 +746,98 @@ fn transport_error_text(e: &tonic::transport::Error) -> String {
         source = s.source();
     }
     text
+}
+
+impl PlanSink for Arc<Coordinator> {
+    fn send(&self, plan: &StepPlan) -> Result<(), String> {
+        self.send_step(plan_to_proto(plan))
+    }
+}
+
+/// The wire form of a step.
+pub fn plan_to_proto(plan: &StepPlan) -> pb::Step {
+    let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    pb::Step {
+        step: plan.step,
+        evict: plan.evict.clone(),
+        save: plan
+            .save
+            .iter()
+            .map(|s| pb::Save {
+                id: s.id,
+                entry: s.entry,
+                tokens: narrow(s.tokens),
+            })
+            .collect(),
+        retire: plan.retire.clone(),
+        admit: plan
+            .admit
+            .iter()
+            .map(|a| pb::Admit {
+                id: a.id,
+                prompt_ids: a.prompt.clone(),
+                temperature: a.sampling.temperature,
+                top_p: a.sampling.top_p,
+                seed: a.sampling.seed,
+                reuse_entry: a.reuse.map_or(0, |r| r.entry),
+                reuse_tokens: a.reuse.map_or(0, |r| narrow(r.tokens)),
+            })
+            .collect(),
+        feed: plan
+            .feed
+            .iter()
+            .map(|f| pb::Feed {
+                id: f.id,
+                prompt_tokens: narrow(f.prompt_tokens),
+            })
+            .collect(),
+    }
+}
+
+/// A step from the wire. Log-probabilities are rank 0's alone, so an
+/// admitted sequence asks for none here.
+pub fn plan_from_proto(step: pb::Step) -> StepPlan {
+    let widen = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+    StepPlan {
+        step: step.step,
+        evict: step.evict,
+        save: step
+            .save
+            .into_iter()
+            .map(|s| Save {
+                id: s.id,
+                entry: s.entry,
+                tokens: widen(s.tokens),
+            })
+            .collect(),
+        retire: step.retire,
+        admit: step
+            .admit
+            .into_iter()
+            .map(|a| Admit {
+                id: a.id,
+                prompt: a.prompt_ids,
+                sampling: SamplingParams {
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                },
+                reuse: (a.reuse_tokens > 0).then(|| Reuse {
+                    entry: a.reuse_entry,
+                    tokens: widen(a.reuse_tokens),
+                }),
+                logprobs: None,
+            })
+            .collect(),
+        feed: step
+            .feed
+            .into_iter()
+            .map(|f| Feed {
+                id: f.id,
+                prompt_tokens: widen(f.prompt_tokens),
+            })
+            .collect(),
+    }
 }
 
 /// Binds the control port on every interface.

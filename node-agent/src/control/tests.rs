@@ -63,8 +63,8 @@ async fn ranks_meet_and_every_rank_receives_every_job() {
     assert_eq!(r1.expect("rank 1"), vec![0, 1, 2]);
     assert_eq!(r2.expect("rank 2"), vec![0, 1, 2]);
 
-    let mut s1 = c1.jobs().await.expect("stream 1");
-    let mut s2 = c2.jobs().await.expect("stream 2");
+    let mut s1 = c1.steps().await.expect("stream 1");
+    let mut s2 = c2.steps().await.expect("stream 2");
     let (r0, r1, r2) = tokio::join!(
         coordinator.arrive(0, Stage::Ready),
         c1.join(Stage::Ready),
@@ -72,18 +72,46 @@ async fn ranks_meet_and_every_rank_receives_every_job() {
     );
     assert!(r0.is_ok() && r1.is_ok() && r2.is_ok());
 
-    let job = pb::Job {
-        id: 7,
-        prompt_ids: vec![1, 2, 3],
-        max_tokens: 5,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 1,
-        stop_ids: vec![9],
+    // A step with every kind of change survives the wire unchanged.
+    let plan = StepPlan {
+        step: 0,
+        evict: vec![4],
+        save: vec![Save {
+            id: 6,
+            entry: 5,
+            tokens: 12,
+        }],
+        retire: vec![6],
+        admit: vec![Admit {
+            id: 7,
+            prompt: vec![1, 2, 3],
+            sampling: SamplingParams {
+                temperature: 0.5,
+                top_p: 0.9,
+                seed: 1,
+            },
+            reuse: Some(Reuse {
+                entry: 3,
+                tokens: 2,
+            }),
+            logprobs: None,
+        }],
+        feed: vec![
+            Feed {
+                id: 7,
+                prompt_tokens: 1,
+            },
+            Feed {
+                id: 8,
+                prompt_tokens: 0,
+            },
+        ],
     };
-    coordinator.broadcast(job.clone()).await.expect("broadcast");
-    assert_eq!(s1.message().await.expect("recv 1"), Some(job.clone()));
-    assert_eq!(s2.message().await.expect("recv 2"), Some(job));
+    PlanSink::send(&coordinator, &plan).expect("send");
+    for stream in [&mut s1, &mut s2] {
+        let step = stream.message().await.expect("recv").expect("a step");
+        assert_eq!(plan_from_proto(step), plan);
+    }
 
     // A formed group takes no more members.
     let late = c1.join(Stage::Connect).await;
@@ -104,7 +132,7 @@ async fn ranks_meet_and_every_rank_receives_every_job() {
 }
 
 #[tokio::test]
-async fn outsiders_can_neither_join_nor_read_jobs() {
+async fn outsiders_can_neither_join_nor_read_steps() {
     let (address, coordinator) = start(2, Duration::from_secs(2)).await;
     for token in ["wrong-token", ""] {
         // A refused token is retried until the deadline (an older epoch's
@@ -115,9 +143,9 @@ async fn outsiders_can_neither_join_nor_read_jobs() {
             Err(ClientError::Refused { code, .. }) => assert_eq!(code, Code::Unauthenticated),
             other => panic!("join with {token:?} should be refused: {other:?}"),
         }
-        match outsider.jobs().await {
+        match outsider.steps().await {
             Err(ClientError::Refused { code, .. }) => assert_eq!(code, Code::Unauthenticated),
-            other => panic!("jobs with {token:?} should be refused: {other:?}"),
+            other => panic!("steps with {token:?} should be refused: {other:?}"),
         }
     }
     // No token at all.
@@ -128,7 +156,7 @@ async fn outsiders_can_neither_join_nor_read_jobs() {
         .expect("connect");
     let mut bare = pb::control_client::ControlClient::new(channel);
     let status = bare
-        .jobs(pb::JobsRequest {
+        .steps(pb::StepsRequest {
             member: Some(identity(2).member(1)),
         })
         .await

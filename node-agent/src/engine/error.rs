@@ -146,6 +146,10 @@ pub enum EngineError {
     /// Invalid generation or model-writing parameters.
     #[error("invalid argument: {0}")]
     Argument(String),
+    /// A batch plan this rank cannot apply: the ranks no longer agree on
+    /// what the batch holds, so the group cannot go on.
+    #[error("the ranks are out of step: {0}")]
+    OutOfStep(String),
 }
 
 impl EngineError {

@@ -1,18 +1,19 @@
-//! The generation loop: prefill the prompt in one pass, then decode token by
-//! token, with the next step's graph queued (`async_eval`) before the current
-//! token is read back, so MLX computes while the host checks for the end.
+//! One generation from the command line: a batch of one through the same
+//! loop the server runs ([`super::schedule::lead`]), with its timings.
 //!
-//! Every rank of a group runs this loop on identical inputs and so stops at
-//! the same step; before returning, the step queued past the end is finished
-//! too, so no rank leaves while a peer still waits in that step's `all_sum`.
+//! Every rank of a local group runs this on identical inputs, so each
+//! rank's scheduler plans the same steps and the collectives line up
+//! without a control plane.
 
 use std::time::Instant;
 
 use mlx_rs::{Array, Dtype};
 
+use super::batch::{Alone, BatchEngine};
 use super::error::{EngineError, Result};
 use super::model::Llama;
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::SamplingParams;
+use super::schedule::{self, BatchLimits, Event, Finish, Request, Scheduler};
 use super::stats::process_cpu_seconds;
 
 /// What to generate.
@@ -24,25 +25,6 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Tokens that end generation (not included in the output).
     pub stop_ids: Vec<u32>,
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token was generated.
-    Stop,
-    /// `max_tokens` were generated.
-    Length,
-}
-
-impl FinishReason {
-    /// The OpenAI-style name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
 }
 
 /// Timing of one generation.
@@ -68,7 +50,7 @@ pub struct Generation {
     /// Generated ids, the stop token excluded.
     pub tokens: Vec<u32>,
     /// Why it ended.
-    pub finish_reason: FinishReason,
+    pub finish_reason: Finish,
     /// How long it took.
     pub timings: Timings,
 }
@@ -105,76 +87,65 @@ pub fn generate(
     options: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation> {
-    let mlx = EngineError::mlx;
-    let ids = prompt_array(prompt)?;
-    if options.max_tokens == 0 {
-        return Ok(Generation {
-            tokens: Vec::new(),
-            finish_reason: FinishReason::Length,
-            timings: Timings::default(),
-        });
-    }
-    let mut sampler = Sampler::new(options.sampling)?;
-    let mut cache = model.new_cache();
-
-    let started = Instant::now();
+    prompt_array(prompt)?;
+    let mut request = Request::new(0, prompt.to_vec(), options.max_tokens);
+    request.sampling = options.sampling;
+    request.stop_ids = options.stop_ids.clone();
     let cpu_at_start = process_cpu_seconds();
-    let logits = model.forward_last(&ids, &mut cache)?;
-    let mut current = sampler.sample(&logits)?;
-    mlx_rs::transforms::async_eval([&current]).map_err(mlx("prefill"))?;
-
+    let mut engine = BatchEngine::new(model);
+    let limits = BatchLimits::single(prompt.len() + options.max_tokens);
+    let mut scheduler = Scheduler::new(limits, model.kv_bytes_per_token());
     let mut tokens = Vec::with_capacity(options.max_tokens);
-    let mut first_at = None;
+    let mut outcome = None;
     let mut cpu_at_first = None;
-    let mut cpu_at_last;
-    let mut last_at;
-    let finish_reason = loop {
-        // Queue the step after this one unless this is the last allowed token.
-        let next = if tokens.len() + 1 < options.max_tokens {
-            let input = current.reshape(&[1, 1]).map_err(mlx("decode input"))?;
-            let logits = model.forward_last(&input, &mut cache)?;
-            let next = sampler.sample(&logits)?;
-            mlx_rs::transforms::async_eval([&next]).map_err(mlx("decode step"))?;
-            Some(next)
-        } else {
-            None
-        };
-        current.eval().map_err(mlx("decode step"))?;
-        let token = current
-            .try_item_cast::<u32>()
-            .map_err(|e| EngineError::Argument(format!("reading the token: {e}")))?;
-        let now = Instant::now();
-        let cpu_now = process_cpu_seconds();
-        if first_at.is_none() {
-            first_at = Some(now);
-            cpu_at_first = cpu_now;
+    let mut cpu_at_last = None;
+    let mut first_at: Option<Instant> = None;
+    let mut on_event = |event: Event| match event {
+        Event::Token { token, .. } => {
+            let cpu = process_cpu_seconds();
+            if first_at.is_none() {
+                first_at = Some(Instant::now());
+                cpu_at_first = cpu;
+            }
+            cpu_at_last = cpu;
+            tokens.push(token);
+            on_token(token);
         }
-        last_at = now;
-        cpu_at_last = cpu_now;
-        if options.stop_ids.contains(&token) {
-            finish(next)?;
-            break FinishReason::Stop;
+        Event::Finished { outcome: o, .. } => {
+            if first_at.is_none() {
+                // Ended on its first token (a stop token).
+                first_at = Some(Instant::now());
+                cpu_at_first = process_cpu_seconds();
+            }
+            cpu_at_last = process_cpu_seconds();
+            outcome = Some(o);
         }
-        tokens.push(token);
-        on_token(token);
-        match next {
-            Some(next) => current = next,
-            None => break FinishReason::Length,
-        }
+        Event::Admitted { .. } => {}
     };
-
-    let first_at = first_at.unwrap_or(last_at);
-    let ttft = first_at.duration_since(started).as_secs_f64();
-    let decode_seconds = last_at.duration_since(first_at).as_secs_f64();
+    schedule::lead(
+        &mut engine,
+        &mut scheduler,
+        &Alone,
+        &mut vec![request],
+        &mut on_event,
+        &mut |_| {},
+    )?;
+    let Some(outcome) = outcome else {
+        return Err(EngineError::Argument(
+            "the generation did not finish".into(),
+        ));
+    };
+    let ttft = outcome.time_to_first_token.as_secs_f64();
+    let decode_seconds = outcome.decode_time.as_secs_f64();
     // Tokens read after the first (a stop token counts: it was computed).
-    let decoded_after_first = match finish_reason {
-        FinishReason::Stop => tokens.len(),
-        FinishReason::Length => tokens.len().saturating_sub(1),
+    let decoded_after_first = match outcome.finish {
+        Finish::Stop => tokens.len(),
+        _ => tokens.len().saturating_sub(1),
     };
     let per_second = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     Ok(Generation {
         tokens,
-        finish_reason,
+        finish_reason: outcome.finish,
         timings: Timings {
             time_to_first_token: ttft,
             prefill_tokens_per_second: per_second(prompt.len(), ttft),
@@ -184,14 +155,4 @@ pub fn generate(
             decode_cpu_seconds: cpu_at_last.zip(cpu_at_first).map(|(b, a)| b - a),
         },
     })
-}
-
-/// Waits for a step queued past the end, keeping the group in lockstep.
-fn finish(pending: Option<Array>) -> Result<()> {
-    if let Some(pending) = pending {
-        pending
-            .eval()
-            .map_err(EngineError::mlx("finishing the last queued step"))?;
-    }
-    Ok(())
 }

@@ -6,15 +6,20 @@
 //! - [`weights`] decides which slice of which tensor a rank reads, and holds
 //!   linear layers and embeddings, dense or quantized.
 //! - [`model`] is the forward pass and KV cache.
-//! - [`sampling`] and [`generate`] choose tokens and run the decode loop.
+//! - [`sampling`] chooses tokens.
+//! - [`batch`] runs one batched step on a rank, as a plan says; [`schedule`]
+//!   is rank 0's batching policy, prefix cache and the one decode loop;
+//!   [`generate`] is a batch of one for the command line.
 //! - [`run`] is one rank's whole `generate` run and its report; [`cli`] the
 //!   `make-model` and `generate` subcommands.
-//! - [`tokenizer`] handles `tokenizer.json` and the chat template.
+//! - [`tokenizer`] handles `tokenizer.json` and the chat template; [`text`]
+//!   is rank 0's text side over it (encoding, streamed decoding).
 //! - [`make_model`] writes random-weight checkpoints of any Llama shape.
 //! - [`launch`] runs N local ranks over the ring backend.
 //! - [`stats`] reads process figures (peak RSS).
 //! - [`error`] defines [`EngineError`].
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -25,7 +30,9 @@ pub mod model;
 pub mod run;
 pub mod safetensors;
 pub mod sampling;
+pub mod schedule;
 pub mod stats;
+pub mod text;
 pub mod tokenizer;
 pub mod weights;
 

@@ -269,6 +269,36 @@ impl KvCache {
     pub fn arrays(&self) -> Vec<&Array> {
         self.keys.iter().chain(self.values.iter()).collect()
     }
+
+    /// The first `len` positions, as `(keys, values)` (`[B, kv_heads, len,
+    /// head_dim]`), for keeping after the sequence ends; `None` when the
+    /// cache holds fewer. Lazy views of the buffer, which they keep alive.
+    pub fn prefix(&self, len: i32) -> mlx_rs::error::Result<Option<(Array, Array)>> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if len > 0 && len <= self.offset => Ok(Some((
+                k.try_index((.., .., ..len, ..))?,
+                v.try_index((.., .., ..len, ..))?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// A cache that starts with the first `len` positions of `keys` and
+    /// `values` (copied into a buffer of its own).
+    pub fn from_prefix(keys: &Array, values: &Array, len: i32) -> mlx_rs::error::Result<KvCache> {
+        let mut cache = KvCache::default();
+        if len > 0 {
+            let k = keys.try_index((.., .., ..len, ..))?;
+            let v = values.try_index((.., .., ..len, ..))?;
+            cache.update(&k, &v)?;
+        }
+        Ok(cache)
+    }
+
+    /// Positions the buffer has room for (what it holds in memory).
+    pub fn capacity(&self) -> i32 {
+        self.keys.as_ref().map_or(0, |k| k.shape()[2])
+    }
 }
 
 /// A Llama model: this rank's slices of the weights and its group.
@@ -464,56 +494,118 @@ impl Llama {
     /// returning the final hidden states `[1, L, hidden]` before the final
     /// norm. Lazy: nothing is computed until the result is evaluated.
     pub fn forward_hidden(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
+        let len = ids.shape().last().copied().unwrap_or(0);
+        self.forward_segments(ids, &mut [cache], &[len])
+    }
+
+    /// One step over several sequences at once. `ids` (`[1, N]` int32) holds
+    /// the new positions of every sequence back to back: the first `lens[0]`
+    /// belong to the sequence of `caches[0]`, and so on. Every projection,
+    /// the MLP and the collectives run once over all `N` positions (one read
+    /// of the weights for the whole batch); attention runs per sequence,
+    /// against that sequence's own cache and position, exactly as it would
+    /// alone. Returns the hidden states `[1, N, hidden]` before the final
+    /// norm. Lazy.
+    pub fn forward_segments(
+        &self,
+        ids: &Array,
+        caches: &mut [&mut [KvCache]],
+        lens: &[i32],
+    ) -> Result<Array> {
         let mlx = EngineError::mlx;
+        if caches.len() != lens.len() || lens.iter().any(|l| *l < 1) {
+            return Err(EngineError::Argument(format!(
+                "a batched step needs one cache per segment and no empty segment ({} caches, lengths {lens:?})",
+                caches.len()
+            )));
+        }
         let mut x = self
             .embed
             .lookup(ids, self.compute)
             .map_err(mlx("embedding lookup"))?;
-        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.iter_mut()).enumerate() {
-            x = self.block(block, &x, layer_cache).map_err(|e| match e {
-                EngineError::Mlx { context, source } => EngineError::Mlx {
-                    context: format!("layer {i}: {context}"),
-                    source,
-                },
-                other => other,
-            })?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut layer: Vec<&mut KvCache> = Vec::with_capacity(caches.len());
+            for cache in caches.iter_mut() {
+                let Some(c) = cache.get_mut(i) else {
+                    return Err(EngineError::Argument(format!(
+                        "a KV cache has no layer {i}"
+                    )));
+                };
+                layer.push(c);
+            }
+            x = self
+                .block(block, &x, &mut layer, lens)
+                .map_err(|e| match e {
+                    EngineError::Mlx { context, source } => EngineError::Mlx {
+                        context: format!("layer {i}: {context}"),
+                        source,
+                    },
+                    other => other,
+                })?;
         }
         Ok(x)
     }
 
-    fn block(&self, block: &Block, x: &Array, cache: &mut KvCache) -> Result<Array> {
+    /// Attention of one sequence's `l` new positions (`q`, `k`, `v` as
+    /// `[1, l, width]`) against its cache: `[1, l, heads * head_dim]`.
+    fn attend(
+        &self,
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        cache: &mut KvCache,
+        l: i32,
+    ) -> Result<Array> {
         let mlx = EngineError::mlx;
-        let eps = self.config.rms_norm_eps;
-        let shape = x.shape();
-        let (b, l) = (shape[0], shape[1]);
-
-        // Attention.
-        let normed = fast::rms_norm(x, Some(&block.input_norm), eps).map_err(mlx("input norm"))?;
-        let heads = |linear: &Linear, n: i32| -> mlx_rs::error::Result<Array> {
-            linear
-                .forward(&normed)?
-                .reshape(&[b, l, n, -1])?
-                .transpose_axes(&[0, 2, 1, 3])
+        let heads = |x: &Array, n: i32| -> mlx_rs::error::Result<Array> {
+            x.reshape(&[1, l, n, -1])?.transpose_axes(&[0, 2, 1, 3])
         };
-        let q = heads(&block.q_proj, self.heads).map_err(mlx("q_proj"))?;
-        let k = heads(&block.k_proj, self.kv_heads).map_err(mlx("k_proj"))?;
-        let v = heads(&block.v_proj, self.kv_heads).map_err(mlx("v_proj"))?;
+        let q = heads(q, self.heads).map_err(mlx("q_proj"))?;
+        let k = heads(k, self.kv_heads).map_err(mlx("k_proj"))?;
+        let v = heads(v, self.kv_heads).map_err(mlx("v_proj"))?;
         let offset = cache.offset();
         let q = self.rope.apply(&q, offset).map_err(mlx("rope"))?;
         let k = self.rope.apply(&k, offset).map_err(mlx("rope"))?;
         let (keys, values) = cache.update(&k, &v).map_err(mlx("KV cache update"))?;
         let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        let attn = fast::scaled_dot_product_attention(
-            &q,
-            &keys,
-            &values,
-            self.attention_scale,
-            mask,
-            None,
-        )
-        .and_then(|o| o.transpose_axes(&[0, 2, 1, 3]))
-        .and_then(|o| o.reshape(&[b, l, -1]))
-        .map_err(mlx("attention"))?;
+        fast::scaled_dot_product_attention(&q, &keys, &values, self.attention_scale, mask, None)
+            .and_then(|o| o.transpose_axes(&[0, 2, 1, 3]))
+            .and_then(|o| o.reshape(&[1, l, -1]))
+            .map_err(mlx("attention"))
+    }
+
+    fn block(
+        &self,
+        block: &Block,
+        x: &Array,
+        caches: &mut [&mut KvCache],
+        lens: &[i32],
+    ) -> Result<Array> {
+        let mlx = EngineError::mlx;
+        let eps = self.config.rms_norm_eps;
+
+        // Attention.
+        let normed = fast::rms_norm(x, Some(&block.input_norm), eps).map_err(mlx("input norm"))?;
+        let q = block.q_proj.forward(&normed).map_err(mlx("q_proj"))?;
+        let k = block.k_proj.forward(&normed).map_err(mlx("k_proj"))?;
+        let v = block.v_proj.forward(&normed).map_err(mlx("v_proj"))?;
+        let attn = match (caches, lens) {
+            ([cache], [l]) => self.attend(&q, &k, &v, cache, *l)?,
+            (caches, lens) => {
+                let mut parts = Vec::with_capacity(lens.len());
+                let mut start = 0;
+                for (cache, &l) in caches.iter_mut().zip(lens) {
+                    let end = start + l;
+                    let part = |x: &Array| x.try_index((.., start..end, ..));
+                    let (qs, ks, vs) =
+                        (|| Ok::<_, mlx_rs::error::Exception>((part(&q)?, part(&k)?, part(&v)?)))()
+                            .map_err(mlx("splitting the batch"))?;
+                    parts.push(self.attend(&qs, &ks, &vs, cache, l)?);
+                    start = end;
+                }
+                ops::concatenate(&parts, 1).map_err(mlx("joining the batch"))?
+            }
+        };
         let o = block.o_proj.forward(&attn).map_err(mlx("o_proj"))?;
         let o = self.all_sum(o)?;
         let h = x.add(&o).map_err(mlx("attention residual"))?;
@@ -605,6 +697,18 @@ impl Llama {
     /// The dtype activations and logits are computed in.
     pub fn compute_dtype(&self) -> Dtype {
         self.compute
+    }
+
+    /// Bytes of KV cache one position takes on this rank (keys and values
+    /// of every layer, this rank's KV heads, in the compute dtype).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let item: u64 = match self.compute {
+            Dtype::Float32 | Dtype::Int32 | Dtype::Uint32 => 4,
+            Dtype::Float64 | Dtype::Int64 | Dtype::Uint64 | Dtype::Complex64 => 8,
+            Dtype::Bool | Dtype::Int8 | Dtype::Uint8 => 1,
+            _ => 2,
+        };
+        self.blocks.len() as u64 * 2 * self.kv_heads as u64 * self.config.head_dim as u64 * item
     }
 }
 

@@ -5,7 +5,12 @@
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
+use crate::engine::batch::MAX_TOP_LOGPROBS;
 use crate::engine::tokenizer::ChatMessage;
+
+/// Most alternatives the completions endpoint's `logprobs` may ask for
+/// (OpenAI's limit).
+pub const MAX_COMPLETION_LOGPROBS: u64 = 5;
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +68,9 @@ pub struct GenerationRequest {
     /// Generate through end-of-sequence tokens (vLLM's `ignore_eos`
     /// extension; benchmarks use it for fixed lengths).
     pub ignore_eos: bool,
+    /// Report each token's log-probability with this many alternatives
+    /// (chat: `logprobs` + `top_logprobs`; completions: `logprobs`).
+    pub logprobs: Option<usize>,
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
@@ -188,14 +196,7 @@ fn common(
             "Only `n` = 1 is supported.",
         ));
     }
-    for unsupported in [
-        "logprobs",
-        "top_logprobs",
-        "tools",
-        "functions",
-        "best_of",
-        "suffix",
-    ] {
+    for unsupported in ["tools", "functions", "best_of", "suffix"] {
         match map.get(unsupported) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
@@ -230,6 +231,40 @@ fn common(
             ));
         }
     };
+    let logprobs = match endpoint {
+        Endpoint::Chat => {
+            let wanted = boolean(map, "logprobs")?;
+            let top = integer(map, "top_logprobs", 0)?;
+            match (wanted, top) {
+                (_, Some(n)) if n > MAX_TOP_LOGPROBS as u64 => {
+                    return Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        "invalid_value",
+                        format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}."),
+                    ));
+                }
+                (false, Some(_)) => {
+                    return Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        "invalid_value",
+                        "`top_logprobs` needs `logprobs` set to true.",
+                    ));
+                }
+                (true, top) => Some(top.unwrap_or(0) as usize),
+                (false, None) => None,
+            }
+        }
+        Endpoint::Completions => match integer(map, "logprobs", 0)? {
+            Some(n) if n > MAX_COMPLETION_LOGPROBS => {
+                return Err(ApiError::invalid_param(
+                    "logprobs",
+                    "invalid_value",
+                    format!("`logprobs` must be at most {MAX_COMPLETION_LOGPROBS}."),
+                ));
+            }
+            other => other.map(|n| n as usize),
+        },
+    };
     let stream = boolean(map, "stream")?;
     if include_usage && !stream {
         return Err(ApiError::invalid_param(
@@ -260,6 +295,7 @@ fn common(
         include_usage,
         stop: stop(map)?,
         ignore_eos: boolean(map, "ignore_eos")?,
+        logprobs,
     })
 }
 
@@ -413,6 +449,8 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -422,7 +460,63 @@ impl Usage {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         })
+    }
+}
+
+/// One generated token as `logprobs` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    /// The token's text.
+    pub text: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely alternatives, most likely first.
+    pub top: Vec<(String, f32)>,
+}
+
+/// The `logprobs` object of a choice (or of one chunk) for `tokens`;
+/// `offset` is where the first token's text starts in the completion
+/// (completions' `text_offset`).
+pub fn logprobs_json(endpoint: Endpoint, tokens: &[TokenInfo], offset: usize) -> Value {
+    match endpoint {
+        Endpoint::Chat => {
+            let entry = |text: &str, logprob: f32| json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()});
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(&t.text, t.logprob);
+                    e["top_logprobs"] = t.top.iter().map(|(s, l)| entry(s, *l)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Endpoint::Completions => {
+            let mut offsets = Vec::with_capacity(tokens.len());
+            let mut at = offset;
+            for t in tokens {
+                offsets.push(at);
+                at += t.text.len();
+            }
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut m = Map::new();
+                    for (s, l) in &t.top {
+                        m.entry(s.clone()).or_insert(json!(l));
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
     }
 }
 
@@ -444,6 +538,7 @@ pub fn full_response(
     text: &str,
     finish: &str,
     usage: Usage,
+    logprobs: Option<Value>,
 ) -> Value {
     match endpoint {
         Endpoint::Chat => json!({
@@ -454,7 +549,7 @@ pub fn full_response(
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }],
             "usage": usage.json(),
@@ -467,7 +562,7 @@ pub fn full_response(
             "choices": [{
                 "index": 0,
                 "text": text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }],
             "usage": usage.json(),
@@ -483,6 +578,7 @@ pub fn chunk(
     text: Option<&str>,
     first: bool,
     finish: Option<&str>,
+    logprobs: Option<Value>,
 ) -> Value {
     match endpoint {
         Endpoint::Chat => {
@@ -496,7 +592,7 @@ pub fn chunk(
                 "object": "chat.completion.chunk",
                 "created": meta.created,
                 "model": meta.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
             })
         }
         Endpoint::Completions => json!({
@@ -504,7 +600,7 @@ pub fn chunk(
             "object": "text_completion",
             "created": meta.created,
             "model": meta.model,
-            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}],
         }),
     }
 }
@@ -598,7 +694,15 @@ mod tests {
                 "stream",
             ),
             (
-                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}),
                 "logprobs",
             ),
         ];
@@ -632,10 +736,10 @@ mod tests {
             created: 5,
             model: "m".into(),
         };
-        let first = chunk(Endpoint::Chat, &meta, Some("He"), true, None);
+        let first = chunk(Endpoint::Chat, &meta, Some("He"), true, None, None);
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert!(first["choices"][0]["finish_reason"].is_null());
-        let last = chunk(Endpoint::Chat, &meta, None, false, Some("stop"));
+        let last = chunk(Endpoint::Chat, &meta, None, false, Some("stop"), None);
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         let usage = usage_chunk(
             Endpoint::Chat,
@@ -643,8 +747,59 @@ mod tests {
             Usage {
                 prompt_tokens: 3,
                 completion_tokens: 4,
+                cached_tokens: 2,
             },
         );
         assert_eq!(usage["usage"]["total_tokens"], 7);
+        assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+    }
+
+    #[test]
+    fn logprobs_parse_and_take_the_openai_shapes() {
+        let chat = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+                b.extend(e.clone());
+            }
+            parse_chat(&body)
+        };
+        assert_eq!(chat(json!({})).expect("none").logprobs, None);
+        assert_eq!(
+            chat(json!({"logprobs": true})).expect("on").logprobs,
+            Some(0)
+        );
+        assert_eq!(
+            chat(json!({"logprobs": true, "top_logprobs": 20}))
+                .expect("top")
+                .logprobs,
+            Some(20)
+        );
+        let completion =
+            parse_completion(&json!({"model": "m", "prompt": "x", "logprobs": 2})).expect("c");
+        assert_eq!(completion.logprobs, Some(2));
+        let e = parse_completion(&json!({"model": "m", "prompt": "x", "logprobs": 6}))
+            .expect_err("too many");
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
+
+        let tokens = [
+            TokenInfo {
+                text: "Par".into(),
+                logprob: -0.5,
+                top: vec![("Par".into(), -0.5), ("Lon".into(), -1.5)],
+            },
+            TokenInfo {
+                text: "is".into(),
+                logprob: -0.1,
+                top: vec![("is".into(), -0.1)],
+            },
+        ];
+        let c = logprobs_json(Endpoint::Chat, &tokens, 0);
+        assert_eq!(c["content"][0]["token"], "Par");
+        assert_eq!(c["content"][0]["bytes"], json!([80, 97, 114]));
+        assert_eq!(c["content"][0]["top_logprobs"][1]["token"], "Lon");
+        let l = logprobs_json(Endpoint::Completions, &tokens, 4);
+        assert_eq!(l["tokens"], json!(["Par", "is"]));
+        assert_eq!(l["text_offset"], json!([4, 7]));
+        assert_eq!(l["top_logprobs"][0]["Lon"], json!(-1.5));
     }
 }

@@ -36,6 +36,9 @@ pub struct ServeMetrics {
     in_flight: Gauge<i64, AtomicI64>,
     rank_ready: Family<RankLabel, Gauge>,
     last_tokens_per_second: Gauge<f64, AtomicU64>,
+    cached_tokens: Counter,
+    cache_bytes: Gauge<i64, AtomicI64>,
+    batch_steps: Counter,
 }
 
 impl Default for ServeMetrics {
@@ -59,6 +62,24 @@ impl ServeMetrics {
         let in_flight = Gauge::<i64, AtomicI64>::default();
         let rank_ready = Family::<RankLabel, Gauge>::default();
         let last_tokens_per_second = Gauge::<f64, AtomicU64>::default();
+        let cached_tokens = Counter::default();
+        let cache_bytes = Gauge::<i64, AtomicI64>::default();
+        let batch_steps = Counter::default();
+        registry.register(
+            "prompt_cached_tokens",
+            "Prompt tokens taken from the prefix cache instead of prefilled",
+            cached_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_bytes",
+            "Bytes of KV the prefix cache holds on each rank",
+            cache_bytes.clone(),
+        );
+        registry.register(
+            "batch_steps",
+            "Batched forward steps run by the group",
+            batch_steps.clone(),
+        );
         registry.register(
             "requests",
             "HTTP API requests answered, by endpoint and status code",
@@ -91,10 +112,14 @@ impl ServeMetrics {
         );
         registry.register(
             "queue_depth",
-            "Requests waiting for the engine",
+            "Requests waiting for a place in the batch",
             queue_depth.clone(),
         );
-        registry.register("in_flight", "Requests being generated", in_flight.clone());
+        registry.register(
+            "in_flight",
+            "Requests in the running batch",
+            in_flight.clone(),
+        );
         registry.register(
             "rank_ready",
             "1 while the rank takes part in the group, 0 once it left",
@@ -111,7 +136,24 @@ impl ServeMetrics {
             in_flight,
             rank_ready,
             last_tokens_per_second,
+            cached_tokens,
+            cache_bytes,
+            batch_steps,
         }
+    }
+
+    /// Counts prompt tokens served from the prefix cache.
+    pub fn cached(&self, tokens: usize) {
+        self.cached_tokens.inc_by(tokens as u64);
+    }
+
+    /// Records the batch after a step: its size, the queue, the cache.
+    pub fn step(&self, running: usize, waiting: usize, cache_bytes: u64) {
+        self.batch_steps.inc();
+        self.set_in_flight(running);
+        self.set_queue_depth(waiting);
+        self.cache_bytes
+            .set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts an answered request.

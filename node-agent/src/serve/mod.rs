@@ -33,12 +33,14 @@ use futures::Stream;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use self::api::{Endpoint, GenerationRequest, PromptInput, ResponseMeta, Usage};
+use self::api::{Endpoint, GenerationRequest, PromptInput, ResponseMeta, TokenInfo, Usage};
 use self::error::ApiError;
 use self::metrics::ServeMetrics;
 use self::scheduler::{Scheduler, Step, Ticket};
+use crate::engine::batch::TokenLogprobs;
 use crate::engine::sampling::SamplingParams;
-use crate::worker::engine::{Detokenizer, Finish, GenerationJob, TextCodec};
+use crate::engine::schedule::Request;
+use crate::engine::text::{Detokenizer, TextCodec};
 
 /// What the API serves.
 #[derive(Debug, Clone)]
@@ -234,7 +236,13 @@ async fn generate(
     let response = match start(&state, endpoint, &headers, &body).await {
         Ok((request, ticket, prompt_tokens)) => {
             let meta = state.meta(endpoint, &request.model);
-            let generation = Generation::new(ticket, &state, request.stop.clone(), prompt_tokens);
+            let generation = Generation::new(
+                ticket,
+                &state,
+                request.stop.clone(),
+                prompt_tokens,
+                request.logprobs.is_some(),
+            );
             if request.stream {
                 stream_response(endpoint, meta, generation, request.include_usage).into_response()
             } else {
@@ -331,21 +339,20 @@ async fn start(
             .unwrap_or(0);
         nanos ^ state.0.next_id.load(Ordering::Relaxed).rotate_left(32)
     });
-    let job = GenerationJob {
-        id: state.0.next_id.fetch_add(1, Ordering::Relaxed),
+    let mut job = Request::new(
+        state.0.next_id.fetch_add(1, Ordering::Relaxed),
         prompt_ids,
         max_tokens,
-        sampling: SamplingParams {
-            temperature: request.temperature,
-            top_p: request.top_p,
-            seed,
-        },
-        stop_ids: if request.ignore_eos {
-            Vec::new()
-        } else {
-            state.0.codec.stop_ids()
-        },
+    );
+    job.sampling = SamplingParams {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        seed,
     };
+    if !request.ignore_eos {
+        job.stop_ids = state.0.codec.stop_ids();
+    }
+    job.logprobs = request.logprobs;
     let ticket = state.0.scheduler.submit(job)?;
     Ok((request, ticket, prompt_tokens))
 }
@@ -383,7 +390,9 @@ async fn tokenize(state: &AppState, request: &GenerationRequest) -> Result<Vec<u
 /// What a generation yields to the response writer.
 #[derive(Debug)]
 enum Piece {
-    Text(String),
+    /// Text, and the log-probabilities of the tokens it completes (when
+    /// asked for).
+    Text(String, Vec<TokenInfo>),
     End {
         finish: &'static str,
         completion_tokens: usize,
@@ -400,8 +409,13 @@ struct Generation {
     /// Text not yet sent because it might be the start of a stop sequence.
     held: String,
     prompt_tokens: usize,
+    cached_tokens: usize,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    infos: Vec<TokenInfo>,
     queue: VecDeque<Piece>,
     ended: bool,
+    /// Whether the client asked for log-probabilities.
+    wants_logprobs: bool,
 }
 
 impl Generation {
@@ -410,6 +424,7 @@ impl Generation {
         state: &AppState,
         stop: Vec<String>,
         prompt_tokens: usize,
+        wants_logprobs: bool,
     ) -> Generation {
         Generation {
             ticket,
@@ -418,8 +433,37 @@ impl Generation {
             stop,
             held: String::new(),
             prompt_tokens,
+            cached_tokens: 0,
+            infos: Vec::new(),
             queue: VecDeque::new(),
             ended: false,
+            wants_logprobs,
+        }
+    }
+
+    fn usage(&self, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            cached_tokens: self.cached_tokens,
+        }
+    }
+
+    fn text(&mut self, text: String) {
+        let infos = std::mem::take(&mut self.infos);
+        self.queue.push_back(Piece::Text(text, infos));
+    }
+
+    fn info(&self, id: u32, logprobs: TokenLogprobs) -> TokenInfo {
+        let text = |t: u32| self.codec.decode(&[t]).unwrap_or_default();
+        TokenInfo {
+            text: text(id),
+            logprob: logprobs.logprob,
+            top: logprobs
+                .top
+                .into_iter()
+                .map(|(t, l)| (text(t), l))
+                .collect(),
         }
     }
 
@@ -438,12 +482,16 @@ impl Generation {
         keep
     }
 
-    fn on_token(&mut self, id: u32) {
+    fn on_token(&mut self, id: u32, logprobs: Option<TokenLogprobs>) {
+        if let Some(l) = logprobs {
+            let info = self.info(id, l);
+            self.infos.push(info);
+        }
         let Some(fresh) = self.detok.push(self.codec.as_ref(), id) else {
             return;
         };
         if self.stop.is_empty() {
-            self.queue.push_back(Piece::Text(fresh));
+            self.text(fresh);
             return;
         }
         self.held.push_str(&fresh);
@@ -457,8 +505,8 @@ impl Generation {
             self.ticket.guard.cancel();
             let before = self.held[..at].to_owned();
             self.held.clear();
-            if !before.is_empty() {
-                self.queue.push_back(Piece::Text(before));
+            if !before.is_empty() || !self.infos.is_empty() {
+                self.text(before);
             }
             self.queue.push_back(Piece::End {
                 finish: "stop",
@@ -470,7 +518,7 @@ impl Generation {
         let cut = self.held.len() - self.holdback();
         if cut > 0 {
             let out: String = self.held.drain(..cut).collect();
-            self.queue.push_back(Piece::Text(out));
+            self.text(out);
         }
     }
 
@@ -483,21 +531,18 @@ impl Generation {
                 return None;
             }
             match self.ticket.steps.recv().await {
-                Some(Step::Token(id)) => self.on_token(id),
+                Some(Step::Admitted { cached_tokens }) => self.cached_tokens = cached_tokens,
+                Some(Step::Token { id, logprobs }) => self.on_token(id, logprobs),
                 Some(Step::Finished(outcome)) => {
                     if let Some(rest) = self.detok.flush(self.codec.as_ref()) {
                         self.held.push_str(&rest);
                     }
-                    if !self.held.is_empty() {
+                    if !self.held.is_empty() || !self.infos.is_empty() {
                         let rest = std::mem::take(&mut self.held);
-                        self.queue.push_back(Piece::Text(rest));
+                        self.text(rest);
                     }
-                    let finish = match outcome.finish {
-                        Finish::Length => "length",
-                        Finish::Stop | Finish::Cancelled => "stop",
-                    };
                     self.queue.push_back(Piece::End {
-                        finish,
+                        finish: outcome.finish.as_str(),
                         completion_tokens: outcome.generated,
                     });
                     self.ended = true;
@@ -523,20 +568,25 @@ async fn whole_response(
     mut generation: Generation,
 ) -> Response {
     let mut text = String::new();
+    let mut infos = Vec::new();
+    let wants_logprobs = generation.wants_logprobs;
     while let Some(piece) = generation.next().await {
         match piece {
-            Piece::Text(t) => text.push_str(&t),
+            Piece::Text(t, i) => {
+                text.push_str(&t);
+                infos.extend(i);
+            }
             Piece::Error(e) => return e.into_response(),
             Piece::End {
                 finish,
                 completion_tokens,
             } => {
-                let usage = Usage {
-                    prompt_tokens: generation.prompt_tokens,
-                    completion_tokens,
-                };
-                return axum::Json(api::full_response(endpoint, &meta, &text, finish, usage))
-                    .into_response();
+                let usage = generation.usage(completion_tokens);
+                let logprobs = wants_logprobs.then(|| api::logprobs_json(endpoint, &infos, 0));
+                return axum::Json(api::full_response(
+                    endpoint, &meta, &text, finish, usage, logprobs,
+                ))
+                .into_response();
             }
         }
     }
@@ -552,6 +602,8 @@ struct StreamState {
     pending: VecDeque<SseEvent>,
     first: bool,
     finished: bool,
+    /// Bytes of text sent so far (completions' `text_offset`).
+    sent: usize,
 }
 
 fn data(value: &Value) -> SseEvent {
@@ -569,7 +621,14 @@ fn stream_response(
     let mut pending = VecDeque::new();
     if endpoint == Endpoint::Chat {
         // The role comes first, before any token, as OpenAI sends it.
-        pending.push_back(data(&api::chunk(endpoint, &meta, Some(""), true, None)));
+        pending.push_back(data(&api::chunk(
+            endpoint,
+            &meta,
+            Some(""),
+            true,
+            None,
+            None,
+        )));
     }
     let state = StreamState {
         first: endpoint != Endpoint::Chat,
@@ -579,6 +638,7 @@ fn stream_response(
         include_usage,
         pending,
         finished: false,
+        sent: 0,
     };
     let events = futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -589,8 +649,14 @@ fn stream_response(
                 return None;
             }
             match st.generation.next().await {
-                Some(Piece::Text(t)) => {
-                    let chunk = api::chunk(st.endpoint, &st.meta, Some(&t), st.first, None);
+                Some(Piece::Text(t, infos)) => {
+                    let logprobs = st
+                        .generation
+                        .wants_logprobs
+                        .then(|| api::logprobs_json(st.endpoint, &infos, st.sent));
+                    st.sent += t.len();
+                    let chunk =
+                        api::chunk(st.endpoint, &st.meta, Some(&t), st.first, None, logprobs);
                     st.first = false;
                     st.pending.push_back(data(&chunk));
                 }
@@ -604,12 +670,10 @@ fn stream_response(
                         None,
                         false,
                         Some(finish),
+                        None,
                     )));
                     if st.include_usage {
-                        let usage = Usage {
-                            prompt_tokens: st.generation.prompt_tokens,
-                            completion_tokens,
-                        };
+                        let usage = st.generation.usage(completion_tokens);
                         st.pending
                             .push_back(data(&api::usage_chunk(st.endpoint, &st.meta, usage)));
                     }

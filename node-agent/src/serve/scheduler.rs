@@ -1,22 +1,25 @@
-//! Keeps inference off the async threads: a bounded queue of requests, a
-//! dispatcher that hands each one to every rank (through a [`Fanout`]) and
-//! then to the thread that owns the engine, and that thread's loop.
+//! Between the HTTP handlers and the engine thread: a bounded queue of
+//! requests, the engine thread's decode loop ([`run_leader`], the engine's
+//! one loop with rank 0's plans handed to the other ranks), and the routing
+//! of every request's tokens back to its handler.
 //!
-//! A request leaves the queue only when the previous one has finished, so
-//! the queue depth is the number of requests waiting. A full queue is
-//! refused at once (HTTP 429). When the group breaks, the request being
-//! generated and every queued one get an error immediately, even while the
+//! Requests join the running batch at step boundaries as it has room
+//! (`engine::schedule`); the queue holds those that wait for a place. A
+//! full queue is refused at once (HTTP 429). When the group breaks, every
+//! running and queued request gets an error immediately, even while the
 //! engine thread is still blocked in a collective that will never finish.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::metrics::ServeMetrics;
 use crate::engine::EngineError;
-use crate::worker::engine::{GenerationJob, Outcome, RankEngine, StepSink};
+use crate::engine::batch::{BatchEngine, PlanSink, TokenLogprobs};
+use crate::engine::schedule::{self, BatchLimits, Event, Outcome, Request};
 
 /// Set to stop a generation (client gone, stop string matched).
 pub type CancelFlag = Arc<AtomicBool>;
@@ -24,161 +27,44 @@ pub type CancelFlag = Arc<AtomicBool>;
 /// What the engine reports for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
+    /// The request joined the batch.
+    Admitted {
+        /// Prompt tokens reused from the prefix cache.
+        cached_tokens: usize,
+    },
     /// A generated token.
-    Token(u32),
+    Token {
+        /// The token.
+        id: u32,
+        /// Its log-probabilities, when asked for.
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The generation ended.
     Finished(Outcome),
     /// The generation failed.
     Failed(ApiError),
 }
 
-/// One request for the engine thread.
-#[derive(Debug)]
-pub struct EngineTask {
-    /// The job.
-    pub job: GenerationJob,
-    /// Asked after every step.
-    pub cancel: CancelFlag,
-    /// Where tokens go.
-    pub steps: mpsc::UnboundedSender<Step>,
-    /// Signalled when the engine is done with the task.
-    pub done: Option<oneshot::Sender<()>>,
-}
-
-struct TaskSink<'a> {
-    cancel: &'a AtomicBool,
-    steps: &'a mpsc::UnboundedSender<Step>,
-}
-
-impl StepSink for TaskSink<'_> {
-    fn stop_requested(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-    }
-
-    fn token(&mut self, id: u32) {
-        // The receiver may be gone (client left); the cancel flag says so.
-        let _ = self.steps.send(Step::Token(id));
-    }
-}
-
-/// Whether an engine error leaves the rank unable to run more jobs. Bad
-/// arguments concern one request; anything from MLX or the group may leave
-/// the ranks out of step, so the worker must stop.
-pub fn is_fatal(e: &EngineError) -> bool {
-    !matches!(
-        e,
-        EngineError::Argument(_) | EngineError::Tokenizer { .. } | EngineError::Template { .. }
-    )
-}
-
-/// Runs tasks on the thread that owns the engine until the channel closes,
-/// or until a fatal engine error, which is returned. Rank 0 passes its
-/// metrics to have every generation recorded.
-pub fn run_tasks(
-    engine: &mut dyn RankEngine,
-    tasks: std::sync::mpsc::Receiver<EngineTask>,
-    metrics: Option<&ServeMetrics>,
-) -> Result<(), EngineError> {
-    for mut task in tasks {
-        let mut sink = TaskSink {
-            cancel: &task.cancel,
-            steps: &task.steps,
-        };
-        let result = engine.run(&task.job, &mut sink);
-        let fatal = match result {
-            Ok(outcome) => {
-                if let Some(m) = metrics {
-                    m.generation(
-                        task.job.prompt_ids.len(),
-                        outcome.generated,
-                        outcome.time_to_first_token,
-                        outcome.decode_time,
-                    );
-                }
-                let _ = task.steps.send(Step::Finished(outcome));
-                None
-            }
-            Err(e) => {
-                let _ = task.steps.send(Step::Failed(ApiError::internal(format!(
-                    "generation failed: {e}"
-                ))));
-                is_fatal(&e).then_some(e)
-            }
-        };
-        if let Some(done) = task.done.take() {
-            let _ = done.send(());
-        }
-        if let Some(e) = fatal {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// How rank 0 hands a job to the other ranks, and learns that the group broke.
+/// How rank 0 learns that the group broke.
 pub trait Fanout: Send + Sync + 'static {
-    /// Sends `job` to every other rank.
-    fn broadcast(&self, job: &GenerationJob) -> impl Future<Output = Result<(), String>> + Send;
-    /// Resolves with the reason once the group cannot run jobs.
+    /// Resolves with the reason once the group cannot run steps.
     fn wait_broken(&self) -> impl Future<Output = String> + Send;
 }
 
-/// A group of one: nothing to send, never broken by a peer.
+/// A group of one: never broken by a peer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Alone;
 
 impl Fanout for Alone {
-    async fn broadcast(&self, _job: &GenerationJob) -> Result<(), String> {
-        Ok(())
-    }
-
     async fn wait_broken(&self) -> String {
         std::future::pending().await
     }
 }
 
 impl Fanout for Arc<crate::control::Coordinator> {
-    async fn broadcast(&self, job: &GenerationJob) -> Result<(), String> {
-        crate::control::Coordinator::broadcast(self, to_proto(job)).await
-    }
-
     async fn wait_broken(&self) -> String {
         crate::control::Coordinator::wait_broken(self).await
     }
-}
-
-/// The wire form of a job.
-pub fn to_proto(job: &GenerationJob) -> crate::control::pb::Job {
-    crate::control::pb::Job {
-        id: job.id,
-        prompt_ids: job.prompt_ids.clone(),
-        max_tokens: u32::try_from(job.max_tokens).unwrap_or(u32::MAX),
-        temperature: job.sampling.temperature,
-        top_p: job.sampling.top_p,
-        seed: job.sampling.seed,
-        stop_ids: job.stop_ids.clone(),
-    }
-}
-
-/// A job from the wire.
-pub fn from_proto(job: crate::control::pb::Job) -> GenerationJob {
-    GenerationJob {
-        id: job.id,
-        prompt_ids: job.prompt_ids,
-        max_tokens: usize::try_from(job.max_tokens).unwrap_or(usize::MAX),
-        sampling: crate::engine::sampling::SamplingParams {
-            temperature: job.temperature,
-            top_p: job.top_p,
-            seed: job.seed,
-        },
-        stop_ids: job.stop_ids,
-    }
-}
-
-struct Submission {
-    job: GenerationJob,
-    cancel: CancelFlag,
-    steps: mpsc::UnboundedSender<Step>,
 }
 
 /// Sets the cancel flag when dropped: a request whose client went away
@@ -187,7 +73,7 @@ struct Submission {
 pub struct CancelGuard(CancelFlag);
 
 impl CancelGuard {
-    /// Asks the generation to stop now.
+    /// Asks the generation to stop at the next step.
     pub fn cancel(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
@@ -208,174 +94,222 @@ pub struct Ticket {
     pub guard: CancelGuard,
 }
 
-/// The bounded request queue.
-#[derive(Debug, Clone)]
-pub struct Scheduler {
-    queue: mpsc::Sender<Submission>,
+struct Route {
+    steps: mpsc::UnboundedSender<Step>,
+    admitted: bool,
+}
+
+#[derive(Default)]
+struct Routes {
+    open: HashMap<u64, Route>,
+    broken: Option<String>,
+}
+
+struct Shared {
+    routes: Mutex<Routes>,
+    /// Requests submitted and not yet admitted into the batch.
+    depth: AtomicUsize,
     capacity: usize,
-    depth: Arc<AtomicUsize>,
-    broken: Arc<Mutex<Option<String>>>,
     metrics: Arc<ServeMetrics>,
 }
 
-impl std::fmt::Debug for Submission {
+/// The bounded request queue in front of the engine thread.
+#[derive(Clone)]
+pub struct Scheduler {
+    requests: std::sync::mpsc::Sender<Request>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Submission")
-            .field("job", &self.job.id)
+        f.debug_struct("Scheduler")
+            .field("capacity", &self.shared.capacity)
+            .field("depth", &self.shared.depth.load(Ordering::Relaxed))
             .finish()
-    }
-}
-
-impl Scheduler {
-    /// Starts the dispatcher; `engine` is the engine thread's task channel.
-    pub fn start<F: Fanout>(
-        capacity: usize,
-        fanout: F,
-        engine: std::sync::mpsc::Sender<EngineTask>,
-        metrics: Arc<ServeMetrics>,
-    ) -> Scheduler {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let scheduler = Scheduler {
-            queue: tx,
-            capacity,
-            depth: Arc::new(AtomicUsize::new(0)),
-            broken: Arc::new(Mutex::new(None)),
-            metrics,
-        };
-        tokio::spawn(dispatch(rx, fanout, engine, scheduler.clone()));
-        scheduler
-    }
-
-    /// Why the group cannot serve, once it cannot.
-    pub fn broken(&self) -> Option<String> {
-        self.broken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set_broken(&self, reason: &str) {
-        let mut slot = self.broken.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(reason.to_owned());
-        }
-    }
-
-    /// Queues `job`; 429 when the queue is full, 503 when the group broke.
-    pub fn submit(&self, job: GenerationJob) -> Result<Ticket, ApiError> {
-        if let Some(reason) = self.broken() {
-            return Err(ApiError::unavailable(format!(
-                "the model group is unavailable: {reason}"
-            )));
-        }
-        let cancel: CancelFlag = Arc::new(AtomicBool::new(false));
-        let (steps_tx, steps_rx) = mpsc::unbounded_channel();
-        let submission = Submission {
-            job,
-            cancel: cancel.clone(),
-            steps: steps_tx,
-        };
-        match self.queue.try_send(submission) {
-            Ok(()) => {
-                let depth = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
-                self.metrics.set_queue_depth(depth);
-                Ok(Ticket {
-                    steps: steps_rx,
-                    guard: CancelGuard(cancel),
-                })
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(ApiError::queue_full(self.capacity)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ApiError::unavailable(format!(
-                "the model group is unavailable: {}",
-                self.broken().unwrap_or_else(|| "the engine stopped".into())
-            ))),
-        }
-    }
-
-    fn dequeued(&self) {
-        let depth = self
-            .depth
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
-                Some(d.saturating_sub(1))
-            })
-            .map_or(0, |d| d.saturating_sub(1));
-        self.metrics.set_queue_depth(depth);
-    }
-}
-
-async fn dispatch<F: Fanout>(
-    mut rx: mpsc::Receiver<Submission>,
-    fanout: F,
-    engine: std::sync::mpsc::Sender<EngineTask>,
-    scheduler: Scheduler,
-) {
-    let broken = fanout.wait_broken();
-    tokio::pin!(broken);
-    let fail_all = |rx: &mut mpsc::Receiver<Submission>, reason: &str| {
-        scheduler.set_broken(reason);
-        rx.close();
-        while let Ok(s) = rx.try_recv() {
-            scheduler.dequeued();
-            let _ = s.steps.send(Step::Failed(unavailable(reason)));
-        }
-    };
-    loop {
-        let submission = tokio::select! {
-            biased;
-            reason = &mut broken => {
-                fail_all(&mut rx, &reason);
-                return;
-            }
-            s = rx.recv() => match s {
-                Some(s) => s,
-                None => return,
-            },
-        };
-        scheduler.dequeued();
-        if submission.cancel.load(Ordering::Relaxed) {
-            continue;
-        }
-        if let Err(reason) = fanout.broadcast(&submission.job).await {
-            let _ = submission.steps.send(Step::Failed(unavailable(&reason)));
-            fail_all(&mut rx, &reason);
-            return;
-        }
-        let (done_tx, done_rx) = oneshot::channel();
-        let task = EngineTask {
-            job: submission.job,
-            cancel: submission.cancel,
-            steps: submission.steps.clone(),
-            done: Some(done_tx),
-        };
-        scheduler.metrics.set_in_flight(1);
-        if engine.send(task).is_err() {
-            let reason = "the engine stopped";
-            let _ = submission.steps.send(Step::Failed(unavailable(reason)));
-            fail_all(&mut rx, reason);
-            scheduler.metrics.set_in_flight(0);
-            return;
-        }
-        tokio::select! {
-            biased;
-            reason = &mut broken => {
-                let _ = submission.steps.send(Step::Failed(unavailable(&reason)));
-                fail_all(&mut rx, &reason);
-                scheduler.metrics.set_in_flight(0);
-                return;
-            }
-            finished = done_rx => {
-                scheduler.metrics.set_in_flight(0);
-                if finished.is_err() {
-                    // The engine thread ended mid-task: it hit a fatal error.
-                    let reason = "the engine stopped";
-                    fail_all(&mut rx, reason);
-                    return;
-                }
-            }
-        }
     }
 }
 
 fn unavailable(reason: &str) -> ApiError {
     ApiError::unavailable(format!("the model group is unavailable: {reason}"))
+}
+
+impl Shared {
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail_all(&self, reason: &str) {
+        let failed: Vec<Route> = {
+            let mut routes = self.routes();
+            if routes.broken.is_none() {
+                routes.broken = Some(reason.to_owned());
+            }
+            routes.open.drain().map(|(_, r)| r).collect()
+        };
+        for route in failed {
+            let _ = route.steps.send(Step::Failed(unavailable(reason)));
+        }
+        self.depth.store(0, Ordering::SeqCst);
+        self.metrics.set_queue_depth(0);
+        self.metrics.set_in_flight(0);
+    }
+
+    fn left_queue(&self) {
+        let _ = self
+            .depth
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                Some(d.saturating_sub(1))
+            });
+    }
+
+    /// Routes one engine event to its request's handler.
+    fn deliver(&self, event: Event) {
+        let mut routes = self.routes();
+        match event {
+            Event::Admitted { id, cached_tokens } => {
+                if let Some(route) = routes.open.get_mut(&id) {
+                    route.admitted = true;
+                    let _ = route.steps.send(Step::Admitted { cached_tokens });
+                }
+                self.left_queue();
+                self.metrics.cached(cached_tokens);
+            }
+            Event::Token {
+                id,
+                token,
+                logprobs,
+            } => {
+                if let Some(route) = routes.open.get(&id) {
+                    // The receiver may be gone (client left); the cancel
+                    // flag says so.
+                    let _ = route.steps.send(Step::Token {
+                        id: token,
+                        logprobs,
+                    });
+                }
+            }
+            Event::Finished { id, outcome } => {
+                if let Some(route) = routes.open.remove(&id) {
+                    if !route.admitted {
+                        self.left_queue();
+                    }
+                    let _ = route.steps.send(Step::Finished(outcome));
+                }
+                self.metrics.generation(
+                    outcome.prompt_tokens,
+                    outcome.generated,
+                    outcome.time_to_first_token,
+                    outcome.decode_time,
+                );
+            }
+        }
+    }
+}
+
+impl Scheduler {
+    /// A queue of at most `capacity` waiting requests, and the receiving
+    /// end the engine thread's [`run_leader`] takes.
+    pub fn new(
+        capacity: usize,
+        metrics: Arc<ServeMetrics>,
+    ) -> (Scheduler, std::sync::mpsc::Receiver<Request>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let scheduler = Scheduler {
+            requests: tx,
+            shared: Arc::new(Shared {
+                routes: Mutex::new(Routes::default()),
+                depth: AtomicUsize::new(0),
+                capacity,
+                metrics,
+            }),
+        };
+        (scheduler, rx)
+    }
+
+    /// Fails every request as soon as `fanout` says the group broke.
+    pub fn watch<F: Fanout>(&self, fanout: F) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let reason = fanout.wait_broken().await;
+            shared.fail_all(&reason);
+        });
+    }
+
+    /// Why the group cannot serve, once it cannot.
+    pub fn broken(&self) -> Option<String> {
+        self.shared.routes().broken.clone()
+    }
+
+    /// Queues `request`; 429 when the queue is full, 503 when the group
+    /// broke. Its cancel flag is replaced by the ticket's.
+    pub fn submit(&self, mut request: Request) -> Result<Ticket, ApiError> {
+        let cancel: CancelFlag = Arc::new(AtomicBool::new(false));
+        request.cancel = cancel.clone();
+        let (steps_tx, steps_rx) = mpsc::unbounded_channel();
+        {
+            let mut routes = self.shared.routes();
+            if let Some(reason) = &routes.broken {
+                return Err(unavailable(reason));
+            }
+            let reserved =
+                self.shared
+                    .depth
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                        (d < self.shared.capacity).then_some(d + 1)
+                    });
+            let Ok(depth) = reserved else {
+                return Err(ApiError::queue_full(self.shared.capacity));
+            };
+            self.shared.metrics.set_queue_depth(depth + 1);
+            routes.open.insert(
+                request.id,
+                Route {
+                    steps: steps_tx,
+                    admitted: false,
+                },
+            );
+        }
+        let id = request.id;
+        if self.requests.send(request).is_err() {
+            self.shared.routes().open.remove(&id);
+            self.shared.left_queue();
+            return Err(unavailable("the engine stopped"));
+        }
+        Ok(Ticket {
+            steps: steps_rx,
+            guard: CancelGuard(cancel),
+        })
+    }
+}
+
+/// Rank 0's engine thread: runs the batch until the queue closes or a
+/// fatal error (returned, after every open request was failed with it).
+/// Each step's plan goes to `sink` (the other ranks) before it runs.
+pub fn run_leader(
+    engine: &mut BatchEngine<'_>,
+    limits: BatchLimits,
+    sink: &dyn PlanSink,
+    mut requests: std::sync::mpsc::Receiver<Request>,
+    scheduler: &Scheduler,
+) -> Result<(), EngineError> {
+    let shared = scheduler.shared.clone();
+    let mut batch = schedule::Scheduler::new(limits, engine.model().kv_bytes_per_token());
+    let result = schedule::lead(
+        engine,
+        &mut batch,
+        sink,
+        &mut requests,
+        &mut |event| shared.deliver(event),
+        &mut |batch| {
+            shared.metrics.step(
+                batch.running(),
+                shared.depth.load(Ordering::Relaxed),
+                batch.cache_bytes(),
+            )
+        },
+    );
+    if let Err(e) = &result {
+        shared.fail_all(&format!("generation failed: {e}"));
+    }
+    result
 }

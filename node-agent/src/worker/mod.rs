@@ -2,7 +2,6 @@
 //! LlamaShard, supervised by the agent.
 //!
 //! - [`protocol`]: the launch message (stdin) and events (stdout).
-//! - [`engine`]: the seam to the inference engine.
 //!
 //! The sequence, reported as shard phases:
 //! 1. `Loading`: every rank meets at rank 0's connect barrier (rank 0
@@ -13,16 +12,20 @@
 //!    steps apart.
 //! 2. `Loaded`, then `Connecting`: waiting at the ready barrier, until every
 //!    rank has loaded.
-//! 3. Rank 0 runs one warm-up job through every rank, then serves HTTP.
+//! 3. Rank 0 runs warm-up requests through every rank, then serves HTTP.
 //!    `Ready`.
-//! 4. Jobs until the group breaks (a rank's job stream closes, rank 0's
-//!    stream ends), the engine fails, SIGTERM, or stdin closes (the agent
-//!    went away). Every exit but SIGTERM is preceded by a `Failed` event.
+//! 4. Batched steps until the group breaks (a rank's step stream closes,
+//!    rank 0's stream ends), the engine fails, SIGTERM, or stdin closes (the
+//!    agent went away). Every exit but SIGTERM is preceded by a `Failed`
+//!    event.
 //!
-//! The engine runs on its own thread, which owns the group and the model;
-//! the async side talks to it through channels.
+//! The engine runs on its own thread, which owns the group, the model and
+//! the batch: on rank 0 it runs the decode loop
+//! ([`scheduler::run_leader`]), handing each step's plan to the other ranks
+//! through the control service before running it; on the others it applies
+//! those plans in order ([`schedule::follow`]). The async side talks to it
+//! through channels.
 
-pub mod engine;
 pub mod protocol;
 
 use std::io::Write;
@@ -34,14 +37,16 @@ use std::time::{Duration, Instant};
 use tandem_crds::{Backend as ShardBackend, Progress, ShardPhase};
 use tokio::sync::mpsc;
 
-use self::engine::{GenerationJob, MlxRankEngine, TextCodec, TokenizerCodec};
 use self::protocol::{Event, FailureReason, Launch, warmup_prompt_tokens};
 use crate::control::{self, ControlClient, Coordinator, GroupIdentity, Stage};
 use crate::engine::EngineError;
-use crate::engine::sampling::SamplingParams;
+use crate::engine::batch::{Alone, BatchEngine, PlanSink, StepPlan};
+use crate::engine::model::Llama;
+use crate::engine::schedule::{self, BatchLimits, Request};
+use crate::engine::text::{TextCodec, TokenizerCodec};
 use crate::mlx::distributed::{Backend, Group};
 use crate::serve::metrics::ServeMetrics;
-use crate::serve::scheduler::{self, EngineTask, Scheduler, Step};
+use crate::serve::scheduler::{self, Scheduler, Step};
 use crate::serve::{self as http, AppState, ServeConfig};
 
 /// Why the rank stopped.
@@ -84,7 +89,7 @@ pub fn classify(e: &EngineError) -> FailureReason {
         | EngineError::Template { .. }
         | EngineError::Argument(_) => FailureReason::CorruptModel,
         EngineError::Sharding { .. } => FailureReason::InvalidShard,
-        EngineError::Distributed(_) => FailureReason::PeerUnreachable,
+        EngineError::Distributed(_) | EngineError::OutOfStep(_) => FailureReason::PeerUnreachable,
         EngineError::Mlx { source, .. } => {
             let text = source.to_string().to_ascii_lowercase();
             if text.contains("memory") || text.contains("alloc") {
@@ -132,18 +137,34 @@ struct LoadInfo {
     seconds: f64,
     bytes_read: u64,
     vocab_size: usize,
+    kv_bytes_per_token: u64,
 }
 
-/// Starts the thread that owns the group and the model. It joins the MLX
-/// group when `go` fires (groups larger than one), loads, then runs tasks.
+/// What the engine thread does once loaded.
+enum Role {
+    /// Rank 0: run the batch over `requests`, telling `sink` every step.
+    Lead {
+        requests: std::sync::mpsc::Receiver<Request>,
+        scheduler: Scheduler,
+        sink: Box<dyn PlanSink + Send>,
+        limits: BatchLimits,
+    },
+    /// Ranks 1..N: apply rank 0's plans.
+    Follow {
+        plans: std::sync::mpsc::Receiver<StepPlan>,
+    },
+}
+
+/// Starts the thread that owns the group, the model and the batch. It joins
+/// the MLX group when `go` fires (groups larger than one), loads, then
+/// takes its role and runs until that ends.
 fn spawn_engine_thread(
     dir: PathBuf,
     backend: Backend,
     world: usize,
     go: std::sync::mpsc::Receiver<()>,
-    tasks: std::sync::mpsc::Receiver<EngineTask>,
+    role: std::sync::mpsc::Receiver<Role>,
     reports: mpsc::UnboundedSender<EngineReport>,
-    metrics: Option<Arc<ServeMetrics>>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("engine".into())
@@ -166,8 +187,8 @@ fn spawn_engine_thread(
                 None
             };
             let started = Instant::now();
-            let mut engine = match MlxRankEngine::load(&dir, group) {
-                Ok(e) => e,
+            let model = match Llama::load(&dir, group) {
+                Ok(m) => m,
                 Err(e) => {
                     let _ = reports.send(EngineReport::Loaded(Err(e)));
                     return;
@@ -175,13 +196,37 @@ fn spawn_engine_thread(
             };
             let _ = reports.send(EngineReport::Loaded(Ok(LoadInfo {
                 seconds: started.elapsed().as_secs_f64(),
-                bytes_read: engine.bytes_read(),
-                vocab_size: engine.model().config().vocab_size,
+                bytes_read: model.load_stats().bytes_read,
+                vocab_size: model.config().vocab_size,
+                kv_bytes_per_token: model.kv_bytes_per_token(),
             })));
-            let result = scheduler::run_tasks(&mut engine, tasks, metrics.as_deref());
+            let mut engine = BatchEngine::new(&model);
+            let result = match role.recv() {
+                Ok(Role::Lead {
+                    requests,
+                    scheduler,
+                    sink,
+                    limits,
+                }) => {
+                    scheduler::run_leader(&mut engine, limits, sink.as_ref(), requests, &scheduler)
+                }
+                Ok(Role::Follow { plans }) => schedule::follow(&mut engine, &plans),
+                Err(_) => Ok(()),
+            };
             let _ = reports.send(EngineReport::Stopped(result));
         })
         .map(|_| ())
+}
+
+/// The engine's batch limits from the launch's.
+fn batch_limits(b: &tandem_crds::BatchLimits) -> BatchLimits {
+    let usize_of = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+    BatchLimits {
+        max_sequences: usize_of(b.max_sequences),
+        max_tokens: usize_of(b.max_tokens),
+        prefill_chunk_tokens: usize_of(b.prefill_chunk_tokens),
+        prefix_cache_bytes: u64::try_from(b.prefix_cache_bytes).unwrap_or(0),
+    }
 }
 
 /// Bytes of the checkpoint's tensor files in `dir`.
@@ -351,16 +396,15 @@ async fn run(launch: Launch) -> Result<(), Failure> {
 
     let metrics = (rank == 0).then(|| Arc::new(ServeMetrics::new()));
     let (go_tx, go_rx) = std::sync::mpsc::channel();
-    let (task_tx, task_rx) = std::sync::mpsc::channel::<EngineTask>();
+    let (role_tx, role_rx) = std::sync::mpsc::channel::<Role>();
     let (report_tx, mut reports) = mpsc::unbounded_channel();
     spawn_engine_thread(
         launch.model_dir.clone(),
         backend,
         world,
         go_rx,
-        task_rx,
+        role_rx,
         report_tx,
-        metrics.clone(),
     )
     .map_err(|e| {
         Failure::new(
@@ -511,7 +555,7 @@ async fn run(launch: Launch) -> Result<(), Failure> {
                 "no control client",
             ));
         };
-        return follow(client, task_tx, reports, &peer_failure).await;
+        return follow(client, role_tx, reports, &peer_failure).await;
     }
     let (Some(metrics), Some(codec)) = (metrics, codec) else {
         return Err(Failure::new(
@@ -522,7 +566,7 @@ async fn run(launch: Launch) -> Result<(), Failure> {
     lead(
         launch,
         coordinator,
-        task_tx,
+        role_tx,
         reports,
         metrics,
         codec,
@@ -541,10 +585,11 @@ fn engine_gone(report: Option<EngineReport>) -> Failure {
     }
 }
 
-/// Ranks 1..N: hold the job stream, run every job, until the stream ends.
+/// Ranks 1..N: hold the step stream and hand every step to the engine
+/// thread, until the stream ends.
 async fn follow(
     client: ControlClient,
-    tasks: std::sync::mpsc::Sender<EngineTask>,
+    role: std::sync::mpsc::Sender<Role>,
     mut reports: mpsc::UnboundedReceiver<EngineReport>,
     peer_failure: &dyn Fn(&dyn std::fmt::Display) -> Failure,
 ) -> Result<(), Failure> {
@@ -552,11 +597,15 @@ async fn follow(
         ShardPhase::Connecting,
         "loaded; waiting for every rank at the ready barrier",
     ));
-    let mut stream = client.jobs().await.map_err(|e| peer_failure(&e))?;
+    let mut stream = client.steps().await.map_err(|e| peer_failure(&e))?;
     client
         .join(Stage::Ready)
         .await
         .map_err(|e| peer_failure(&e))?;
+    let (plans, plan_rx) = std::sync::mpsc::channel();
+    if role.send(Role::Follow { plans: plan_rx }).is_err() {
+        return Err(engine_gone(reports.recv().await));
+    }
     emit(&Event::phase(
         ShardPhase::Ready,
         "in the group; following rank 0",
@@ -564,23 +613,16 @@ async fn follow(
     loop {
         tokio::select! {
             message = stream.message() => match message {
-                Ok(Some(job)) => {
-                    let (steps, _ignored) = mpsc::unbounded_channel();
-                    let task = EngineTask {
-                        job: scheduler::from_proto(job),
-                        cancel: Arc::default(),
-                        steps,
-                        done: None,
-                    };
-                    if tasks.send(task).is_err() {
+                Ok(Some(step)) => {
+                    if plans.send(control::plan_from_proto(step)).is_err() {
                         return Err(engine_gone(reports.recv().await));
                     }
                 }
                 Ok(None) => {
-                    return Err(peer_failure(&"rank 0 closed the job stream (the group broke or rank 0 stopped)"));
+                    return Err(peer_failure(&"rank 0 closed the step stream (the group broke or rank 0 stopped)"));
                 }
                 Err(status) => {
-                    return Err(peer_failure(&format!("lost rank 0's job stream: {}", status.message())));
+                    return Err(peer_failure(&format!("lost rank 0's step stream: {}", status.message())));
                 }
             },
             report = reports.recv() => return Err(engine_gone(report)),
@@ -592,7 +634,7 @@ async fn follow(
 async fn lead(
     launch: Launch,
     coordinator: Option<(Arc<Coordinator>, tokio::sync::oneshot::Sender<()>)>,
-    tasks: std::sync::mpsc::Sender<EngineTask>,
+    role: std::sync::mpsc::Sender<Role>,
     mut reports: mpsc::UnboundedReceiver<EngineReport>,
     metrics: Arc<ServeMetrics>,
     codec: Arc<dyn TextCodec>,
@@ -603,7 +645,9 @@ async fn lead(
         .serving_port
         .and_then(|p| u16::try_from(p).ok())
         .ok_or_else(|| Failure::new(FailureReason::InvalidShard, "rank 0 has no servingPort"))?;
-    let (scheduler, coordinator) = match coordinator {
+    let limits = batch_limits(&launch.batching);
+    let (scheduler, requests) = Scheduler::new(launch.max_queue, metrics.clone());
+    let (sink, coordinator): (Box<dyn PlanSink + Send>, _) = match coordinator {
         Some((c, formed)) => {
             emit(&Event::phase(
                 ShardPhase::Connecting,
@@ -617,18 +661,26 @@ async fn lead(
                 metrics.set_rank_ready(r, true);
             }
             let _ = formed.send(());
-            let scheduler = Scheduler::start(launch.max_queue, c.clone(), tasks, metrics.clone());
-            (scheduler, Some(c))
+            scheduler.watch(c.clone());
+            (Box::new(c.clone()), Some(c))
         }
         None => {
             metrics.set_rank_ready(0, true);
-            let scheduler =
-                Scheduler::start(launch.max_queue, scheduler::Alone, tasks, metrics.clone());
-            (scheduler, None)
+            scheduler.watch(scheduler::Alone);
+            (Box::new(Alone), None)
         }
     };
+    let lead_role = Role::Lead {
+        requests,
+        scheduler: scheduler.clone(),
+        sink,
+        limits,
+    };
+    if role.send(lead_role).is_err() {
+        return Err(engine_gone(reports.recv().await));
+    }
 
-    // Warm-up: short jobs through every rank, one per configured prompt
+    // Warm-up: short requests through every rank, one per configured prompt
     // length, so the first client requests find the kernels of their shapes
     // compiled (MLX's GPU backends compile per shape on first use; with
     // MLX_PTX_CACHE_DIR kept, a restart reads them back instead) and pay no
@@ -647,22 +699,19 @@ async fn lead(
         .iter()
         .map(|&n| n.clamp(1, longest))
         .collect();
+    lengths.sort_unstable();
     lengths.dedup();
     for (i, &length) in lengths.iter().enumerate() {
-        let warm = GenerationJob {
-            id: i as u64,
-            // Ordinary ids spread over the vocabulary; only the shape matters.
-            prompt_ids: (0..length as u32).map(|t| (7 + 31 * t) % vocab).collect(),
-            max_tokens: 2,
-            sampling: SamplingParams::default(),
-            stop_ids: Vec::new(),
-        };
+        // Ordinary ids spread over the vocabulary; only the shape matters.
+        // Ids far above any request's, so no client request shares them.
+        let prompt = (0..length as u32).map(|t| (7 + 31 * t) % vocab).collect();
+        let warm = Request::new(u64::MAX - i as u64, prompt, 2);
         let mut ticket = scheduler
             .submit(warm)
             .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
         loop {
             match ticket.steps.recv().await {
-                Some(Step::Token(_)) => {}
+                Some(Step::Token { .. } | Step::Admitted { .. }) => {}
                 Some(Step::Finished(_)) => break,
                 Some(Step::Failed(e)) => {
                     return Err(Failure::new(
@@ -675,6 +724,14 @@ async fn lead(
         }
     }
     let warm_seconds = warm_started.elapsed().as_secs_f64();
+    tracing::info!(
+        max_sequences = limits.max_sequences,
+        max_tokens = limits.max_tokens,
+        prefill_chunk_tokens = limits.prefill_chunk_tokens,
+        prefix_cache_bytes = limits.prefix_cache_bytes,
+        kv_bytes_per_token = loaded.kv_bytes_per_token,
+        "batching"
+    );
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], serving_port)))
         .await
@@ -699,8 +756,8 @@ async fn lead(
     emit(&Event::phase(
         ShardPhase::Ready,
         format!(
-            "serving on port {serving_port} (warm-up {warm_seconds:.2}s over prompts of {lengths:?} tokens, world size {})",
-            spec.world_size
+            "serving on port {serving_port} (warm-up {warm_seconds:.2}s over prompts of {lengths:?} tokens, world size {}, batches of up to {} sequences)",
+            spec.world_size, limits.max_sequences
         ),
     ));
 

@@ -11,6 +11,8 @@ use std::sync::{Mutex, OnceLock};
 use serde_json::Value;
 use tandem_agent::engine::make_model::{ModelSpec, WeightFormat, write_model};
 
+pub mod serve;
+
 /// The binary under test.
 pub fn agent() -> &'static str {
     env!("CARGO_BIN_EXE_tandem-agent")

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Checks that a server's greedy answers do not depend on batching: each
+question is asked alone, then all of them at once (and again with staggered
+arrivals), and the answers are compared text for text. Standard library
+only, so it runs on a bare GPU machine too.
+
+usage: dev/batch-check.py --url http://127.0.0.1:8080 --model NAME
+           [--label tandem] [--max-tokens 24] [--batch 8]
+
+Prints one JSON object: for each batch, how many answers equal the solo
+ones, and the first differing pair if any. Exits 1 when any differ.
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+import urllib.request
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write one sentence about the sea, the wind and the old lighthouse keeper who lived by the shore for forty years.",
+    "What is 2 + 2?",
+    "Explain in a few words why the sky looks blue during the day and red or orange at sunset, as simply as you can.",
+    "Say hello.",
+    "List the days of the week.",
+    "What do bees make?",
+    "Give me a word that rhymes with cat.",
+    "What colour is grass?",
+    "Count from one to five.",
+    "Which is larger, an elephant or a mouse?",
+    "Tell me a fact about the moon.",
+    "What is the opposite of hot?",
+    "Name a fruit that is yellow.",
+    "How many legs does a spider have?",
+]
+
+
+def ask(base, model, question, max_tokens):
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=600) as r:
+        answer = json.load(r)
+    return answer["choices"][0]["message"]["content"]
+
+
+def at_once(base, model, questions, max_tokens, stagger):
+    answers = [None] * len(questions)
+
+    def run(i):
+        time.sleep(i * stagger)
+        answers[i] = ask(base, model, questions[i], max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--label", default="server")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--batch", type=int, default=8)
+    a = p.parse_args()
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(a.batch)]
+    solo = [ask(a.url, a.model, q, a.max_tokens) for q in questions]
+    report = {"label": a.label, "max_tokens": a.max_tokens, "solo": solo, "batches": []}
+    ok = True
+    for size, stagger in [(min(4, a.batch), 0.0), (a.batch, 0.0), (a.batch, 0.05)]:
+        got = at_once(a.url, a.model, questions[:size], a.max_tokens, stagger)
+        same = sum(1 for g, s in zip(got, solo) if g == s)
+        entry = {"size": size, "stagger_s": stagger, "equal": same}
+        diff = next(((i, g, solo[i]) for i, g in enumerate(got) if g != solo[i]), None)
+        if diff:
+            ok = False
+            entry["first_difference"] = {"index": diff[0], "batched": diff[1], "solo": diff[2]}
+        report["batches"].append(entry)
+    report["all_equal"] = ok
+    print(json.dumps(report))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
