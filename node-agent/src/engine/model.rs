@@ -234,9 +234,11 @@ impl KvCache {
         let prev = self.offset;
         let capacity = self.keys.as_ref().map(|k| k.shape()[2]).unwrap_or(0);
         if self.keys.is_none() || prev + len > capacity {
-            let wanted = prev + len;
-            let steps = (wanted - capacity + CACHE_STEP - 1) / CACHE_STEP;
-            let grow = [b, heads, steps * CACHE_STEP, dim];
+            // The new buffer holds the positions so far and the new ones,
+            // rounded up to a whole step (the unused tail of the old buffer
+            // is dropped, so count from `prev`, not from the old capacity).
+            let wanted = (prev + len + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
+            let grow = [b, heads, wanted - prev, dim];
             let new_k = ops::zeros_dtype(&grow, keys.dtype())?;
             let new_v = ops::zeros_dtype(&grow, values.dtype())?;
             match (self.keys.take(), self.values.take()) {
@@ -725,4 +727,38 @@ pub fn check_world_size(config: &ModelConfig, world: usize) -> Result<()> {
             message: format!("{e}; valid world sizes: {}", valid.join(", ")),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn positions(start: i32, len: i32) -> Array {
+        // [1, 1, len, 1]: each position holds its own index.
+        let values: Vec<f32> = (start..start + len).map(|p| p as f32).collect();
+        Array::from_slice(&values, &[1, 1, len, 1])
+    }
+
+    fn held(cache: &KvCache) -> Vec<f32> {
+        let (keys, _) = cache.prefix(cache.offset()).expect("prefix").expect("held");
+        keys.eval().expect("eval");
+        keys.try_as_slice::<f32>().expect("floats").to_vec()
+    }
+
+    #[test]
+    fn the_cache_grows_in_whole_steps_from_a_partly_filled_buffer() {
+        // A reused prefix of 128 positions (a buffer of 256), then a prompt
+        // chunk of 384 that runs past the buffer's end.
+        let mut cache = KvCache::from_prefix(&positions(0, 200), &positions(0, 200), 128)
+            .expect("from a prefix");
+        assert_eq!((cache.offset(), cache.capacity()), (128, 256));
+        cache
+            .update(&positions(128, 384), &positions(128, 384))
+            .expect("a long chunk");
+        assert_eq!((cache.offset(), cache.capacity()), (512, 512));
+        cache.update(&positions(512, 1), &positions(512, 1)).expect("one more");
+        assert_eq!((cache.offset(), cache.capacity()), (513, 768));
+        let want: Vec<f32> = (0..513).map(|p| p as f32).collect();
+        assert_eq!(held(&cache), want);
+    }
 }
