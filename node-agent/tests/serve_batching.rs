@@ -95,7 +95,7 @@ fn batched_equals_solo(world: usize) {
         // Small chunks, so long prompts share steps with running ones.
         &["--prefill-chunk-tokens", "16"],
     );
-    let bodies: Vec<Value> = QUESTIONS.iter().map(|q| chat(q, 20)).collect();
+    let bodies: Vec<Value> = QUESTIONS.iter().map(|q| chat(q, 12)).collect();
     let solo: Vec<String> = bodies.iter().map(|b| text(&answer_of(&serve, b))).collect();
     assert!(
         solo[0].contains("Paris"),
