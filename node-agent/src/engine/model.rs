@@ -756,7 +756,9 @@ mod tests {
             .update(&positions(128, 384), &positions(128, 384))
             .expect("a long chunk");
         assert_eq!((cache.offset(), cache.capacity()), (512, 512));
-        cache.update(&positions(512, 1), &positions(512, 1)).expect("one more");
+        cache
+            .update(&positions(512, 1), &positions(512, 1))
+            .expect("one more");
         assert_eq!((cache.offset(), cache.capacity()), (513, 768));
         let want: Vec<f32> = (0..513).map(|p| p as f32).collect();
         assert_eq!(held(&cache), want);
