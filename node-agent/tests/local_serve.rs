@@ -1,6 +1,8 @@
 //! `tandem-agent serve`: a real local group (rank worker processes, the ring
 //! backend and rank 0's control service on loopback, rank 0's HTTP API),
-//! checked through real HTTP requests.
+//! checked through real HTTP requests: answers equal to `generate` alone
+//! and the same alone as in a batch at world size 2, and a dead rank taking
+//! the group down.
 
 mod engine_support;
 
@@ -95,4 +97,56 @@ fn a_dead_rank_takes_the_local_group_down_and_says_which() {
     assert!(!status.success(), "serve must fail when a rank dies");
     let logs = serve.logs();
     assert!(logs.contains("rank 1"), "the error names the rank:\n{logs}");
+}
+
+#[test]
+fn a_group_of_two_answers_the_same_alone_and_in_a_batch() {
+    let serve = tiny_group("serve-batch-two", 2);
+    let prompts = [
+        "hello world",
+        "a much longer prompt about rivers, stones and light in the garden",
+        "x",
+        "the quick brown fox jumps over the lazy dog again and again",
+    ];
+    let body = |p: &str| json!({"model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let text =
+        |answer: &serde_json::Value| answer["choices"][0]["text"].as_str().map(str::to_owned);
+    let solo: Vec<Option<String>> = prompts
+        .iter()
+        .map(|p| {
+            let (status, answer) = serve.post("/v1/completions", &body(p));
+            assert_eq!(status, 200, "{answer}");
+            text(&answer)
+        })
+        .collect();
+    let steps = serve.metric("tandem_batch_steps_total");
+    let tokens = serve.metric("tandem_generated_tokens_total");
+    let batched: Vec<Option<String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let serve = &serve;
+                let body = body(p);
+                scope.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(30 * i as u64));
+                    let (status, answer) = serve.post("/v1/completions", &body);
+                    assert_eq!(status, 200, "{answer}");
+                    text(&answer)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    assert_eq!(batched, solo, "{}", serve.logs());
+    let steps = serve.metric("tandem_batch_steps_total") - steps;
+    let tokens = serve.metric("tandem_generated_tokens_total") - tokens;
+    // Alone, each token takes a step of its own (and each prompt one more).
+    assert!(
+        steps < tokens,
+        "{steps} steps for {tokens} tokens: not batched"
+    );
 }
