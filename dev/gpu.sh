@@ -385,8 +385,12 @@ stage_bench_serve() {
   dir=$(real_model) || { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
   # A state directory of its own, kept between the world sizes: each start
   # still warms up, but compiles only the kernels it has not seen.
+  # TANDEM_BENCH_SERVE_ARGS: more dev/bench-serve.sh flags, which win over
+  # these (e.g. "--worlds 1 --serve-args --max-batch-sequences=16").
+  local extra
+  read -r -a extra <<<"${TANDEM_BENCH_SERVE_ARGS:-}"
   LOG_DIR=$OUT/bench-serve-logs bash dev/bench-serve.sh --agent "$AGENT" --python "$PY" --model "$dir" \
-    --worlds 1,3 --state-dir /tmp/tandem-bench-serve-state --json "$OUT/bench-serve.json" 2>&1 |
+    --worlds 1,3 --state-dir /tmp/tandem-bench-serve-state --json "$OUT/bench-serve.json" "${extra[@]}" 2>&1 |
     tee -a "$REPORT" || say "- bench-serve failed (its output above; logs in $OUT/bench-serve-logs)"
 }
 
