@@ -8,7 +8,11 @@ usage: dev/batch-check.py --url http://127.0.0.1:8080 --model NAME
            [--label tandem] [--max-tokens 24] [--batch 8]
 
 Prints one JSON object: for each batch, how many answers equal the solo
-ones, and the first differing pair if any. Exits 1 when any differ.
+ones, and the first differing pair if any. Where answers differ it also says
+how close the model was to a tie there: answers are compared token by token
+(with `logprobs`), and for the first differing token it reports the gap
+between the solo run's two most likely tokens and the largest difference of
+the chosen tokens' log-probabilities before it. Exits 1 when any differ.
 """
 
 import argparse
@@ -44,6 +48,8 @@ def ask(base, model, question, max_tokens):
         "messages": [{"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
     }
     req = urllib.request.Request(
         f"{base}/v1/chat/completions",
@@ -53,7 +59,23 @@ def ask(base, model, question, max_tokens):
     )
     with urllib.request.urlopen(req, timeout=600) as r:
         answer = json.load(r)
-    return answer["choices"][0]["message"]["content"]
+    choice = answer["choices"][0]
+    tokens = [
+        (t["token"], t["logprob"], [a["logprob"] for a in t["top_logprobs"]])
+        for t in (choice.get("logprobs") or {}).get("content") or []
+    ]
+    return {"text": choice["message"]["content"], "tokens": tokens}
+
+
+def divergence(batched, solo):
+    """Where two answers part, and how near a tie the solo run was there."""
+    a, b = batched["tokens"], solo["tokens"]
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), min(len(a), len(b)))
+    drift = max((abs(x[1] - y[1]) for x, y in zip(a[:n], b[:n])), default=0.0)
+    out = {"first_different_token": n, "max_logprob_difference_before": round(drift, 5)}
+    if n < len(b) and len(b[n][2]) >= 2:
+        out["solo_top2_gap_there"] = round(b[n][2][0] - b[n][2][1], 5)
+    return out
 
 
 def at_once(base, model, questions, max_tokens, stagger):
@@ -81,16 +103,19 @@ def main():
     a = p.parse_args()
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(a.batch)]
     solo = [ask(a.url, a.model, q, a.max_tokens) for q in questions]
-    report = {"label": a.label, "max_tokens": a.max_tokens, "solo": solo, "batches": []}
+    report = {"label": a.label, "max_tokens": a.max_tokens, "solo": [s["text"] for s in solo], "batches": []}
     ok = True
     for size, stagger in [(min(4, a.batch), 0.0), (a.batch, 0.0), (a.batch, 0.05)]:
         got = at_once(a.url, a.model, questions[:size], a.max_tokens, stagger)
-        same = sum(1 for g, s in zip(got, solo) if g == s)
-        entry = {"size": size, "stagger_s": stagger, "equal": same}
-        diff = next(((i, g, solo[i]) for i, g in enumerate(got) if g != solo[i]), None)
-        if diff:
-            ok = False
-            entry["first_difference"] = {"index": diff[0], "batched": diff[1], "solo": diff[2]}
+        same = sum(1 for g, s in zip(got, solo) if g["text"] == s["text"])
+        entry = {"size": size, "stagger_s": stagger, "equal": same, "differences": []}
+        for i, g in enumerate(got):
+            if g["text"] != solo[i]["text"]:
+                ok = False
+                entry["differences"].append({"index": i, **divergence(g, solo[i])})
+        entry["max_logprob_difference_before_parting"] = max(
+            (d["max_logprob_difference_before"] for d in entry["differences"]), default=0.0
+        )
         report["batches"].append(entry)
     report["all_equal"] = ok
     print(json.dumps(report))

@@ -399,7 +399,7 @@ stage_batch() {
   local dir port w
   dir=$(real_model) || { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
   port=$(free_port)
-  for w in 1 3; do
+  for w in ${TANDEM_BATCH_WORLDS:-1 3}; do
     serve_until_ready "$OUT/batch-$w.log" --model "$dir" --port "$port" --state-dir /tmp/tandem-batch-state \
       --world-size "$w" --name smollm2 || continue
     if "$PY" dev/batch-check.py --url "http://127.0.0.1:$port" --model smollm2 --label "tandem-world-$w" \
