@@ -162,11 +162,6 @@ impl std::fmt::Debug for PendingStep {
 }
 
 impl PendingStep {
-    /// The step's number.
-    pub fn step(&self) -> u64 {
-        self.step
-    }
-
     fn arrays(&self) -> Vec<&Array> {
         let mut all = Vec::with_capacity(self.samples.len() * 2 + 1);
         all.extend(self.sync.iter());
@@ -290,16 +285,6 @@ impl<'m> BatchEngine<'m> {
     /// The model.
     pub fn model(&self) -> &'m Llama {
         self.model
-    }
-
-    /// Sequences in the batch.
-    pub fn running(&self) -> usize {
-        self.sequences.len()
-    }
-
-    /// Prefix-cache entries held.
-    pub fn cached_entries(&self) -> usize {
-        self.entries.len()
     }
 
     /// Applies `plan` and queues its forward pass; the tokens come from the
@@ -458,10 +443,11 @@ impl<'m> BatchEngine<'m> {
         let mlx = EngineError::mlx;
         let mut inputs = Vec::with_capacity(fed.len());
         let mut lens = Vec::with_capacity(fed.len());
-        // Which sequences sample this step, and at which flat position.
+        // Which sequences sample this step (their index in `fed`), and at
+        // which flat position.
         let mut samplers = Vec::new();
         let mut position = 0i32;
-        for (feed, (id, sequence)) in plan.feed.iter().zip(fed.iter_mut()) {
+        for (index, (feed, (id, sequence))) in plan.feed.iter().zip(fed.iter_mut()).enumerate() {
             let len = if feed.prompt_tokens > 0 {
                 let start = sequence.prefilled;
                 let end = start + feed.prompt_tokens;
@@ -476,7 +462,7 @@ impl<'m> BatchEngine<'m> {
                 inputs.push(Array::from_slice(chunk, &[len]));
                 sequence.prefilled = end;
                 if end == sequence.prompt.len() {
-                    samplers.push((*id, position + len - 1));
+                    samplers.push((index, position + len - 1));
                 }
                 len
             } else {
@@ -487,7 +473,7 @@ impl<'m> BatchEngine<'m> {
                     )));
                 };
                 inputs.push(last.reshape(&[1]).map_err(mlx("decode input"))?);
-                samplers.push((*id, position));
+                samplers.push((index, position));
                 1
             };
             lens.push(len);
@@ -529,10 +515,8 @@ impl<'m> BatchEngine<'m> {
         // [1, S, vocab] (or [1, vocab] for one row).
         let logits = self.model.logits(&picked)?;
         let mut out = Vec::with_capacity(samplers.len());
-        for (row, (id, _)) in samplers.iter().enumerate() {
-            let Some((_, sequence)) = fed.iter_mut().find(|(i, _)| i == id) else {
-                continue;
-            };
+        for (row, &(index, _)) in samplers.iter().enumerate() {
+            let (id, sequence) = &mut fed[index];
             let row_logits = if logits.ndim() == 2 {
                 logits.clone()
             } else {

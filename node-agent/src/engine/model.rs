@@ -598,11 +598,11 @@ impl Llama {
                 let mut start = 0;
                 for (cache, &l) in caches.iter_mut().zip(lens) {
                     let end = start + l;
-                    let part = |x: &Array| x.try_index((.., start..end, ..));
-                    let (qs, ks, vs) =
-                        (|| Ok::<_, mlx_rs::error::Exception>((part(&q)?, part(&k)?, part(&v)?)))()
-                            .map_err(mlx("splitting the batch"))?;
-                    parts.push(self.attend(&qs, &ks, &vs, cache, l)?);
+                    let part = |x: &Array| {
+                        x.try_index((.., start..end, ..))
+                            .map_err(mlx("splitting the batch"))
+                    };
+                    parts.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, cache, l)?);
                     start = end;
                 }
                 ops::concatenate(&parts, 1).map_err(mlx("joining the batch"))?

@@ -276,11 +276,6 @@ impl Scheduler {
         }
     }
 
-    /// The limits in force.
-    pub fn limits(&self) -> BatchLimits {
-        self.limits
-    }
-
     /// Queues a request.
     pub fn enqueue(&mut self, request: Request) {
         self.waiting.push_back(request);
@@ -478,22 +473,26 @@ impl Scheduler {
                 reuse,
                 logprobs: request.logprobs,
             });
-            self.running.push(Running {
+            let running = Running {
                 cached,
                 prefilled: cached,
                 scheduled: 0,
                 fed_generated: 0,
                 sampled: Vec::new(),
-                finish: if request.max_tokens == 0 {
-                    Some(Finish::Length)
-                } else {
-                    None
-                },
+                finish: (request.max_tokens == 0).then_some(Finish::Length),
                 admitted: Instant::now(),
                 first_at: None,
                 last_at: None,
                 request,
-            });
+            };
+            if running.finish.is_some() {
+                // Nothing to generate: done as soon as it is in.
+                on_event(Event::Finished {
+                    id: running.request.id,
+                    outcome: running.outcome(Finish::Length),
+                });
+            }
+            self.running.push(running);
         }
 
         // Decoding sequences first: one token each.
@@ -528,14 +527,6 @@ impl Scheduler {
             r.prefilled += n;
             if r.prefilled == prompt {
                 r.scheduled += 1;
-            }
-        }
-        for r in &self.running {
-            if let (Some(Finish::Length), 0) = (r.finish, r.request.max_tokens) {
-                on_event(Event::Finished {
-                    id: r.request.id,
-                    outcome: r.outcome(Finish::Length),
-                });
             }
         }
         let empty = plan.feed.is_empty()
