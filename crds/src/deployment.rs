@@ -162,11 +162,14 @@ pub struct Serving {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 256))]
     pub max_batch_sequences: Option<u32>,
-    /// Most tokens in flight over the batch: the sum, over the running
-    /// requests, of prompt tokens plus the `max_tokens` each asks for, which
-    /// is the KV cache they reserve. Each rank's memory estimate counts a KV
-    /// cache of this many tokens. Must be at least `maxContextTokens`.
-    /// Defaults to 32768, or to `maxContextTokens` when that is larger.
+    /// Most KV cache positions the batch reserves. A request reserves its
+    /// prompt tokens plus the `max_tokens` it asks for; the batch's cache
+    /// gives every running request a row as long as the longest, so the
+    /// batch reserves its requests times the longest reservation among them,
+    /// and a request waits while admitting it would pass this limit. Each
+    /// rank's memory estimate counts a KV cache of this many tokens. Must be
+    /// at least `maxContextTokens`. Defaults to 32768, or to
+    /// `maxContextTokens` when that is larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_batch_tokens: Option<u32>,

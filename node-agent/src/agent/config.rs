@@ -131,9 +131,10 @@ pub struct BatchFlags {
     /// wait in its queue [default: 8].
     #[arg(long, env = "TANDEM_MAX_BATCH_SEQUENCES", value_name = "N")]
     pub max_batch_sequences: Option<u32>,
-    /// Most tokens in flight over the batch: the sum, over the running
-    /// requests, of the prompt plus the `max_tokens` each reserves; never
-    /// below the longest context [default: 32768, or the context when larger].
+    /// Most KV positions the batch reserves: its requests times the longest
+    /// reservation among them (prompt plus `max_tokens`; every request gets
+    /// a cache row as long as the longest); never below the longest context
+    /// [default: 32768, or the context when larger].
     #[arg(long, env = "TANDEM_MAX_BATCH_TOKENS", value_name = "TOKENS")]
     pub max_batch_tokens: Option<u32>,
     /// Most prompt tokens prefilled in one step, at least 16; longer prompts

@@ -25,7 +25,7 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, Dtype, ops};
 
 use super::error::{EngineError, Result};
-use super::model::{KvCache, Llama};
+use super::model::{KvCache, Llama, Segment};
 use super::sampling::{Sampler, SamplingParams};
 
 /// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
@@ -231,7 +231,8 @@ impl PendingStep {
 
 /// One sequence on one rank.
 struct Sequence {
-    cache: Vec<KvCache>,
+    /// Its row in the batch's KV cache.
+    row: usize,
     prompt: Vec<u32>,
     /// Prompt tokens in the cache so far.
     prefilled: usize,
@@ -251,6 +252,7 @@ struct Entry {
 /// and samplers, and the prefix-cache entries, changed only by plans.
 pub struct BatchEngine<'m> {
     model: &'m Llama,
+    cache: KvCache,
     sequences: HashMap<u64, Sequence>,
     entries: BTreeMap<u64, Entry>,
     next_step: u64,
@@ -276,6 +278,7 @@ impl<'m> BatchEngine<'m> {
     pub fn new(model: &'m Llama) -> BatchEngine<'m> {
         BatchEngine {
             model,
+            cache: model.new_cache(),
             sequences: HashMap::new(),
             entries: BTreeMap::new(),
             next_step: 0,
@@ -303,8 +306,23 @@ impl<'m> BatchEngine<'m> {
         for save in &plan.save {
             self.save(save)?;
         }
+        let mut released = false;
         for id in &plan.retire {
-            self.sequences.remove(id);
+            if let Some(sequence) = self.sequences.remove(id) {
+                self.cache.release(sequence.row);
+                released = true;
+            }
+        }
+        if released {
+            let moves = self
+                .cache
+                .settle()
+                .map_err(EngineError::mlx("compacting the KV cache"))?;
+            for (from, to) in moves {
+                if let Some(s) = self.sequences.values_mut().find(|s| s.row == from) {
+                    s.row = to;
+                }
+            }
         }
         for admit in &plan.admit {
             self.admit(admit)?;
@@ -323,23 +341,18 @@ impl<'m> BatchEngine<'m> {
             )));
         };
         let len = i32::try_from(save.tokens).unwrap_or(i32::MAX);
-        let mut layers = Vec::with_capacity(sequence.cache.len());
-        for cache in &sequence.cache {
-            match cache
-                .prefix(len)
-                .map_err(EngineError::mlx("keeping a prefix"))?
-            {
-                Some(kv) => layers.push(kv),
-                None => {
-                    return Err(plan_error(format!(
-                        "cannot save {} positions of sequence {}: it holds {}",
-                        save.tokens,
-                        save.id,
-                        cache.offset()
-                    )));
-                }
-            }
-        }
+        let Some(layers) = self
+            .cache
+            .prefix(sequence.row, len)
+            .map_err(EngineError::mlx("keeping a prefix"))?
+        else {
+            return Err(plan_error(format!(
+                "cannot save {} positions of sequence {}: it holds {}",
+                save.tokens,
+                save.id,
+                self.cache.offset(sequence.row).unwrap_or(0)
+            )));
+        };
         self.entries.insert(
             save.entry,
             Entry {
@@ -360,8 +373,8 @@ impl<'m> BatchEngine<'m> {
         if admit.prompt.is_empty() {
             return Err(EngineError::Argument("the prompt has no tokens".into()));
         }
-        let (cache, prefilled) = match admit.reuse {
-            None => (self.model.new_cache(), 0),
+        let prefilled = match admit.reuse {
+            None => 0,
             Some(reuse) => {
                 let Some(entry) = self.entries.get(&reuse.entry) else {
                     return Err(plan_error(format!(
@@ -378,24 +391,30 @@ impl<'m> BatchEngine<'m> {
                         admit.prompt.len()
                     )));
                 }
-                let len = i32::try_from(reuse.tokens).unwrap_or(i32::MAX);
-                let cache = entry
-                    .layers
-                    .iter()
-                    .map(|(k, v)| KvCache::from_prefix(k, v, len))
-                    .collect::<mlx_rs::error::Result<Vec<_>>>()
-                    .map_err(EngineError::mlx("starting from a cached prefix"))?;
-                (cache, reuse.tokens)
+                reuse.tokens
             }
         };
+        let sampler = Sampler::new(admit.sampling)?;
+        let row = self.cache.claim();
+        if let Some(reuse) = admit.reuse {
+            let len = i32::try_from(reuse.tokens).unwrap_or(i32::MAX);
+            let started = match self.entries.get(&reuse.entry) {
+                Some(entry) => self.cache.start_from(row, &entry.layers, len),
+                None => Ok(()),
+            };
+            if let Err(e) = started {
+                self.cache.release(row);
+                return Err(EngineError::mlx("starting from a cached prefix")(e));
+            }
+        }
         let logprobs = admit.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS));
         self.sequences.insert(
             admit.id,
             Sequence {
-                cache,
+                row,
                 prompt: admit.prompt.clone(),
                 prefilled,
-                sampler: Sampler::new(admit.sampling)?,
+                sampler,
                 logprobs,
                 last: None,
             },
@@ -436,13 +455,13 @@ impl<'m> BatchEngine<'m> {
 
     #[allow(clippy::type_complexity)]
     fn run_fed(
-        &self,
+        &mut self,
         plan: &StepPlan,
         fed: &mut [(u64, Sequence)],
     ) -> Result<(Vec<(u64, Array, Option<LazyLogprobs>)>, Option<Array>)> {
         let mlx = EngineError::mlx;
         let mut inputs = Vec::with_capacity(fed.len());
-        let mut lens = Vec::with_capacity(fed.len());
+        let mut segments = Vec::with_capacity(fed.len());
         // Which sequences sample this step (their index in `fed`), and at
         // which flat position.
         let mut samplers = Vec::new();
@@ -476,7 +495,10 @@ impl<'m> BatchEngine<'m> {
                 samplers.push((index, position));
                 1
             };
-            lens.push(len);
+            segments.push(Segment {
+                row: sequence.row,
+                len,
+            });
             position += len;
         }
         let ids = if inputs.len() == 1 {
@@ -488,11 +510,9 @@ impl<'m> BatchEngine<'m> {
             .as_dtype(Dtype::Int32)
             .and_then(|a| a.reshape(&[1, position]))
             .map_err(mlx("batching the inputs"))?;
-        let mut caches: Vec<&mut [KvCache]> = fed
-            .iter_mut()
-            .map(|(_, s)| s.cache.as_mut_slice())
-            .collect();
-        let hidden = self.model.forward_segments(&ids, &mut caches, &lens)?;
+        let hidden = self
+            .model
+            .forward_segments(&ids, &mut self.cache, &segments)?;
         if samplers.is_empty() {
             // Only prompt chunks that do not finish their prompt: the step
             // still has to run (its collectives and cache writes).

@@ -59,8 +59,9 @@ pub struct Generation {
 pub fn prefill_logits(model: &Llama, prompt: &[u32]) -> Result<Vec<f32>> {
     let ids = prompt_array(prompt)?;
     let mut cache = model.new_cache();
+    let row = cache.claim();
     let logits = model
-        .forward_last(&ids, &mut cache)?
+        .forward_last(&ids, &mut cache, row)?
         .as_dtype(Dtype::Float32)
         .map_err(EngineError::mlx("casting logits"))?;
     logits.eval().map_err(EngineError::mlx("prefill"))?;

@@ -120,6 +120,20 @@ impl Rope {
         Ok(rope)
     }
 
+    /// RoPE of `x` (`[B, heads, L, head_dim]`) with each of the `B` rows
+    /// starting at its own position (`offsets`, `[B]` int32).
+    fn apply_at(&self, x: &Array, offsets: &Array) -> mlx_rs::error::Result<Array> {
+        fast::rope_dynamic(
+            x,
+            self.dims,
+            self.traditional,
+            self.base,
+            self.scale,
+            offsets,
+            self.freqs.as_ref(),
+        )
+    }
+
     fn apply(&self, x: &Array, offset: i32) -> mlx_rs::error::Result<Array> {
         fast::rope(
             x,
@@ -205,101 +219,401 @@ impl Block {
     }
 }
 
-/// The keys and values of one layer for the positions seen so far, in a
-/// buffer that grows in steps of [`CACHE_STEP`] positions so a decode step
-/// writes in place.
+/// The keys and values of a batch of sequences, one row per sequence: per
+/// layer one buffer `[rows, kv_heads, capacity + 1, head_dim]` for keys and
+/// one for values.
 ///
-/// The buffer's length depends only on the positions held, never on how many
-/// tokens a request may still generate: on a GPU, MLX builds and caches
-/// kernels (and cuDNN attention graphs) per shape and stride, so a buffer
-/// sized by `max_tokens` would make every new `max_tokens` pay that again.
-#[derive(Debug, Default)]
+/// One buffer for the whole batch is what lets a decode step run attention
+/// for every sequence in one call (one query per row, each against its own
+/// row, masked past its own length) instead of one call per sequence; on a
+/// GPU that per-sequence launch overhead, not bandwidth, is what limits a
+/// batch. The last column is scratch: rows that are not decoding in a step
+/// write their (discarded) key there.
+///
+/// The capacity grows in steps of [`CACHE_STEP`] positions and depends only
+/// on the positions held, never on how many tokens a request may still
+/// generate: on a GPU, MLX builds and caches kernels (and cuDNN attention
+/// graphs) per shape, so a buffer sized by `max_tokens` would make every new
+/// `max_tokens` pay that again. Whole steps also keep a sequence's decode
+/// attention the same computation alone and in a batch (see
+/// [`Llama::forward_segments`]). The buffer is rectangular: it holds rows ×
+/// the longest row's capacity, which is what the scheduler's token limit
+/// bounds.
+#[derive(Debug)]
 pub struct KvCache {
-    keys: Option<Array>,
-    values: Option<Array>,
-    offset: i32,
+    /// `(keys, values)` per layer; empty while nothing is allocated.
+    layers: Vec<(Array, Array)>,
+    /// Positions held by each row; `None` for a free row.
+    rows: Vec<Option<i32>>,
+    /// Rows the buffers have.
+    allocated: i32,
+    /// Positions per row, the scratch column not counted.
+    capacity: i32,
+    depth: usize,
+    kv_heads: i32,
+    head_dim: i32,
+    dtype: Dtype,
 }
 
 impl KvCache {
-    /// Positions cached so far.
-    pub fn offset(&self) -> i32 {
-        self.offset
+    fn new(depth: usize, kv_heads: i32, head_dim: i32, dtype: Dtype) -> KvCache {
+        KvCache {
+            layers: Vec::new(),
+            rows: Vec::new(),
+            allocated: 0,
+            capacity: 0,
+            depth,
+            kv_heads,
+            head_dim,
+            dtype,
+        }
     }
 
-    /// Appends `keys`/`values` (`[B, kv_heads, L, head_dim]`) and returns all
-    /// cached positions.
-    fn update(&mut self, keys: &Array, values: &Array) -> mlx_rs::error::Result<(Array, Array)> {
-        let shape = keys.shape().to_vec();
-        let (b, heads, len, dim) = (shape[0], shape[1], shape[2], shape[3]);
-        let prev = self.offset;
-        let capacity = self.keys.as_ref().map(|k| k.shape()[2]).unwrap_or(0);
-        if self.keys.is_none() || prev + len > capacity {
-            // The new buffer holds the positions so far and the new ones,
-            // rounded up to a whole step (the unused tail of the old buffer
-            // is dropped, so count from `prev`, not from the old capacity).
-            let wanted = (prev + len + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
-            let grow = [b, heads, wanted - prev, dim];
-            let new_k = ops::zeros_dtype(&grow, keys.dtype())?;
-            let new_v = ops::zeros_dtype(&grow, values.dtype())?;
-            match (self.keys.take(), self.values.take()) {
-                (Some(k), Some(v)) => {
-                    let k = k.try_index((.., .., ..prev, ..))?;
-                    let v = v.try_index((.., .., ..prev, ..))?;
-                    self.keys = Some(ops::concatenate(&[k, new_k], 2)?);
-                    self.values = Some(ops::concatenate(&[v, new_v], 2)?);
-                }
-                _ => {
-                    self.keys = Some(new_k);
-                    self.values = Some(new_v);
-                }
+    /// Takes a free row for a new sequence (holding no positions yet).
+    pub fn claim(&mut self) -> usize {
+        match self.rows.iter().position(Option::is_none) {
+            Some(row) => {
+                self.rows[row] = Some(0);
+                row
+            }
+            None => {
+                self.rows.push(Some(0));
+                self.rows.len() - 1
             }
         }
-        self.offset = prev + len;
-        let end = self.offset;
-        let (Some(k_buf), Some(v_buf)) = (self.keys.as_mut(), self.values.as_mut()) else {
-            return Err(mlx_rs::error::Exception::custom("KV cache buffer missing"));
-        };
-        k_buf.try_index_mut((.., .., prev..end, ..), keys)?;
-        v_buf.try_index_mut((.., .., prev..end, ..), values)?;
-        Ok((
-            k_buf.try_index((.., .., ..end, ..))?,
-            v_buf.try_index((.., .., ..end, ..))?,
-        ))
+    }
+
+    /// Frees `row`. The buffers keep their size until [`KvCache::settle`].
+    pub fn release(&mut self, row: usize) {
+        if let Some(slot) = self.rows.get_mut(row) {
+            *slot = None;
+        }
+    }
+
+    /// After rows were freed, moves the highest rows into the free ones and
+    /// shrinks the buffers to the rows in use and the capacity they need, so
+    /// what the cache holds stays rows in use × the longest row (the bound
+    /// the scheduler keeps to). Returns the moves, `(from, to)`, for the
+    /// caller to follow; with no row in use the buffers are dropped.
+    pub fn settle(&mut self) -> mlx_rs::error::Result<Vec<(usize, usize)>> {
+        let mut moves = Vec::new();
+        loop {
+            while self.rows.last() == Some(&None) {
+                self.rows.pop();
+            }
+            let Some(hole) = self.rows.iter().position(Option::is_none) else {
+                break;
+            };
+            let from = self.rows.len() - 1;
+            let (f, t) = (from as i32, hole as i32);
+            for (k, v) in &mut self.layers {
+                let moved = k.try_index(f..f + 1)?;
+                k.try_index_mut(t..t + 1, &moved)?;
+                let moved = v.try_index(f..f + 1)?;
+                v.try_index_mut(t..t + 1, &moved)?;
+            }
+            self.rows[hole] = self.rows[from].take();
+            moves.push((from, hole));
+        }
+        if self.rows.is_empty() {
+            self.layers.clear();
+            self.allocated = 0;
+            self.capacity = 0;
+            return Ok(moves);
+        }
+        let held = self.rows.iter().flatten().copied().max().unwrap_or(0);
+        let wanted = (held.max(1) + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
+        let rows = self.rows.len() as i32;
+        if !self.layers.is_empty() && (wanted < self.capacity || rows < self.allocated) {
+            // A view now; the next write copies it into a buffer of its own
+            // and the larger one is freed.
+            for (k, v) in &mut self.layers {
+                *k = k.try_index((..rows, .., ..wanted + 1, ..))?;
+                *v = v.try_index((..rows, .., ..wanted + 1, ..))?;
+            }
+            self.allocated = rows;
+            self.capacity = wanted;
+        }
+        Ok(moves)
+    }
+
+    /// Positions `row` holds (`None` for a free row).
+    pub fn offset(&self, row: usize) -> Option<i32> {
+        self.rows.get(row).copied().flatten()
+    }
+
+    /// Positions each row has room for.
+    pub fn capacity(&self) -> i32 {
+        self.capacity
+    }
+
+    /// Rows the buffers hold (in use or not).
+    pub fn allocated_rows(&self) -> i32 {
+        self.allocated
+    }
+
+    /// Makes room for every claimed row and for `positions` positions per
+    /// row, growing the buffers (rows by what is claimed, positions in whole
+    /// steps) and keeping what they hold.
+    fn reserve(&mut self, positions: i32) -> mlx_rs::error::Result<()> {
+        let rows = self.rows.len() as i32;
+        let wanted = (positions.max(1) + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
+        let capacity = self.capacity.max(wanted);
+        if !self.layers.is_empty() && rows <= self.allocated && capacity == self.capacity {
+            return Ok(());
+        }
+        let (kv, dim) = (self.kv_heads, self.head_dim);
+        let fresh = |r: i32, c: i32| ops::zeros_dtype(&[r, kv, c, dim], self.dtype);
+        let rows = rows.max(self.allocated);
+        let mut layers = Vec::with_capacity(self.depth);
+        for index in 0..self.depth {
+            let grown = match self.layers.get(index) {
+                None => (fresh(rows, capacity + 1)?, fresh(rows, capacity + 1)?),
+                Some((k, v)) => {
+                    let grow = |old: &Array| -> mlx_rs::error::Result<Array> {
+                        // The held positions, then the new ones and a fresh
+                        // scratch column; then any new rows.
+                        let held = old.try_index((.., .., ..self.capacity, ..))?;
+                        let wide = ops::concatenate(
+                            &[held, fresh(self.allocated, capacity + 1 - self.capacity)?],
+                            2,
+                        )?;
+                        if rows > self.allocated {
+                            ops::concatenate(
+                                &[wide, fresh(rows - self.allocated, capacity + 1)?],
+                                0,
+                            )
+                        } else {
+                            Ok(wide)
+                        }
+                    };
+                    (grow(k)?, grow(v)?)
+                }
+            };
+            layers.push(grown);
+        }
+        self.layers = layers;
+        self.allocated = rows;
+        self.capacity = capacity;
+        Ok(())
     }
 
     /// The cache's arrays, for evaluation.
     pub fn arrays(&self) -> Vec<&Array> {
-        self.keys.iter().chain(self.values.iter()).collect()
+        self.layers.iter().flat_map(|(k, v)| [k, v]).collect()
     }
 
-    /// The first `len` positions, as `(keys, values)` (`[B, kv_heads, len,
-    /// head_dim]`), for keeping after the sequence ends; `None` when the
-    /// cache holds fewer. Lazy views of the buffer, which they keep alive.
-    pub fn prefix(&self, len: i32) -> mlx_rs::error::Result<Option<(Array, Array)>> {
-        match (&self.keys, &self.values) {
-            (Some(k), Some(v)) if len > 0 && len <= self.offset => Ok(Some((
-                k.try_index((.., .., ..len, ..))?,
-                v.try_index((.., .., ..len, ..))?,
-            ))),
-            _ => Ok(None),
+    /// Copies of the first `len` positions of `row`, per layer `(keys,
+    /// values)` as `[1, kv_heads, len, head_dim]`, for keeping after the
+    /// sequence ends (they do not hold on to the batch's buffers); `None`
+    /// when the row holds fewer.
+    pub fn prefix(
+        &self,
+        row: usize,
+        len: i32,
+    ) -> mlx_rs::error::Result<Option<Vec<(Array, Array)>>> {
+        match self.offset(row) {
+            Some(held) if len > 0 && len <= held => {}
+            _ => return Ok(None),
         }
+        let index = Array::from_slice(&[row as i32], &[1]);
+        let copy = |buffer: &Array| -> mlx_rs::error::Result<Array> {
+            // A gather writes a new array; a slice would be a view that keeps
+            // the whole batch buffer alive (and stops in-place updates).
+            buffer.try_index((.., .., ..len, ..))?.take_axis(&index, 0)
+        };
+        self.layers
+            .iter()
+            .map(|(k, v)| Ok((copy(k)?, copy(v)?)))
+            .collect::<mlx_rs::error::Result<Vec<_>>>()
+            .map(Some)
     }
 
-    /// A cache that starts with the first `len` positions of `keys` and
-    /// `values` (copied into a buffer of its own).
-    pub fn from_prefix(keys: &Array, values: &Array, len: i32) -> mlx_rs::error::Result<KvCache> {
-        let mut cache = KvCache::default();
-        if len > 0 {
-            let k = keys.try_index((.., .., ..len, ..))?;
-            let v = values.try_index((.., .., ..len, ..))?;
-            cache.update(&k, &v)?;
+    /// Starts `row` (claimed, empty) with the first `len` positions of
+    /// `layers` (per layer `(keys, values)`, `[1, kv_heads, >= len,
+    /// head_dim]`).
+    pub fn start_from(
+        &mut self,
+        row: usize,
+        layers: &[(Array, Array)],
+        len: i32,
+    ) -> mlx_rs::error::Result<()> {
+        if self.offset(row) != Some(0) || layers.len() != self.depth {
+            return Err(mlx_rs::error::Exception::custom(format!(
+                "row {row} cannot start from a prefix of {} layers",
+                layers.len()
+            )));
         }
-        Ok(cache)
+        if len == 0 {
+            return Ok(());
+        }
+        self.reserve(len)?;
+        let r = row as i32;
+        for ((k_buf, v_buf), (k, v)) in self.layers.iter_mut().zip(layers) {
+            k_buf.try_index_mut((r..r + 1, .., ..len, ..), k.try_index((.., .., ..len, ..))?)?;
+            v_buf.try_index_mut((r..r + 1, .., ..len, ..), v.try_index((.., .., ..len, ..))?)?;
+        }
+        self.rows[row] = Some(len);
+        Ok(())
     }
+}
 
-    /// Positions the buffer has room for (what it holds in memory).
-    pub fn capacity(&self) -> i32 {
-        self.keys.as_ref().map_or(0, |k| k.shape()[2])
+/// One sequence's new positions in a batched step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// The sequence's row in the [`KvCache`].
+    pub row: usize,
+    /// How many positions (at least 1).
+    pub len: i32,
+}
+
+/// The one-position segments of a step, attended together over every row.
+struct DecodeLayout {
+    /// Rows of the cache.
+    rows: i32,
+    /// Per row, the flat position of its query (0 for rows not decoding).
+    source: Array,
+    /// Per row, where its key goes: its length, or the scratch column for
+    /// rows not decoding (also its RoPE offset).
+    write: Array,
+    /// `write` broadcast to `[rows, kv_heads, 1, head_dim]`.
+    write_index: Array,
+    /// `[rows, 1, 1, capacity]`: which positions each row attends to.
+    mask: Array,
+}
+
+/// A longer segment (a prompt chunk), attended on its own.
+struct PrefillSegment {
+    row: i32,
+    /// Where its positions start in the step's flat order.
+    flat: i32,
+    len: i32,
+    /// Positions its row held before the step.
+    start: i32,
+}
+
+/// How a step's positions map onto the cache, shared by every layer.
+struct StepLayout {
+    decode: Option<DecodeLayout>,
+    prefill: Vec<PrefillSegment>,
+    /// The cache's capacity for the step.
+    capacity: i32,
+    /// Where each flat position's attention output is in the joined parts
+    /// (decode rows first, then each prompt chunk); `None` when they are
+    /// already in flat order.
+    order: Option<Array>,
+}
+
+impl StepLayout {
+    /// Checks `segments` against `cache`, makes room for them, and lays the
+    /// step out.
+    fn new(
+        cache: &mut KvCache,
+        segments: &[Segment],
+        kv_heads: i32,
+        head_dim: i32,
+    ) -> Result<StepLayout> {
+        let mlx = EngineError::mlx;
+        let mut seen = vec![false; cache.rows.len()];
+        let mut needed = 0;
+        for s in segments {
+            let held = match cache.offset(s.row) {
+                Some(held) if !seen[s.row] && s.len >= 1 => held,
+                _ => {
+                    return Err(EngineError::Argument(format!(
+                        "a batched step needs distinct claimed rows and no empty segment \
+                         (row {}, {} positions)",
+                        s.row, s.len
+                    )));
+                }
+            };
+            seen[s.row] = true;
+            needed = needed.max(held + s.len);
+        }
+        if segments.is_empty() {
+            return Err(EngineError::Argument(
+                "a batched step with no segment".into(),
+            ));
+        }
+        cache.reserve(needed).map_err(mlx("growing the KV cache"))?;
+        let capacity = cache.capacity;
+        let rows = cache.allocated;
+
+        let mut source = vec![0i32; rows as usize];
+        let mut write = vec![capacity; rows as usize];
+        let mut decoding = false;
+        let mut prefill = Vec::new();
+        // Where each flat position's output lands: decode rows come first.
+        let mut order = Vec::new();
+        let mut joined = 0;
+        let mut flat = 0;
+        for s in segments {
+            let start = cache.offset(s.row).unwrap_or(0);
+            if s.len == 1 {
+                decoding = true;
+                source[s.row] = flat;
+                write[s.row] = start;
+                order.push(s.row as i32);
+            } else {
+                prefill.push(PrefillSegment {
+                    row: s.row as i32,
+                    flat,
+                    len: s.len,
+                    start,
+                });
+            }
+            flat += s.len;
+        }
+        if decoding {
+            joined = rows;
+        }
+        // Prompt chunks follow the decode rows, in flat order.
+        let mut flat_order = vec![0i32; flat as usize];
+        let mut decode_at = order.into_iter();
+        let mut position = 0;
+        for s in segments {
+            if s.len == 1 {
+                flat_order[position] = decode_at.next().unwrap_or(0);
+            } else {
+                for i in 0..s.len as usize {
+                    flat_order[position + i] = joined + i as i32;
+                }
+                joined += s.len;
+            }
+            position += s.len as usize;
+        }
+        let identity = flat_order.iter().enumerate().all(|(i, &j)| i as i32 == j)
+            && joined as usize == flat_order.len();
+        let order = (!identity).then(|| Array::from_slice(&flat_order, &[flat]));
+
+        let decode = if decoding {
+            let write = Array::from_slice(&write, &[rows]);
+            let positions = ops::arange::<_, i32>(0, capacity, None).map_err(mlx("decode mask"))?;
+            let mask = write
+                .reshape(&[rows, 1])
+                .and_then(|w| positions.le(&w))
+                .and_then(|m| m.reshape(&[rows, 1, 1, capacity]))
+                .map_err(mlx("decode mask"))?;
+            let write_index = write
+                .reshape(&[rows, 1, 1, 1])
+                .and_then(|w| ops::broadcast_to(&w, &[rows, kv_heads, 1, head_dim]))
+                .map_err(mlx("decode mask"))?;
+            Some(DecodeLayout {
+                rows,
+                source: Array::from_slice(&source, &[rows]),
+                write,
+                write_index,
+                mask,
+            })
+        } else {
+            None
+        };
+        Ok(StepLayout {
+            decode,
+            prefill,
+            capacity,
+            order,
+        })
     }
 }
 
@@ -479,9 +793,14 @@ impl Llama {
         self.load_stats
     }
 
-    /// An empty KV cache per layer.
-    pub fn new_cache(&self) -> Vec<KvCache> {
-        (0..self.blocks.len()).map(|_| KvCache::default()).collect()
+    /// An empty KV cache for a batch, with this rank's KV heads.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.blocks.len(),
+            self.kv_heads,
+            self.config.head_dim as i32,
+            self.compute,
+        )
     }
 
     /// Sums a partial result over the group (identity on one rank).
@@ -492,96 +811,172 @@ impl Llama {
         }
     }
 
-    /// Runs the blocks over `ids` (`[1, L]` int32) at the cache's position,
-    /// returning the final hidden states `[1, L, hidden]` before the final
-    /// norm. Lazy: nothing is computed until the result is evaluated.
-    pub fn forward_hidden(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
+    /// Runs the blocks over `ids` (`[1, L]` int32) for the sequence in
+    /// `row` of `cache`, at its position, returning the final hidden states
+    /// `[1, L, hidden]` before the final norm. Lazy: nothing is computed
+    /// until the result is evaluated.
+    pub fn forward_hidden(&self, ids: &Array, cache: &mut KvCache, row: usize) -> Result<Array> {
         let len = ids.shape().last().copied().unwrap_or(0);
-        self.forward_segments(ids, &mut [cache], &[len])
+        self.forward_segments(ids, cache, &[Segment { row, len }])
     }
 
     /// One step over several sequences at once. `ids` (`[1, N]` int32) holds
-    /// the new positions of every sequence back to back: the first `lens[0]`
-    /// belong to the sequence of `caches[0]`, and so on. Every projection,
-    /// the MLP and the collectives run once over all `N` positions (one read
-    /// of the weights for the whole batch); attention runs per sequence,
-    /// against that sequence's own cache and position, exactly as it would
-    /// alone. Returns the hidden states `[1, N, hidden]` before the final
-    /// norm. Lazy.
+    /// the new positions of every sequence back to back: the first
+    /// `segments[0].len` belong to the sequence in row `segments[0].row` of
+    /// `cache`, and so on. Every projection, the MLP and the collectives run
+    /// once over all `N` positions (one read of the weights for the whole
+    /// batch). Attention runs once for all the one-position segments (decode
+    /// steps), over the whole buffer with each row masked past its own
+    /// length, and once per longer segment (a prompt chunk), against that
+    /// sequence's row, causally, exactly as it would alone. Returns the
+    /// hidden states `[1, N, hidden]` before the final norm. Lazy.
+    ///
+    /// A sequence's decode attention is the same computation alone and in a
+    /// batch: the masked length is the buffer's capacity, a whole number of
+    /// [`CACHE_STEP`]s either way, and the masked positions add exact zeros.
     pub fn forward_segments(
         &self,
         ids: &Array,
-        caches: &mut [&mut [KvCache]],
-        lens: &[i32],
+        cache: &mut KvCache,
+        segments: &[Segment],
     ) -> Result<Array> {
         let mlx = EngineError::mlx;
-        if caches.len() != lens.len() || lens.iter().any(|l| *l < 1) {
+        let layout = StepLayout::new(cache, segments, self.kv_heads, self.config.head_dim as i32)?;
+        if cache.layers.len() != self.blocks.len() {
             return Err(EngineError::Argument(format!(
-                "a batched step needs one cache per segment and no empty segment ({} caches, lengths {lens:?})",
-                caches.len()
+                "a KV cache of {} layers for a model of {}",
+                cache.layers.len(),
+                self.blocks.len()
             )));
         }
         let mut x = self
             .embed
             .lookup(ids, self.compute)
             .map_err(mlx("embedding lookup"))?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let mut layer: Vec<&mut KvCache> = Vec::with_capacity(caches.len());
-            for cache in caches.iter_mut() {
-                let Some(c) = cache.get_mut(i) else {
-                    return Err(EngineError::Argument(format!(
-                        "a KV cache has no layer {i}"
-                    )));
-                };
-                layer.push(c);
-            }
-            x = self
-                .block(block, &x, &mut layer, lens)
-                .map_err(|e| match e {
-                    EngineError::Mlx { context, source } => EngineError::Mlx {
-                        context: format!("layer {i}: {context}"),
-                        source,
-                    },
-                    other => other,
-                })?;
+        for (i, (block, layer)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = self.block(block, &x, layer, &layout).map_err(|e| match e {
+                EngineError::Mlx { context, source } => EngineError::Mlx {
+                    context: format!("layer {i}: {context}"),
+                    source,
+                },
+                other => other,
+            })?;
+        }
+        for segment in segments {
+            let held = cache.offset(segment.row).unwrap_or(0);
+            cache.rows[segment.row] = Some(held + segment.len);
         }
         Ok(x)
     }
 
-    /// Attention of one sequence's `l` new positions (`q`, `k`, `v` as
-    /// `[1, l, width]`) against its cache: `[1, l, heads * head_dim]`.
+    /// Attention of the step's new positions (`q`, `k`, `v` as `[1, N,
+    /// width]`) against the batch's cache, written into `layer`: `[1, N,
+    /// heads * head_dim]`.
     fn attend(
         &self,
         q: &Array,
         k: &Array,
         v: &Array,
-        cache: &mut KvCache,
-        l: i32,
+        layer: &mut (Array, Array),
+        layout: &StepLayout,
     ) -> Result<Array> {
         let mlx = EngineError::mlx;
-        let heads = |x: &Array, n: i32| -> mlx_rs::error::Result<Array> {
-            x.reshape(&[1, l, n, -1])?.transpose_axes(&[0, 2, 1, 3])
+        let (keys, values) = layer;
+        // Every write first, then every read, so each buffer is updated in
+        // place (nothing else refers to it while it is written).
+        let decode = match &layout.decode {
+            None => None,
+            Some(d) => {
+                let rows = |x: &Array, n: i32| -> mlx_rs::error::Result<Array> {
+                    x.take_axis(&d.source, 1)?
+                        .reshape(&[d.rows, 1, n, -1])?
+                        .transpose_axes(&[0, 2, 1, 3])
+                };
+                let q = rows(q, self.heads).map_err(mlx("decode queries"))?;
+                let k = rows(k, self.kv_heads).map_err(mlx("decode keys"))?;
+                let v = rows(v, self.kv_heads).map_err(mlx("decode values"))?;
+                let q = self.rope.apply_at(&q, &d.write).map_err(mlx("rope"))?;
+                let k = self.rope.apply_at(&k, &d.write).map_err(mlx("rope"))?;
+                *keys = keys
+                    .put_along_axis(&d.write_index, &k, 2)
+                    .map_err(mlx("KV cache update"))?;
+                *values = values
+                    .put_along_axis(&d.write_index, &v, 2)
+                    .map_err(mlx("KV cache update"))?;
+                Some(q)
+            }
         };
-        let q = heads(q, self.heads).map_err(mlx("q_proj"))?;
-        let k = heads(k, self.kv_heads).map_err(mlx("k_proj"))?;
-        let v = heads(v, self.kv_heads).map_err(mlx("v_proj"))?;
-        let offset = cache.offset();
-        let q = self.rope.apply(&q, offset).map_err(mlx("rope"))?;
-        let k = self.rope.apply(&k, offset).map_err(mlx("rope"))?;
-        let (keys, values) = cache.update(&k, &v).map_err(mlx("KV cache update"))?;
-        let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        fast::scaled_dot_product_attention(&q, &keys, &values, self.attention_scale, mask, None)
-            .and_then(|o| o.transpose_axes(&[0, 2, 1, 3]))
-            .and_then(|o| o.reshape(&[1, l, -1]))
-            .map_err(mlx("attention"))
+        let mut prefill = Vec::with_capacity(layout.prefill.len());
+        for s in &layout.prefill {
+            let part = |x: &Array, n: i32| -> mlx_rs::error::Result<Array> {
+                x.try_index((.., s.flat..s.flat + s.len, ..))?
+                    .reshape(&[1, s.len, n, -1])?
+                    .transpose_axes(&[0, 2, 1, 3])
+            };
+            let q = part(q, self.heads).map_err(mlx("q_proj"))?;
+            let k = part(k, self.kv_heads).map_err(mlx("k_proj"))?;
+            let v = part(v, self.kv_heads).map_err(mlx("v_proj"))?;
+            let q = self.rope.apply(&q, s.start).map_err(mlx("rope"))?;
+            let k = self.rope.apply(&k, s.start).map_err(mlx("rope"))?;
+            let at = (s.row..s.row + 1, .., s.start..s.start + s.len, ..);
+            keys.try_index_mut(at.clone(), &k)
+                .and_then(|_| values.try_index_mut(at, &v))
+                .map_err(mlx("KV cache update"))?;
+            prefill.push((s, q));
+        }
+
+        let mut parts = Vec::with_capacity(prefill.len() + 1);
+        if let (Some(d), Some(q)) = (&layout.decode, decode) {
+            let view = |x: &Array| x.try_index((.., .., ..layout.capacity, ..));
+            let out = view(keys)
+                .and_then(|k| {
+                    let v = view(values)?;
+                    fast::scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        self.attention_scale,
+                        ScaledDotProductAttentionMask::Array(&d.mask),
+                        None,
+                    )
+                })
+                .and_then(|o| o.transpose_axes(&[0, 2, 1, 3]))
+                .and_then(|o| o.reshape(&[1, d.rows, -1]))
+                .map_err(mlx("decode attention"))?;
+            parts.push(out);
+        }
+        for (s, q) in prefill {
+            let view = |x: &Array| x.try_index((s.row..s.row + 1, .., ..s.start + s.len, ..));
+            let mask = (s.len > 1).then_some(ScaledDotProductAttentionMask::Causal);
+            let out = view(keys)
+                .and_then(|k| {
+                    let v = view(values)?;
+                    fast::scaled_dot_product_attention(&q, &k, &v, self.attention_scale, mask, None)
+                })
+                .and_then(|o| o.transpose_axes(&[0, 2, 1, 3]))
+                .and_then(|o| o.reshape(&[1, s.len, -1]))
+                .map_err(mlx("attention"))?;
+            parts.push(out);
+        }
+        let joined = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            ops::concatenate(&parts, 1).map_err(mlx("joining the batch"))?
+        };
+        match &layout.order {
+            None => Ok(joined),
+            Some(order) => joined
+                .take_axis(order, 1)
+                .map_err(mlx("ordering the batch")),
+        }
     }
 
     fn block(
         &self,
         block: &Block,
         x: &Array,
-        caches: &mut [&mut KvCache],
-        lens: &[i32],
+        layer: &mut (Array, Array),
+        layout: &StepLayout,
     ) -> Result<Array> {
         let mlx = EngineError::mlx;
         let eps = self.config.rms_norm_eps;
@@ -591,23 +986,7 @@ impl Llama {
         let q = block.q_proj.forward(&normed).map_err(mlx("q_proj"))?;
         let k = block.k_proj.forward(&normed).map_err(mlx("k_proj"))?;
         let v = block.v_proj.forward(&normed).map_err(mlx("v_proj"))?;
-        let attn = match (caches, lens) {
-            ([cache], [l]) => self.attend(&q, &k, &v, cache, *l)?,
-            (caches, lens) => {
-                let mut parts = Vec::with_capacity(lens.len());
-                let mut start = 0;
-                for (cache, &l) in caches.iter_mut().zip(lens) {
-                    let end = start + l;
-                    let part = |x: &Array| {
-                        x.try_index((.., start..end, ..))
-                            .map_err(mlx("splitting the batch"))
-                    };
-                    parts.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, cache, l)?);
-                    start = end;
-                }
-                ops::concatenate(&parts, 1).map_err(mlx("joining the batch"))?
-            }
-        };
+        let attn = self.attend(&q, &k, &v, layer, layout)?;
         let o = block.o_proj.forward(&attn).map_err(mlx("o_proj"))?;
         let o = self.all_sum(o)?;
         let h = x.add(&o).map_err(mlx("attention residual"))?;
@@ -681,19 +1060,13 @@ impl Llama {
 
     /// Logits of the last position after running `ids` (`[1, L]`) through the
     /// model: `[1, vocab]`. Lazy.
-    pub fn forward_last(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
-        let hidden = self.forward_hidden(ids, cache)?;
+    pub fn forward_last(&self, ids: &Array, cache: &mut KvCache, row: usize) -> Result<Array> {
+        let hidden = self.forward_hidden(ids, cache, row)?;
         let len = hidden.shape()[1];
         let last = hidden
             .try_index((.., len - 1, ..))
             .map_err(EngineError::mlx("selecting the last position"))?;
         self.logits(&last)
-    }
-
-    /// Logits of every position of `ids` (`[1, L]`): `[1, L, vocab]`. Lazy.
-    pub fn forward_all(&self, ids: &Array, cache: &mut [KvCache]) -> Result<Array> {
-        let hidden = self.forward_hidden(ids, cache)?;
-        self.logits(&hidden)
     }
 
     /// The dtype activations and logits are computed in.
@@ -739,28 +1112,106 @@ mod tests {
         Array::from_slice(&values, &[1, 1, len, 1])
     }
 
-    fn held(cache: &KvCache) -> Vec<f32> {
-        let (keys, _) = cache.prefix(cache.offset()).expect("prefix").expect("held");
+    fn held(cache: &KvCache, row: usize) -> Vec<f32> {
+        let len = cache.offset(row).expect("claimed");
+        let layers = cache.prefix(row, len).expect("prefix").expect("held");
+        let (keys, _) = &layers[0];
         keys.eval().expect("eval");
         keys.try_as_slice::<f32>().expect("floats").to_vec()
     }
 
+    fn cache() -> KvCache {
+        KvCache::new(1, 1, 1, Dtype::Float32)
+    }
+
     #[test]
-    fn the_cache_grows_in_whole_steps_from_a_partly_filled_buffer() {
-        // A reused prefix of 128 positions (a buffer of 256), then a prompt
-        // chunk of 384 that runs past the buffer's end.
-        let mut cache = KvCache::from_prefix(&positions(0, 200), &positions(0, 200), 128)
+    fn the_cache_grows_in_whole_steps_and_keeps_every_row() {
+        let mut cache = cache();
+        let first = cache.claim();
+        cache
+            .start_from(first, &[(positions(0, 200), positions(0, 200))], 128)
             .expect("from a prefix");
-        assert_eq!((cache.offset(), cache.capacity()), (128, 256));
+        assert_eq!((cache.offset(first), cache.capacity()), (Some(128), 256));
+        // A second row, and room for a long chunk: both grow the buffers,
+        // and the first row keeps what it held.
+        let second = cache.claim();
         cache
-            .update(&positions(128, 384), &positions(128, 384))
-            .expect("a long chunk");
-        assert_eq!((cache.offset(), cache.capacity()), (512, 512));
-        cache
-            .update(&positions(512, 1), &positions(512, 1))
-            .expect("one more");
-        assert_eq!((cache.offset(), cache.capacity()), (513, 768));
-        let want: Vec<f32> = (0..513).map(|p| p as f32).collect();
-        assert_eq!(held(&cache), want);
+            .start_from(second, &[(positions(1000, 300), positions(1000, 300))], 300)
+            .expect("a longer prefix");
+        assert_eq!(cache.capacity(), 512);
+        assert_eq!(cache.allocated_rows(), 2);
+        assert_eq!(
+            held(&cache, first),
+            (0..128).map(|p| p as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            held(&cache, second),
+            (1000..1300).map(|p| p as f32).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn freed_rows_are_filled_from_the_top_and_an_empty_cache_holds_nothing() {
+        let mut cache = cache();
+        let rows: Vec<usize> = (0..3).map(|_| cache.claim()).collect();
+        assert_eq!(rows, vec![0, 1, 2]);
+        for (row, len) in [(0, 10), (1, 20), (2, 300)] {
+            let start = 1000 * row as i32;
+            cache
+                .start_from(row, &[(positions(start, len), positions(start, len))], len)
+                .expect("a prefix");
+        }
+        assert_eq!((cache.allocated_rows(), cache.capacity()), (3, 512));
+        // Row 2 (the long one) leaves: the buffers shrink to what is held.
+        cache.release(2);
+        assert_eq!(cache.settle().expect("settle"), vec![]);
+        assert_eq!((cache.allocated_rows(), cache.capacity()), (2, 256));
+        assert_eq!(
+            held(&cache, 1),
+            (1000..1020).map(|p| p as f32).collect::<Vec<_>>()
+        );
+        // Row 0 leaves: row 1 moves down into it.
+        cache.release(0);
+        assert_eq!(cache.settle().expect("settle"), vec![(1, 0)]);
+        assert_eq!(cache.allocated_rows(), 1);
+        assert_eq!(
+            held(&cache, 0),
+            (1000..1020).map(|p| p as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(cache.claim(), 1, "a new sequence takes the next row");
+        cache.release(1);
+        cache.release(0);
+        cache.settle().expect("settle");
+        assert_eq!(cache.allocated_rows(), 0);
+        assert!(cache.arrays().is_empty());
+        assert!(cache.prefix(0, 1).expect("prefix").is_none());
+    }
+
+    #[test]
+    fn rope_with_a_position_per_row_equals_rope_row_by_row() {
+        let rope = Rope {
+            dims: 8,
+            traditional: false,
+            base: Some(10_000.0),
+            scale: 1.0,
+            freqs: None,
+        };
+        let values: Vec<f32> = (0..16).map(|v| v as f32 * 0.25 - 1.0).collect();
+        let x = Array::from_slice(&values, &[2, 1, 1, 8]);
+        let offsets = Array::from_slice(&[3i32, 700], &[2]);
+        let together = rope.apply_at(&x, &offsets).expect("rope");
+        for (row, offset) in [(0, 3), (1, 700)] {
+            let alone = rope
+                .apply(&x.try_index(row..row + 1).expect("row"), offset)
+                .expect("rope");
+            let got = together.try_index(row..row + 1).expect("row");
+            got.eval().expect("eval");
+            alone.eval().expect("eval");
+            assert_eq!(
+                got.try_as_slice::<f32>().expect("floats"),
+                alone.try_as_slice::<f32>().expect("floats"),
+                "row {row}"
+            );
+        }
     }
 }

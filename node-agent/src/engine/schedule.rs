@@ -6,9 +6,11 @@
 //!   when the prefix cache is on, evicting the least recently used entries
 //!   past its byte budget);
 //! - waiting requests join while the batch has room: at most
-//!   `max_sequences`, and at most `max_tokens` of KV reserved (prompt plus
-//!   `max_tokens` of every running request), each starting from the longest
-//!   cached prefix of its prompt;
+//!   `max_sequences`, and at most `max_tokens` of KV reserved, each starting
+//!   from the longest cached prefix of its prompt. A request reserves its
+//!   prompt plus its `max_tokens`; the batch's KV cache is one rectangular
+//!   buffer (a row per sequence, as long as the longest), so what the batch
+//!   reserves is its sequences times the longest reservation;
 //! - every decoding request is fed its last token, and prompts are
 //!   prefilled in chunks of at most `prefill_chunk_tokens` tokens per step in
 //!   arrival order, so a long prompt shares steps with the running streams
@@ -34,8 +36,10 @@ use super::sampling::SamplingParams;
 pub struct BatchLimits {
     /// Most sequences in one step.
     pub max_sequences: usize,
-    /// Most KV positions reserved over the running requests (each reserves
-    /// its prompt plus its `max_tokens`).
+    /// Most KV positions the batch reserves: its sequences times the longest
+    /// reservation among them (each request reserves its prompt plus its
+    /// `max_tokens`), since the cache gives every sequence a row as long as
+    /// the longest.
     pub max_tokens: usize,
     /// Most prompt tokens prefilled in one step.
     pub prefill_chunk_tokens: usize,
@@ -444,18 +448,25 @@ impl Scheduler {
         });
         self.retire(&mut plan);
 
-        let mut reserved: usize = self.running.iter().map(|r| r.request.reservation()).sum();
+        let mut longest = self
+            .running
+            .iter()
+            .map(|r| r.request.reservation())
+            .max()
+            .unwrap_or(0);
         while let Some(next) = self.waiting.front() {
+            let rows = self.running.len() + 1;
             let fits = self.running.len() < self.limits.max_sequences
                 && (self.running.is_empty()
-                    || reserved + next.reservation() <= self.limits.max_tokens);
+                    || rows.saturating_mul(longest.max(next.reservation()))
+                        <= self.limits.max_tokens);
             if !fits {
                 break;
             }
             let Some(request) = self.waiting.pop_front() else {
                 break;
             };
-            reserved += request.reservation();
+            longest = longest.max(request.reservation());
             let reuse = if self.limits.prefix_cache_bytes > 0 {
                 self.lookup(&request.prompt)
             } else {
