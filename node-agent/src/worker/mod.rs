@@ -701,25 +701,55 @@ async fn lead(
         .collect();
     lengths.sort_unstable();
     lengths.dedup();
-    for (i, &length) in lengths.iter().enumerate() {
-        // Ordinary ids spread over the vocabulary; only the shape matters.
-        // Ids far above any request's, so no client request shares them.
-        let prompt = (0..length as u32).map(|t| (7 + 31 * t) % vocab).collect();
-        let warm = Request::new(u64::MAX - i as u64, prompt, 2);
-        let mut ticket = scheduler
-            .submit(warm)
-            .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
-        loop {
-            match ticket.steps.recv().await {
-                Some(Step::Token { .. } | Step::Admitted { .. }) => {}
-                Some(Step::Finished(_)) => break,
-                Some(Step::Failed(e)) => {
-                    return Err(Failure::new(
-                        FailureReason::PeerUnreachable,
-                        format!("warm-up ({length}-token prompt) failed: {}", e.message),
-                    ));
+    // Ordinary ids spread over the vocabulary, different for each request
+    // (no prefix-cache hits among them); only the shape matters. Request ids
+    // far above any client request's.
+    let warm = |i: usize, length: usize| {
+        let prompt = (0..length as u32)
+            .map(|t| (7 + 31 * t + 101 * i as u32) % vocab)
+            .collect();
+        Request::new(u64::MAX - i as u64, prompt, 2)
+    };
+    // One length at a time (each prompt's own prefill shapes), then, when
+    // there are several, all of them at once: a step that mixes prompt
+    // chunks with decodes, and decode attention over several rows.
+    let mut rounds: Vec<Vec<(usize, usize)>> = lengths
+        .iter()
+        .copied()
+        .enumerate()
+        .map(|l| vec![l])
+        .collect();
+    if lengths.len() > 1 {
+        let n = lengths.len();
+        rounds.push(
+            lengths
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (n + i, l))
+                .collect(),
+        );
+    }
+    for round in rounds {
+        let mut tickets = Vec::with_capacity(round.len());
+        for &(i, length) in &round {
+            let ticket = scheduler
+                .submit(warm(i, length))
+                .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
+            tickets.push((length, ticket));
+        }
+        for (length, mut ticket) in tickets {
+            loop {
+                match ticket.steps.recv().await {
+                    Some(Step::Token { .. } | Step::Admitted { .. }) => {}
+                    Some(Step::Finished(_)) => break,
+                    Some(Step::Failed(e)) => {
+                        return Err(Failure::new(
+                            FailureReason::PeerUnreachable,
+                            format!("warm-up ({length}-token prompt) failed: {}", e.message),
+                        ));
+                    }
+                    None => return Err(engine_gone(reports.recv().await)),
                 }
-                None => return Err(engine_gone(reports.recv().await)),
             }
         }
     }
