@@ -29,7 +29,9 @@
 #             greedy answer to the capital question at world sizes 1 and 3
 #             against mlx-lm's; needs .gpu/model stashed too
 #   batch     the real model served at world sizes 1 and 3: greedy answers
-#             alone and in batches of 4 and 8 must be equal (dev/batch-check.py)
+#             alone and in batches of 4 and 8 must be equal, or part only at
+#             a near-tie within TANDEM_BATCH_TOLERANCE nats (default 0.25;
+#             dev/batch-check.py)
 #   serve     `tandem-agent serve` against `mlx_lm.server`: first-request
 #             TTFT, TTFT, throughput with 1/4/8 clients; then the first
 #             request after a restart with a cold and with a kept kernel cache
@@ -402,11 +404,13 @@ stage_batch() {
   for w in ${TANDEM_BATCH_WORLDS:-1 3}; do
     serve_until_ready "$OUT/batch-$w.log" --model "$dir" --port "$port" --state-dir /tmp/tandem-batch-state \
       --world-size "$w" --name smollm2 || continue
+    # bf16 on the GPU: batched matrix products round differently from
+    # one row's, so answers may part at near-ties (docs/engine.md).
     if "$PY" dev/batch-check.py --url "http://127.0.0.1:$port" --model smollm2 --label "tandem-world-$w" \
-      >"$OUT/batch-$w.json"; then
-      say "- world $w: PASS (batched answers equal solo ones): $(head -c 600 "$OUT/batch-$w.json")"
+      --tolerance "${TANDEM_BATCH_TOLERANCE:-0.25}" >"$OUT/batch-$w.json"; then
+      say "- world $w: PASS (equal, or parted only at near-ties within the tolerance): $(head -c 1500 "$OUT/batch-$w.json")"
     else
-      say "- world $w: DIFFERENT: $(head -c 1500 "$OUT/batch-$w.json")"
+      say "- world $w: FAIL (an answer parted beyond the tolerance): $(head -c 2500 "$OUT/batch-$w.json")"
     fi
     stop_serve
   done
