@@ -82,6 +82,17 @@ pub fn kernel_cache_dir(state_dir: &Path) -> PathBuf {
 ///
 /// `MLX_PTX_CACHE_DIR` is `kernel_cache` unless the agent's own environment
 /// already names one.
+///
+/// `MLX_ENABLE_CACHE_THRASHING_CHECK` is `0` unless the agent's environment
+/// sets it. MLX's CUDA backend keeps LRU caches of CUDA graphs, cuDNN
+/// attention plans and convolutions, and by default throws once a cache has
+/// missed twice its capacity over the process's life (a lifetime count,
+/// never reset). A server's batches come in ever new shapes (rows, prompt
+/// lengths, cache lengths), so it crosses that count in time however well
+/// the cache works: measured on the H200, 16 clients against 8 sequences
+/// took it past 800 graph misses in under a minute, and the exception failed
+/// the group. Without the check a miss only builds the graph again. Other
+/// backends do not read the variable.
 pub fn worker_env(
     launch: &Launch,
     kernel_cache: &Path,
@@ -110,6 +121,9 @@ pub fn worker_env(
     }
     if std::env::var_os("MLX_PTX_CACHE_DIR").is_none() {
         env.push(("MLX_PTX_CACHE_DIR", kernel_cache.as_os_str().to_owned()));
+    }
+    if std::env::var_os("MLX_ENABLE_CACHE_THRASHING_CHECK").is_none() {
+        env.push(("MLX_ENABLE_CACHE_THRASHING_CHECK", "0".into()));
     }
     env
 }
@@ -274,6 +288,93 @@ pub fn write_hostfile(path: &Path, addresses: &[String]) -> std::io::Result<Path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn launch(backend: tandem_crds::Backend) -> Launch {
+        let peer = |rank: i32| tandem_crds::Peer {
+            rank,
+            node: format!("n{rank}"),
+            address: format!("10.0.0.{}:7000", rank + 1),
+        };
+        Launch {
+            namespace: "ns".into(),
+            shard_name: "d-rank-1".into(),
+            spec: tandem_crds::LlamaShardSpec {
+                deployment: "d".into(),
+                epoch: 1,
+                rank: 1,
+                world_size: 2,
+                node_name: "n".into(),
+                model: "m".into(),
+                revision: None,
+                architecture: tandem_crds::Architecture {
+                    num_hidden_layers: 1,
+                    hidden_size: 64,
+                    num_attention_heads: 2,
+                    num_key_value_heads: 2,
+                    intermediate_size: 128,
+                    vocab_size: 256,
+                    head_dim: None,
+                    tie_word_embeddings: true,
+                    quantization: None,
+                    dtype: Default::default(),
+                },
+                backend,
+                peers: vec![peer(0), peer(1)],
+                control_address: "10.0.0.1:7001".into(),
+                serving_port: None,
+                group_token_secret_ref: tandem_crds::SecretKeyRef {
+                    name: "t".into(),
+                    key: None,
+                },
+                api_key_secret_ref: None,
+                max_context_tokens: 4096,
+                batching: None,
+            },
+            model_dir: "/models/m".into(),
+            group_token: "token".into(),
+            api_key: None,
+            max_queue: 8,
+            barrier_timeout_ms: 1000,
+            hostfile: "/state/hostfile.json".into(),
+            warmup_prompt_tokens: None,
+            batching: tandem_crds::BatchLimits::default(),
+        }
+    }
+
+    #[test]
+    fn workers_get_their_group_settings_and_mlx_defaults() {
+        let get = |env: &[(&'static str, std::ffi::OsString)], key: &str| {
+            env.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        let ring = worker_env(&launch(tandem_crds::Backend::Ring), Path::new("/kc"), None);
+        assert_eq!(get(&ring, "MLX_RANK").as_deref(), Some("1"));
+        assert_eq!(
+            get(&ring, "MLX_HOSTFILE").as_deref(),
+            Some("/state/hostfile.json")
+        );
+        assert_eq!(get(&ring, "NCCL_HOST_IP"), None);
+        // The agent's own environment wins for these two (tests do not set them).
+        if std::env::var_os("MLX_PTX_CACHE_DIR").is_none() {
+            assert_eq!(get(&ring, "MLX_PTX_CACHE_DIR").as_deref(), Some("/kc"));
+        }
+        if std::env::var_os("MLX_ENABLE_CACHE_THRASHING_CHECK").is_none() {
+            assert_eq!(
+                get(&ring, "MLX_ENABLE_CACHE_THRASHING_CHECK").as_deref(),
+                Some("0")
+            );
+        }
+        let nccl = worker_env(
+            &launch(tandem_crds::Backend::Nccl),
+            Path::new("/kc"),
+            Some(3),
+        );
+        assert_eq!(get(&nccl, "MLX_WORLD_SIZE").as_deref(), Some("2"));
+        assert_eq!(get(&nccl, "NCCL_HOST_IP").as_deref(), Some("10.0.0.1"));
+        assert_eq!(get(&nccl, "NCCL_PORT").as_deref(), Some("7000"));
+        assert_eq!(get(&nccl, "CUDA_VISIBLE_DEVICES").as_deref(), Some("3"));
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_resets() {
