@@ -222,7 +222,11 @@ impl SafetensorsFile {
         let data_start = 8 + header_len;
         let tensors = parse_header(&header, data_start).map_err(corrupt)?;
         for (name, info) in &tensors {
-            let needed = info.start + info.len;
+            let Some(needed) = info.start.checked_add(info.len) else {
+                return Err(corrupt(format!(
+                    "tensor {name}'s data_offsets end past any file size"
+                )));
+            };
             if needed > file_len {
                 return Err(EngineError::Truncated {
                     file: path.to_owned(),
@@ -571,6 +575,38 @@ mod tests {
             .collect();
         assert_eq!(cols, vec![1, 2, 5, 6, 9, 10]);
         assert_eq!(counter.load(Ordering::Relaxed) - before, 12);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn offsets_near_the_end_of_u64_are_a_corrupt_header_not_an_overflow() {
+        let path = scratch("overflow");
+        // Offsets of 20 digits either way, so the header's length (and the
+        // data's start) is known before they are: the tensor starts 4 bytes
+        // short of u64::MAX and ends past it.
+        let header_for = |begin: u64, end: u64| {
+            format!(
+                r#"{{"a": {{"dtype": "F32", "shape": [1], "data_offsets": [{begin}, {end}]}}}}"#
+            )
+        };
+        let data_start = 8 + header_for(u64::MAX, u64::MAX).len() as u64;
+        let begin = u64::MAX - 3 - data_start;
+        let header = header_for(begin, begin + 4);
+        assert_eq!(8 + header.len() as u64, data_start);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        std::fs::write(&path, &bytes).expect("write");
+        let Err(err) = SafetensorsFile::open(&path, Arc::new(AtomicU64::new(0))) else {
+            panic!("a header whose offsets overflow was accepted");
+        };
+        assert!(
+            matches!(
+                err,
+                EngineError::CorruptHeader { .. } | EngineError::Truncated { .. }
+            ),
+            "{err}"
+        );
         let _ = std::fs::remove_file(&path);
     }
 
