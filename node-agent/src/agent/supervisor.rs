@@ -165,8 +165,8 @@ pub async fn start(
     let (tx, events) = mpsc::unbounded_channel();
     let name = log_name.clone();
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut lines = LossyLines::new(stdout);
+        while let Some(line) = lines.next().await {
             match Event::parse(&line) {
                 Some(event) => {
                     let _ = tx.send(event);
@@ -176,8 +176,8 @@ pub async fn start(
         }
     });
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut lines = LossyLines::new(stderr);
+        while let Some(line) = lines.next().await {
             tracing::info!(worker = %log_name, "{line}");
         }
     });
@@ -189,6 +189,39 @@ pub async fn start(
         },
         events,
     ))
+}
+
+/// Lines of a worker's output, read to the end whatever bytes they hold:
+/// bytes that are not UTF-8 (a library's binary diagnostics, a torn
+/// multi-byte character) become U+FFFD instead of ending the reader, which
+/// would leave the worker blocked on a full pipe.
+struct LossyLines<R> {
+    reader: BufReader<R>,
+    buf: Vec<u8>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> LossyLines<R> {
+    fn new(reader: R) -> Self {
+        LossyLines {
+            reader: BufReader::new(reader),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next line without its line ending; `None` at the end (or on a
+    /// read error, after which nothing more can be read).
+    async fn next(&mut self) -> Option<String> {
+        self.buf.clear();
+        match self.reader.read_until(b'\n', &mut self.buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(_) => {
+                while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
+                    self.buf.pop();
+                }
+                Some(String::from_utf8_lossy(&self.buf).into_owned())
+            }
+        }
+    }
 }
 
 impl Worker {
@@ -339,6 +372,22 @@ mod tests {
             warmup_prompt_tokens: None,
             batching: tandem_crds::BatchLimits::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn output_lines_survive_bytes_that_are_not_utf8() {
+        let bytes: &[u8] = b"first\n\xff\xfe broken \xe2\x82\r\nlast line without an end";
+        let mut lines = LossyLines::new(bytes);
+        assert_eq!(lines.next().await.as_deref(), Some("first"));
+        assert_eq!(
+            lines.next().await.as_deref(),
+            Some("\u{fffd}\u{fffd} broken \u{fffd}")
+        );
+        assert_eq!(
+            lines.next().await.as_deref(),
+            Some("last line without an end")
+        );
+        assert_eq!(lines.next().await, None);
     }
 
     #[test]
