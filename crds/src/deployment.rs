@@ -53,11 +53,12 @@ pub struct LlamaDeploymentSpec {
     )]
     pub model: String,
     /// Model revision: a branch, tag or commit of the model repository.
-    /// Defaults to `main`.
+    /// Defaults to `main`. Parts between slashes start with a letter or a
+    /// digit, so no part is `.` or `..`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 100),
-        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
     )]
     pub revision: Option<String>,
     /// How the model is split into ranks.

@@ -619,6 +619,11 @@ async fn the_api_server_rejects_bad_manifests_with_clear_messages() {
             &["spec.model", "should match"],
         ),
         (
+            "revision that climbs out of the model directory",
+            "model: m/x\nrevision: main/../../etc\nsharding: {worldSize: 2}",
+            &["spec.revision", "should match"],
+        ),
+        (
             "context too small",
             "model: m/x\nsharding: {worldSize: 2}\nmaxContextTokens: 16",
             &[

@@ -49,6 +49,27 @@ fn is_commit(revision: &str) -> bool {
     revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
 }
 
+/// Why `value` (a model ID, or with `absolute_ok` also a model directory,
+/// or a revision) cannot be joined into a path under a model directory:
+/// a part between slashes that is empty, `.` or `..`, or a backslash or NUL.
+/// `None` when it is safe.
+pub fn path_problem(field: &str, value: &str, absolute_ok: bool) -> Option<String> {
+    let relative = match value.strip_prefix('/') {
+        Some(rest) if absolute_ok => rest,
+        _ => value,
+    };
+    let bad_part = relative
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..");
+    (bad_part || value.contains(['\\', '\0'])).then(|| {
+        format!(
+            "{field} `{}` is not a safe name: every part between slashes must be non-empty and \
+             not `.` or `..` (for example `main`, `v1.2` or `org/name`)",
+            value.escape_debug()
+        )
+    })
+}
+
 /// Where `model` at `revision` is on this node, if anywhere.
 pub fn find_local(dirs: &[PathBuf], model: &str, revision: &str) -> Option<PathBuf> {
     let as_path = Path::new(model);
@@ -64,6 +85,8 @@ pub fn find_local(dirs: &[PathBuf], model: &str, revision: &str) -> Option<PathB
                 std::fs::read_to_string(repo.join("refs").join(revision))
                     .ok()
                     .map(|c| c.trim().to_owned())
+                    // A ref names a commit; anything else is not followed.
+                    .filter(|c| is_commit(c))
             };
             if let Some(commit) = commit {
                 let snapshot = repo.join("snapshots").join(commit);
@@ -318,6 +341,29 @@ mod tests {
     }
 
     #[test]
+    fn names_that_would_leave_the_model_directories_are_refused() {
+        for good in ["main", "v1.2", "refs/pr/1", "a..b"] {
+            assert_eq!(path_problem("spec.revision", good, false), None, "{good}");
+        }
+        assert_eq!(path_problem("spec.model", "/models/m", true), None);
+        for bad in [
+            "..",
+            "../x",
+            "main/../../etc",
+            "a//b",
+            "./a",
+            "a/",
+            "/abs",
+            "a\\b",
+            "a\0",
+        ] {
+            let problem = path_problem("spec.revision", bad, false).expect(bad);
+            assert!(problem.contains("spec.revision"), "{problem}");
+        }
+        assert!(path_problem("spec.model", "/models/../etc", true).is_some());
+    }
+
+    #[test]
     fn models_are_found_in_every_layout() {
         let root = std::env::temp_dir().join(format!("tandem-models-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -350,6 +396,9 @@ mod tests {
             Some(plain.join("short"))
         );
         assert_eq!(find_local(&dirs, "org/absent", "main"), None);
+        // A ref that does not hold a commit is not followed.
+        std::fs::write(repo.join("refs/odd"), "../../../plain/short\n").expect("ref");
+        assert_eq!(find_local(&dirs, "org/tiny", "odd"), None);
         let absolute = plain.join("short");
         assert_eq!(
             find_local(&[], absolute.to_str().expect("utf-8"), "main"),

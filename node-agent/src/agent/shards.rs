@@ -636,6 +636,14 @@ fn validate(config: &AgentConfig, shard: &LlamaShard) -> Result<Vec<String>, Str
     if spec.rank == 0 && spec.serving_port.is_none() {
         return Err("rank 0 has no spec.servingPort".into());
     }
+    // Both are joined into paths under the model directories.
+    if let Some(problem) = models::path_problem("spec.model", &spec.model, true).or_else(|| {
+        spec.revision
+            .as_deref()
+            .and_then(|r| models::path_problem("spec.revision", r, false))
+    }) {
+        return Err(problem);
+    }
     if world > 1
         && spec
             .control_address
