@@ -419,6 +419,7 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
         (json!({"n": 3}), "n"),
         (json!({"messages": []}), "messages"),
         (json!({"stream": "yes"}), "stream"),
+        (json!({"stop": "s".repeat(257)}), "stop"),
     ] {
         let r = call("/v1/chat/completions", &chat(extra.clone()))?;
         assert_eq!(r.status, 400, "{extra}: {}", r.body);
@@ -431,6 +432,35 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
     )?;
     assert_eq!(r.status, 400);
     assert_eq!(error(&r)["param"], "prompt");
+    // A body over the limit (1 MiB + 32 bytes per context token) is refused
+    // from its Content-Length, before it is read: the answer comes although
+    // the client has sent none of it.
+    let limit = 1_048_576 + 32 * 4096;
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Authorization: Bearer sk-test-key\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            limit + 1
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        answer
+    };
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let json_body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_str(json_body).unwrap_or_default();
+    assert_eq!(body["error"]["code"], "request_too_large", "{answer}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&limit.to_string())),
+        "{answer}"
+    );
     // Unknown paths and methods.
     let r = request(port, "GET", "/v1/chat/completions", &key, None)?;
     assert_eq!(r.status, 405);

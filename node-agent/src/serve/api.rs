@@ -157,25 +157,28 @@ fn model(map: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
+/// Longest stop sequence, in bytes: every streamed piece is checked
+/// against every stop sequence, and text that may start one is held back.
+pub const MAX_STOP_BYTES: usize = 256;
+
 fn stop(map: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     let bad = || {
         ApiError::invalid_param(
             "stop",
             "invalid_value",
-            "`stop` must be a string or a list of at most 4 non-empty strings.",
+            format!(
+                "`stop` must be a string or a list of at most 4 non-empty strings of at most \
+                 {MAX_STOP_BYTES} bytes each."
+            ),
         )
     };
+    let one = |s: &str| (!s.is_empty() && s.len() <= MAX_STOP_BYTES).then(|| s.to_owned());
     match map.get("stop") {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) if !s.is_empty() => Ok(vec![s.clone()]),
+        Some(Value::String(s)) => one(s).map(|s| vec![s]).ok_or_else(bad),
         Some(Value::Array(items)) if items.len() <= 4 => items
             .iter()
-            .map(|i| {
-                i.as_str()
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .ok_or_else(bad)
-            })
+            .map(|i| i.as_str().and_then(one).ok_or_else(bad))
             .collect(),
         Some(_) => Err(bad()),
     }
@@ -687,6 +690,14 @@ mod tests {
             ),
             (
                 json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}),
+                "stop",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "x".repeat(MAX_STOP_BYTES + 1)}),
+                "stop",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["ok", ""]}),
                 "stop",
             ),
             (

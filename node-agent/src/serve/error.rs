@@ -49,6 +49,19 @@ impl ApiError {
         .code("invalid_json")
     }
 
+    /// 413: the body is larger than the server reads.
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "The request body is larger than the {limit} bytes this server reads \
+                 (1 MiB plus 32 bytes per token of the model's context)."
+            ),
+        )
+        .code("request_too_large")
+    }
+
     /// 404: no such model here.
     pub fn unknown_model(model: &str) -> ApiError {
         ApiError::new(

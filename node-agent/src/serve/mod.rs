@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -55,6 +56,15 @@ pub struct ServeConfig {
     pub vocab_size: usize,
     /// Bearer key required on `/v1/*`, if any.
     pub api_key: Option<String>,
+}
+
+impl ServeConfig {
+    /// The largest request body read: 1 MiB plus 32 bytes per context
+    /// token, room for a whole context of text as JSON (escapes included)
+    /// and not much more. A larger body gets 413 before it is read whole.
+    pub fn max_body_bytes(&self) -> usize {
+        (1 << 20) + 32 * self.max_context_tokens
+    }
 }
 
 struct Inner {
@@ -218,22 +228,42 @@ async fn get_model(
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     generate(state, Endpoint::Chat, headers, body).await
 }
 
-async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     generate(state, Endpoint::Completions, headers, body).await
 }
 
-async fn generate(
-    state: AppState,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let response = match start(&state, endpoint, &headers, &body).await {
+/// The request body, at most `limit` bytes: a larger `Content-Length` is
+/// refused before anything is read, and a body without one is cut off as
+/// soon as it passes the limit.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::invalid(format!(
+            "The request body could not be read: {e}"
+        ))),
+    }
+}
+
+async fn generate(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let started = match read_body(&headers, body, state.0.config.max_body_bytes()).await {
+        Ok(body) => start(&state, endpoint, &headers, &body).await,
+        Err(e) => Err(e),
+    };
+    let response = match started {
         Ok((request, ticket, prompt_tokens)) => {
             let meta = state.meta(endpoint, &request.model);
             let generation = Generation::new(
