@@ -171,7 +171,7 @@ pub struct BatchLimits {
 
 impl BatchLimits {
     /// Default of `maxSequences` (`spec.serving.maxBatchSequences`).
-    pub const DEFAULT_MAX_SEQUENCES: u32 = 8;
+    pub const DEFAULT_MAX_SEQUENCES: u32 = 16;
     /// Default of `maxTokens` (`spec.serving.maxBatchTokens`).
     pub const DEFAULT_MAX_TOKENS: u32 = 32768;
     /// Default of `prefillChunkTokens` (`spec.serving.prefillChunkTokens`).

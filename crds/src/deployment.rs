@@ -159,7 +159,10 @@ pub struct Serving {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
     /// Most requests rank 0 decodes together in one step (continuous
-    /// batching); more wait in its queue. Defaults to 8.
+    /// batching); more wait in its queue. Defaults to 16. A decode step
+    /// reads the weights once for the whole batch, so more sequences cost
+    /// little per step; the KV they hold is bounded by `maxBatchTokens`,
+    /// not by this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 256))]
     pub max_batch_sequences: Option<u32>,

@@ -128,7 +128,7 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct BatchFlags {
     /// Most requests rank 0 decodes together in one step, 1 to 256; more
-    /// wait in its queue [default: 8].
+    /// wait in its queue [default: 16].
     #[arg(long, env = "TANDEM_MAX_BATCH_SEQUENCES", value_name = "N")]
     pub max_batch_sequences: Option<u32>,
     /// Most KV positions the batch reserves: its requests times the longest

@@ -50,7 +50,7 @@ pub struct BatchLimits {
 impl Default for BatchLimits {
     fn default() -> Self {
         BatchLimits {
-            max_sequences: 8,
+            max_sequences: 16,
             max_tokens: 32768,
             prefill_chunk_tokens: 2048,
             prefix_cache_bytes: 512 << 20,
