@@ -424,8 +424,8 @@ impl<'m> BatchEngine<'m> {
 
     fn run(&mut self, plan: &StepPlan) -> Result<PendingStep> {
         let mlx = EngineError::mlx;
-        // Take the fed sequences out, in batch order, to borrow their caches
-        // together; they go back in below.
+        // Take the fed sequences out, in batch order, so they can be updated
+        // while the step writes the batch's cache; they go back in below.
         let mut fed = Vec::with_capacity(plan.feed.len());
         for feed in &plan.feed {
             let Some(sequence) = self.sequences.remove(&feed.id) else {

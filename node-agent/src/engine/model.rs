@@ -541,19 +541,19 @@ impl StepLayout {
 
         let mut source = vec![0i32; rows as usize];
         let mut write = vec![capacity; rows as usize];
-        let mut decoding = false;
+        let decoding = segments.iter().any(|s| s.len == 1);
         let mut prefill = Vec::new();
-        // Where each flat position's output lands: decode rows come first.
-        let mut order = Vec::new();
-        let mut joined = 0;
+        // Where each flat position's output lands in the joined parts: a
+        // decode at its row, prompt chunks after all the rows, in flat order.
+        let mut flat_order = Vec::new();
+        let mut joined = if decoding { rows } else { 0 };
         let mut flat = 0;
         for s in segments {
             let start = cache.offset(s.row).unwrap_or(0);
             if s.len == 1 {
-                decoding = true;
                 source[s.row] = flat;
                 write[s.row] = start;
-                order.push(s.row as i32);
+                flat_order.push(s.row as i32);
             } else {
                 prefill.push(PrefillSegment {
                     row: s.row as i32,
@@ -561,26 +561,10 @@ impl StepLayout {
                     len: s.len,
                     start,
                 });
-            }
-            flat += s.len;
-        }
-        if decoding {
-            joined = rows;
-        }
-        // Prompt chunks follow the decode rows, in flat order.
-        let mut flat_order = vec![0i32; flat as usize];
-        let mut decode_at = order.into_iter();
-        let mut position = 0;
-        for s in segments {
-            if s.len == 1 {
-                flat_order[position] = decode_at.next().unwrap_or(0);
-            } else {
-                for i in 0..s.len as usize {
-                    flat_order[position + i] = joined + i as i32;
-                }
+                flat_order.extend(joined..joined + s.len);
                 joined += s.len;
             }
-            position += s.len as usize;
+            flat += s.len;
         }
         let identity = flat_order.iter().enumerate().all(|(i, &j)| i as i32 == j)
             && joined as usize == flat_order.len();
