@@ -167,6 +167,19 @@ pub struct BatchLimits {
     /// cache off.
     #[schemars(range(min = 0))]
     pub prefix_cache_bytes: i64,
+    /// Most tokens one request may generate: what a request that names no
+    /// `max_tokens` gets (or the context left after its prompt, when that is
+    /// less), and the most it may name; a request asking for more is
+    /// refused with a 400.
+    #[serde(default = "default_max_completion_tokens")]
+    #[schemars(range(min = 1))]
+    pub max_completion_tokens: u32,
+}
+
+/// Default of `maxCompletionTokens`, also for shards written before the
+/// field existed.
+pub fn default_max_completion_tokens() -> u32 {
+    BatchLimits::DEFAULT_MAX_COMPLETION_TOKENS
 }
 
 impl BatchLimits {
@@ -178,6 +191,8 @@ impl BatchLimits {
     pub const DEFAULT_PREFILL_CHUNK_TOKENS: u32 = 2048;
     /// Default of `prefixCacheBytes` (`spec.serving.prefixCacheBytes`): 512 MiB.
     pub const DEFAULT_PREFIX_CACHE_BYTES: i64 = 512 << 20;
+    /// Default of `maxCompletionTokens` (`spec.serving.maxCompletionTokens`).
+    pub const DEFAULT_MAX_COMPLETION_TOKENS: u32 = 4096;
 }
 
 /// Limits that suit a Mac serving a few users: eight sequences, 32768
@@ -189,6 +204,7 @@ impl Default for BatchLimits {
             max_tokens: Self::DEFAULT_MAX_TOKENS,
             prefill_chunk_tokens: Self::DEFAULT_PREFILL_CHUNK_TOKENS,
             prefix_cache_bytes: Self::DEFAULT_PREFIX_CACHE_BYTES,
+            max_completion_tokens: Self::DEFAULT_MAX_COMPLETION_TOKENS,
         }
     }
 }

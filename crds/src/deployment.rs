@@ -190,6 +190,14 @@ pub struct Serving {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub prefix_cache_bytes: Option<i64>,
+    /// Most tokens one request may generate. A request that names no
+    /// `max_tokens` gets this many (or the context left after its prompt,
+    /// when that is less); one that asks for more is refused with a 400
+    /// naming this field. Bounds how long one request can hold a place in
+    /// the batch. Defaults to 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_completion_tokens: Option<u32>,
 }
 
 /// Default for `spec.serving.port`.
@@ -207,6 +215,7 @@ impl Default for Serving {
             max_batch_tokens: None,
             prefill_chunk_tokens: None,
             prefix_cache_bytes: None,
+            max_completion_tokens: None,
         }
     }
 }
@@ -222,6 +231,9 @@ impl Serving {
             max_tokens: self.max_batch_tokens.unwrap_or(d.max_tokens),
             prefill_chunk_tokens: self.prefill_chunk_tokens.unwrap_or(d.prefill_chunk_tokens),
             prefix_cache_bytes: self.prefix_cache_bytes.unwrap_or(d.prefix_cache_bytes),
+            max_completion_tokens: self
+                .max_completion_tokens
+                .unwrap_or(d.max_completion_tokens),
         }
     }
 }

@@ -322,6 +322,7 @@ mod tests {
                     max_tokens: 32768,
                     prefill_chunk_tokens: 2048,
                     prefix_cache_bytes: 0,
+                    max_completion_tokens: 4096,
                 }),
                 "every rank carries the resolved limits"
             );

@@ -462,6 +462,7 @@ fn changed_batch_limits_start_a_new_epoch_and_bad_ones_leave_the_group_alone() {
         max_tokens: 65536,
         prefill_chunk_tokens: 2048,
         prefix_cache_bytes: 0,
+        max_completion_tokens: 4096,
     };
     assert!(out.apply.iter().all(|s| s.spec.batching == Some(want)));
     assert_eq!(out.delete.len(), 2);
