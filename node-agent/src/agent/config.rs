@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tandem_crds::{BatchLimits, LlamaShardSpec};
 
+use crate::serve::ApiLimits;
+
 /// Flags of `tandem-agent run`. Every flag can also come from its
 /// environment variable or from the `--config` file; flags win over the
 /// environment, which wins over the file.
@@ -120,6 +122,77 @@ pub struct RunArgs {
     /// `batching`.
     #[command(flatten)]
     pub batching: BatchFlags,
+    /// What one client can take from rank 0's API, and the progress
+    /// watchdog.
+    #[command(flatten)]
+    pub guards: GuardFlags,
+}
+
+/// What one client can take from rank 0's API, and how long rank 0 waits
+/// for a step before it declares the group stalled; flags of `run` and
+/// `serve`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct GuardFlags {
+    /// Most open connections to rank 0's API; more are answered 503 and
+    /// closed [default: 512].
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers (also between
+    /// requests on a kept-alive connection), and again its body; slower
+    /// clients get 408 or are disconnected [default: 30].
+    #[arg(long, env = "TANDEM_READ_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub read_timeout_seconds: Option<u64>,
+    /// Prompts rank 0 encodes (chat template, tokenizer) at once; a request
+    /// waits up to the read timeout for a slot, then gets 429 [default: 4].
+    #[arg(long, env = "TANDEM_MAX_TOKENIZING", value_name = "N")]
+    pub max_tokenizing: Option<usize>,
+    /// Seconds rank 0 waits, with work outstanding, for a step to finish
+    /// before it declares the group stalled, fails its requests and the
+    /// shard (GroupStalled); the bound grows to ten times the longest step
+    /// seen when that is longer [default: 30].
+    #[arg(long, env = "TANDEM_STALL_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub stall_timeout_seconds: Option<u64>,
+}
+
+impl GuardFlags {
+    /// These flags over `under` (the config file's values).
+    pub fn or(&self, under: &GuardFlags) -> GuardFlags {
+        GuardFlags {
+            max_connections: self.max_connections.or(under.max_connections),
+            read_timeout_seconds: self.read_timeout_seconds.or(under.read_timeout_seconds),
+            max_tokenizing: self.max_tokenizing.or(under.max_tokenizing),
+            stall_timeout_seconds: self.stall_timeout_seconds.or(under.stall_timeout_seconds),
+        }
+    }
+
+    /// The API limits, defaults where a flag is absent; the error names the
+    /// flag at fault.
+    pub fn api_limits(&self) -> Result<ApiLimits, String> {
+        let d = ApiLimits::default();
+        let limits = ApiLimits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            read_timeout_ms: self
+                .read_timeout_seconds
+                .map_or(d.read_timeout_ms, |s| s.saturating_mul(1000)),
+            max_tokenizing: self.max_tokenizing.unwrap_or(d.max_tokenizing),
+        };
+        if limits.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if limits.read_timeout_ms == 0 {
+            return Err("--read-timeout-seconds must be at least 1".into());
+        }
+        if limits.max_tokenizing == 0 {
+            return Err("--max-tokenizing must be at least 1".into());
+        }
+        Ok(limits)
+    }
+
+    /// The watchdog's floor, if set (at least a second).
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        self.stall_timeout_seconds
+            .map(|s| Duration::from_secs(s.max(1)))
+    }
 }
 
 /// How rank 0 batches requests, as flags: for `run`, the limits of shards
@@ -146,6 +219,10 @@ pub struct BatchFlags {
     /// [default: 536870912, 512 MiB].
     #[arg(long, env = "TANDEM_PREFIX_CACHE_BYTES", value_name = "BYTES")]
     pub prefix_cache_bytes: Option<i64>,
+    /// Most tokens one request may generate: the default `max_tokens`, and
+    /// the most a request may ask for [default: 4096].
+    #[arg(long, env = "TANDEM_MAX_COMPLETION_TOKENS", value_name = "TOKENS")]
+    pub max_completion_tokens: Option<u32>,
 }
 
 impl BatchFlags {
@@ -157,6 +234,7 @@ impl BatchFlags {
             max_batch_tokens: self.max_batch_tokens.or(under.max_batch_tokens),
             prefill_chunk_tokens: self.prefill_chunk_tokens.or(under.prefill_chunk_tokens),
             prefix_cache_bytes: self.prefix_cache_bytes.or(under.prefix_cache_bytes),
+            max_completion_tokens: self.max_completion_tokens.or(under.max_completion_tokens),
         }
     }
 
@@ -170,6 +248,9 @@ impl BatchFlags {
             max_tokens: self.max_batch_tokens.unwrap_or(d.max_tokens),
             prefill_chunk_tokens: self.prefill_chunk_tokens.unwrap_or(d.prefill_chunk_tokens),
             prefix_cache_bytes: self.prefix_cache_bytes.unwrap_or(d.prefix_cache_bytes),
+            max_completion_tokens: self
+                .max_completion_tokens
+                .unwrap_or(d.max_completion_tokens),
         };
         if !(1..=256).contains(&limits.max_sequences) {
             return Err(format!(
@@ -191,6 +272,9 @@ impl BatchFlags {
                 "--prefix-cache-bytes must be 0 or more, not {}",
                 limits.prefix_cache_bytes
             ));
+        }
+        if limits.max_completion_tokens == 0 {
+            return Err("--max-completion-tokens must be at least 1".into());
         }
         Ok(limits)
     }
@@ -324,6 +408,16 @@ pub struct FileConfig {
     pub prefill_chunk_tokens: Option<u32>,
     /// See `--prefix-cache-bytes`.
     pub prefix_cache_bytes: Option<i64>,
+    /// See `--max-completion-tokens`.
+    pub max_completion_tokens: Option<u32>,
+    /// See `--max-connections`.
+    pub max_connections: Option<usize>,
+    /// See `--read-timeout-seconds`.
+    pub read_timeout_seconds: Option<u64>,
+    /// See `--max-tokenizing`.
+    pub max_tokenizing: Option<usize>,
+    /// See `--stall-timeout-seconds`.
+    pub stall_timeout_seconds: Option<u64>,
 }
 
 /// Why the configuration is unusable.
@@ -430,6 +524,10 @@ pub struct AgentConfig {
     /// Batch limits for shards whose spec carries none (see
     /// [`AgentConfig::batching_for`]).
     pub batching: BatchLimits,
+    /// What one client can take from rank 0's API.
+    pub api_limits: ApiLimits,
+    /// Floor of rank 0's progress watchdog; `None` for the worker's default.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -533,12 +631,20 @@ pub fn resolve(
         max_batch_tokens: file.max_batch_tokens,
         prefill_chunk_tokens: file.prefill_chunk_tokens,
         prefix_cache_bytes: file.prefix_cache_bytes,
+        max_completion_tokens: file.max_completion_tokens,
     };
     let batching = args
         .batching
         .or(&from_file)
         .limits()
         .map_err(ConfigError::Invalid)?;
+    let guards = args.guards.or(&GuardFlags {
+        max_connections: file.max_connections,
+        read_timeout_seconds: file.read_timeout_seconds,
+        max_tokenizing: file.max_tokenizing,
+        stall_timeout_seconds: file.stall_timeout_seconds,
+    });
+    let api_limits = guards.api_limits().map_err(ConfigError::Invalid)?;
     let backend = args.backend.or(file.backend).unwrap_or(BackendChoice::Auto);
     let gpus = args.gpus.or(file.gpus);
     if let Some(n) = gpus.filter(|&n| n > 0) {
@@ -602,6 +708,8 @@ pub fn resolve(
             .or(file.warmup_prompt_tokens)
             .map(|lengths| lengths.into_iter().filter(|&n| n > 0).collect()),
         batching,
+        api_limits,
+        stall_timeout: guards.stall_timeout(),
         node_name,
     })
 }
@@ -755,6 +863,7 @@ mod tests {
             max_tokens: 8192,
             prefill_chunk_tokens: 2048,
             prefix_cache_bytes: 0,
+            max_completion_tokens: 4096,
         };
         assert_eq!(c.batching, want);
 

@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// How rank 0 batches requests (the same flags as `run`'s).
     #[command(flatten)]
     pub batching: super::config::BatchFlags,
+    /// What one client can take, and the progress watchdog (the same flags
+    /// as `run`'s).
+    #[command(flatten)]
+    pub guards: super::config::GuardFlags,
 }
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -181,6 +185,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
         })
         .collect();
     let batching = batch_limits(args)?;
+    let api_limits = args.guards.api_limits().map_err(anyhow::Error::msg)?;
     let warmup: Option<Vec<usize>> = args
         .warmup_prompt_tokens
         .as_ref()
@@ -218,6 +223,11 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
             hostfile: hostfile.clone(),
             warmup_prompt_tokens: warmup.clone(),
             batching,
+            api_limits,
+            stall_timeout_ms: args
+                .guards
+                .stall_timeout()
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         })
         .collect())
 }

@@ -852,6 +852,11 @@ async fn attempt(
         hostfile,
         warmup_prompt_tokens: ctx.config.warmup_prompt_tokens.clone(),
         batching: ctx.config.batching_for(spec),
+        api_limits: ctx.config.api_limits,
+        stall_timeout_ms: ctx
+            .config
+            .stall_timeout
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     };
     // Held until this attempt ends, so the worker has the GPU to itself.
     let gpu = if spec.backend == Backend::Nccl {

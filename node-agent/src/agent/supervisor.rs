@@ -371,6 +371,8 @@ mod tests {
             hostfile: "/state/hostfile.json".into(),
             warmup_prompt_tokens: None,
             batching: tandem_crds::BatchLimits::default(),
+            api_limits: Default::default(),
+            stall_timeout_ms: None,
         }
     }
 

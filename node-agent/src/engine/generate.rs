@@ -129,7 +129,7 @@ pub fn generate(
         &Alone,
         &mut vec![request],
         &mut on_event,
-        &mut |_| {},
+        &mut |_, _| {},
     )?;
     let Some(outcome) = outcome else {
         return Err(EngineError::Argument(

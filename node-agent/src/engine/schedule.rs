@@ -629,14 +629,15 @@ impl Intake for Vec<Request> {
 /// every request has ended, handing each plan to `sink` (the other ranks)
 /// before running it, and reporting through `on_event`. Every plan is
 /// queued before the step before it is read, so the device is never idle
-/// waiting for the host. `after_step` sees the scheduler after each step.
+/// waiting for the host. `after_step` sees the scheduler after each step,
+/// and whether a step is still running on the device.
 pub fn lead(
     engine: &mut BatchEngine<'_>,
     scheduler: &mut Scheduler,
     sink: &dyn PlanSink,
     intake: &mut dyn Intake,
     on_event: &mut dyn FnMut(Event),
-    after_step: &mut dyn FnMut(&Scheduler),
+    after_step: &mut dyn FnMut(&Scheduler, bool),
 ) -> Result<()> {
     let mut pending: Option<PendingStep> = None;
     let mut open = true;
@@ -663,7 +664,7 @@ pub fn lead(
             scheduler.absorb(before.read()?, on_event);
         }
         if changed {
-            after_step(scheduler);
+            after_step(scheduler, queued.is_some());
         }
         pending = queued;
         if !open && pending.is_none() && scheduler.is_idle() {

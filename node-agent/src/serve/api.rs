@@ -218,8 +218,9 @@ fn common(
             Some(n) => Some(n),
             None => integer(map, "max_tokens", 1)?,
         },
-        // The legacy endpoint's documented default.
-        Endpoint::Completions => Some(integer(map, "max_tokens", 1)?.unwrap_or(16)),
+        // Absent: the legacy endpoint's documented default of 16 applies
+        // (`start`, within the deployment's cap).
+        Endpoint::Completions => integer(map, "max_tokens", 1)?,
     };
     let include_usage = match map.get("stream_options") {
         None | Some(Value::Null) => false,
@@ -729,7 +730,7 @@ mod tests {
     fn completion_prompts_take_every_openai_shape() {
         let text = parse_completion(&json!({"model": "m", "prompt": "hello"})).expect("text");
         assert_eq!(text.prompt, PromptInput::Text("hello".into()));
-        assert_eq!(text.max_tokens, Some(16));
+        assert_eq!(text.max_tokens, None, "the default is applied when queued");
         let ids = parse_completion(&json!({"model": "m", "prompt": [1, 2, 3]})).expect("ids");
         assert_eq!(ids.prompt, PromptInput::Ids(vec![1, 2, 3]));
         let nested = parse_completion(&json!({"model": "m", "prompt": [[4, 5]]})).expect("nested");

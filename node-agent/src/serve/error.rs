@@ -89,6 +89,44 @@ impl ApiError {
         .code("queue_full")
     }
 
+    /// 408: the client did not send its request within the read timeout.
+    pub fn read_timeout(timeout: std::time::Duration) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request body did not arrive within {:.0}s.",
+                timeout.as_secs_f64()
+            ),
+        )
+        .code("request_timeout")
+    }
+
+    /// 503: too many connections are open.
+    pub fn too_many_connections(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!(
+                "The server holds its limit of {limit} open connections. Retry later, or reuse a connection."
+            ),
+        )
+        .code("too_many_connections")
+    }
+
+    /// 429: every tokenizing slot stayed busy for the whole wait.
+    pub fn tokenizer_busy(waited: std::time::Duration) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "The server is busy encoding other prompts (no slot freed within {:.0}s). Retry later.",
+                waited.as_secs_f64()
+            ),
+        )
+        .code("tokenizer_busy")
+    }
+
     /// 503: the tensor-parallel group cannot run requests.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)

@@ -6,21 +6,31 @@
 //! - [`error`]: OpenAI-style error bodies and status codes.
 //! - [`scheduler`]: the bounded queue in front of the engine thread.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`watchdog`]: notices a group that stopped making progress.
 //!
 //! A client that disconnects cancels its generation: the request's
 //! [`scheduler::CancelGuard`] lives in the handler (or the event stream),
 //! which the server drops when the connection closes.
+//!
+//! What one client can take is bounded ([`ApiLimits`]): open connections
+//! (more are answered 503 and closed), the time to send a request's headers
+//! and its body (408, or the connection is closed), the body's size (413),
+//! the prompts being encoded at once (429 when no slot frees in time), the
+//! queue (429, checked before any encoding), and the tokens one request may
+//! generate (`max_tokens`, capped per deployment). Every refusal is an
+//! OpenAI-style error.
 
 pub mod api;
 pub mod error;
 pub mod metrics;
 pub mod scheduler;
+pub mod watchdog;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
@@ -31,8 +41,11 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::Stream;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use self::api::{Endpoint, GenerationRequest, PromptInput, ResponseMeta, TokenInfo, Usage};
 use self::error::ApiError;
@@ -56,6 +69,51 @@ pub struct ServeConfig {
     pub vocab_size: usize,
     /// Bearer key required on `/v1/*`, if any.
     pub api_key: Option<String>,
+    /// Most tokens one request may generate: the default when it names no
+    /// `max_tokens`, and the largest it may name. `None`: the context left
+    /// after the prompt.
+    pub max_completion_tokens: Option<usize>,
+    /// What one client can take.
+    pub limits: ApiLimits,
+}
+
+/// What one client can take from rank 0's API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiLimits {
+    /// Most open connections; more are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Milliseconds a client has to send a request's headers (on a new
+    /// connection, and between requests on a kept-alive one), and again
+    /// its body. Slower clients get 408 or are disconnected.
+    pub read_timeout_ms: u64,
+    /// Prompts encoded (chat template and tokenizer) at once; a request
+    /// waits up to the read timeout for a slot, then gets 429.
+    pub max_tokenizing: usize,
+}
+
+impl ApiLimits {
+    /// Default of `max_connections`.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+    /// Default of `read_timeout_ms`: 30 s.
+    pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
+    /// Default of `max_tokenizing`.
+    pub const DEFAULT_MAX_TOKENIZING: usize = 4;
+
+    /// The read timeout.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms.max(1))
+    }
+}
+
+impl Default for ApiLimits {
+    fn default() -> ApiLimits {
+        ApiLimits {
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            read_timeout_ms: Self::DEFAULT_READ_TIMEOUT_MS,
+            max_tokenizing: Self::DEFAULT_MAX_TOKENIZING,
+        }
+    }
 }
 
 impl ServeConfig {
@@ -69,6 +127,8 @@ impl ServeConfig {
 
 struct Inner {
     config: ServeConfig,
+    /// Slots for encoding prompts.
+    tokenizing: Arc<Semaphore>,
     codec: Arc<dyn TextCodec>,
     scheduler: Scheduler,
     metrics: Arc<ServeMetrics>,
@@ -104,6 +164,7 @@ impl AppState {
         metrics: Arc<ServeMetrics>,
     ) -> AppState {
         AppState(Arc::new(Inner {
+            tokenizing: Arc::new(Semaphore::new(config.limits.max_tokenizing.max(1))),
             config,
             codec,
             scheduler,
@@ -157,15 +218,68 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Serves `router` on `listener` until `shutdown` resolves, one task per
+/// connection: at most `limits.max_connections` at once (a connection
+/// beyond them gets a 503 and is closed), each closed when a request's
+/// headers do not arrive within the read timeout (an idle kept-alive
+/// connection too). Connections still open when `shutdown` resolves are
+/// left to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: ApiLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, then go on
+                    // accepting rather than stop serving.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = limits.max_connections, "connection refused: too many open");
+            tokio::spawn(refuse(stream, limits.max_connections));
+            continue;
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.read_timeout())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Answers a connection over the limit with a 503 and closes it, giving
+/// the client a second to take it.
+async fn refuse(mut stream: tokio::net::TcpStream, limit: usize) {
+    let body = ApiError::too_many_connections(limit).body().to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -237,10 +351,16 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bo
     generate(state, Endpoint::Completions, headers, body).await
 }
 
-/// The request body, at most `limit` bytes: a larger `Content-Length` is
-/// refused before anything is read, and a body without one is cut off as
-/// soon as it passes the limit.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The request body, at most `limit` bytes, whole within `timeout`: a
+/// larger `Content-Length` is refused before anything is read, a body
+/// without one is cut off as soon as it passes the limit, and a slow one
+/// gets 408.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     use http_body_util::{BodyExt, LengthLimitError, Limited};
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -249,17 +369,27 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::invalid(format!(
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::read_timeout(timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::too_large(limit))
+        }
+        Ok(Err(e)) => Err(ApiError::invalid(format!(
             "The request body could not be read: {e}"
         ))),
     }
 }
 
 async fn generate(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
-    let started = match read_body(&headers, body, state.0.config.max_body_bytes()).await {
+    let config = &state.0.config;
+    let read = read_body(
+        &headers,
+        body,
+        config.max_body_bytes(),
+        config.limits.read_timeout(),
+    );
+    let started = match read.await {
         Ok(body) => start(&state, endpoint, &headers, &body).await,
         Err(e) => Err(e),
     };
@@ -320,6 +450,8 @@ async fn start(
     if !state.knows_model(&request.model) {
         return Err(ApiError::unknown_model(&request.model));
     }
+    // A full queue refuses before any encoding work is spent.
+    state.0.scheduler.check_room()?;
     let prompt_ids = tokenize(state, &request).await?;
     let ctx = state.0.config.max_context_tokens;
     let param = match endpoint {
@@ -333,9 +465,28 @@ async fn start(
             "The prompt is empty.",
         ));
     }
-    let max_tokens = match request.max_tokens {
-        Some(n) => n as usize,
-        None => ctx.saturating_sub(prompt_ids.len()),
+    let cap = state.0.config.max_completion_tokens;
+    if let (Some(n), Some(cap)) = (request.max_tokens, cap)
+        && n as usize > cap
+    {
+        let name = match endpoint {
+            Endpoint::Chat => "max_completion_tokens",
+            Endpoint::Completions => "max_tokens",
+        };
+        return Err(ApiError::invalid_param(
+            name,
+            "invalid_value",
+            format!(
+                "{name} is {n}, but this deployment generates at most {cap} tokens per request (spec.serving.maxCompletionTokens)."
+            ),
+        ));
+    }
+    let left = ctx.saturating_sub(prompt_ids.len());
+    let max_tokens = match (request.max_tokens, endpoint) {
+        (Some(n), _) => n as usize,
+        // The legacy endpoint's documented default.
+        (None, Endpoint::Completions) => cap.map_or(16, |cap| cap.min(16)).min(left),
+        (None, Endpoint::Chat) => cap.map_or(left, |cap| cap.min(left)),
     };
     if prompt_ids.len() >= ctx || prompt_ids.len() + max_tokens > ctx {
         let what = match endpoint {
@@ -393,10 +544,23 @@ async fn tokenize(state: &AppState, request: &GenerationRequest) -> Result<Vec<u
     let codec = state.0.codec.clone();
     let prompt = request.prompt.clone();
     let vocab = state.0.config.vocab_size;
-    let (param, ids) = tokio::task::spawn_blocking(move || match prompt {
-        PromptInput::Chat(messages) => ("messages", codec.encode_chat(&messages)),
-        PromptInput::Text(text) => ("prompt", codec.encode_plain(&text)),
-        PromptInput::Ids(ids) => ("prompt", Ok(ids)),
+    let wait = state.0.config.limits.read_timeout();
+    let slots = state.0.tokenizing.clone();
+    // The slot is held by the encoding itself, which runs on even when the
+    // client leaves.
+    let slot = match tokio::time::timeout(wait, slots.acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) => return Err(ApiError::internal("the tokenizer slots are closed")),
+        Err(_) => return Err(ApiError::tokenizer_busy(wait)),
+    };
+    let (param, ids) = tokio::task::spawn_blocking(move || {
+        let encoded = match prompt {
+            PromptInput::Chat(messages) => ("messages", codec.encode_chat(&messages)),
+            PromptInput::Text(text) => ("prompt", codec.encode_plain(&text)),
+            PromptInput::Ids(ids) => ("prompt", Ok(ids)),
+        };
+        drop(slot);
+        encoded
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?;

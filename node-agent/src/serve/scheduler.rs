@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::metrics::ServeMetrics;
+use super::watchdog::StepWatch;
 use crate::engine::EngineError;
-use crate::engine::batch::{BatchEngine, PlanSink, TokenLogprobs};
+use crate::engine::batch::{BatchEngine, PlanSink, StepPlan, TokenLogprobs};
 use crate::engine::schedule::{self, BatchLimits, Event, Outcome, Request};
 
 /// Set to stop a generation (client gone, stop string matched).
@@ -235,9 +236,28 @@ impl Scheduler {
         });
     }
 
+    /// Fails every running and queued request with `reason` and refuses
+    /// new ones from now on.
+    pub fn break_with(&self, reason: &str) {
+        self.shared.fail_all(reason);
+    }
+
     /// Why the group cannot serve, once it cannot.
     pub fn broken(&self) -> Option<String> {
         self.shared.routes().broken.clone()
+    }
+
+    /// Whether a request could be queued now: 429 when the queue is full,
+    /// 503 when the group broke. [`Scheduler::submit`] decides for good;
+    /// this lets a handler refuse before it spends work on the request.
+    pub fn check_room(&self) -> Result<(), ApiError> {
+        if let Some(reason) = &self.shared.routes().broken {
+            return Err(unavailable(reason));
+        }
+        if self.shared.depth.load(Ordering::SeqCst) >= self.shared.capacity {
+            return Err(ApiError::queue_full(self.shared.capacity));
+        }
+        Ok(())
     }
 
     /// Queues `request`; 429 when the queue is full, 503 when the group
@@ -282,25 +302,41 @@ impl Scheduler {
     }
 }
 
+/// A sink that tells the watchdog when a step goes out.
+struct Watched<'a> {
+    sink: &'a dyn PlanSink,
+    progress: &'a StepWatch,
+}
+
+impl PlanSink for Watched<'_> {
+    fn send(&self, plan: &StepPlan) -> Result<(), String> {
+        self.progress.sent();
+        self.sink.send(plan)
+    }
+}
+
 /// Rank 0's engine thread: runs the batch until the queue closes or a
 /// fatal error (returned, after every open request was failed with it).
-/// Each step's plan goes to `sink` (the other ranks) before it runs.
+/// Each step's plan goes to `sink` (the other ranks) before it runs;
+/// `progress` hears of every step going out and coming back.
 pub fn run_leader(
     engine: &mut BatchEngine<'_>,
     limits: BatchLimits,
     sink: &dyn PlanSink,
     mut requests: std::sync::mpsc::Receiver<Request>,
     scheduler: &Scheduler,
+    progress: &StepWatch,
 ) -> Result<(), EngineError> {
     let shared = scheduler.shared.clone();
     let mut batch = schedule::Scheduler::new(limits, engine.model().kv_bytes_per_token());
     let result = schedule::lead(
         engine,
         &mut batch,
-        sink,
+        &Watched { sink, progress },
         &mut requests,
         &mut |event| shared.deliver(event),
-        &mut |batch| {
+        &mut |batch, outstanding| {
+            progress.finished(outstanding);
             shared.metrics.step(
                 batch.running(),
                 shared.depth.load(Ordering::Relaxed),

@@ -47,6 +47,7 @@ use crate::engine::text::{TextCodec, TokenizerCodec};
 use crate::mlx::distributed::{Backend, Group};
 use crate::serve::metrics::ServeMetrics;
 use crate::serve::scheduler::{self, Scheduler, Step};
+use crate::serve::watchdog::{StallPolicy, StepWatch};
 use crate::serve::{self as http, AppState, ServeConfig};
 
 /// Why the rank stopped.
@@ -148,6 +149,7 @@ enum Role {
         scheduler: Scheduler,
         sink: Box<dyn PlanSink + Send>,
         limits: BatchLimits,
+        progress: StepWatch,
     },
     /// Ranks 1..N: apply rank 0's plans.
     Follow {
@@ -207,9 +209,15 @@ fn spawn_engine_thread(
                     scheduler,
                     sink,
                     limits,
-                }) => {
-                    scheduler::run_leader(&mut engine, limits, sink.as_ref(), requests, &scheduler)
-                }
+                    progress,
+                }) => scheduler::run_leader(
+                    &mut engine,
+                    limits,
+                    sink.as_ref(),
+                    requests,
+                    &scheduler,
+                    &progress,
+                ),
                 Ok(Role::Follow { plans }) => schedule::follow(&mut engine, &plans),
                 Err(_) => Ok(()),
             };
@@ -481,15 +489,33 @@ async fn run(launch: Launch) -> Result<(), Failure> {
             _ => {}
         }
         let _ = go_tx.send(());
-        match reports.recv().await {
-            Some(EngineReport::Joined(Ok(()))) => {}
-            Some(EngineReport::Joined(Err(e))) => {
+        // MLX's group formation blocks until every peer has connected, with
+        // no timeout of its own; a peer whose ring port cannot be reached
+        // would hold this rank forever. Past the bound the process exits
+        // (exit_now), which ends the stuck engine thread with it.
+        match tokio::time::timeout(barrier_timeout, reports.recv()).await {
+            Ok(Some(EngineReport::Joined(Ok(())))) => {}
+            Ok(Some(EngineReport::Joined(Err(e)))) => {
                 return Err(Failure::new(
                     FailureReason::PeerUnreachable,
                     format!("forming the MLX {backend} group failed: {e}"),
                 ));
             }
-            other => return Err(engine_gone(other)),
+            Ok(other) => return Err(engine_gone(other)),
+            Err(_) => {
+                return Err(Failure::new(
+                    FailureReason::PeerUnreachable,
+                    format!(
+                        "the MLX {backend} group did not form within {:.0}s: a peer's {backend} port did not answer (ring links down or filtered?); peers: {}",
+                        barrier_timeout.as_secs_f64(),
+                        spec.peers
+                            .iter()
+                            .map(|p| format!("rank {} at {}", p.rank, p.address))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
         }
     }
 
@@ -573,6 +599,17 @@ async fn run(launch: Launch) -> Result<(), Failure> {
         loaded,
     )
     .await
+}
+
+/// The watchdog's policy: the launch's floor, or the default.
+fn stall_policy(launch: &Launch) -> StallPolicy {
+    let default = StallPolicy::default();
+    StallPolicy {
+        floor: launch
+            .stall_timeout_ms
+            .map_or(default.floor, |ms| Duration::from_millis(ms.max(1))),
+        ..default
+    }
 }
 
 fn engine_gone(report: Option<EngineReport>) -> Failure {
@@ -670,15 +707,37 @@ async fn lead(
             (Box::new(Alone), None)
         }
     };
+    let progress = StepWatch::new(stall_policy(&launch));
     let lead_role = Role::Lead {
         requests,
         scheduler: scheduler.clone(),
         sink,
         limits,
+        progress: progress.clone(),
     };
     if role.send(lead_role).is_err() {
         return Err(engine_gone(reports.recv().await));
     }
+    // The watchdog runs from the first warm-up step on. Once it fires, the
+    // stall is the reason for everything that fails after it.
+    let stall: Arc<std::sync::OnceLock<String>> = Arc::default();
+    {
+        let (stall, scheduler, coordinator) =
+            (stall.clone(), scheduler.clone(), coordinator.clone());
+        tokio::spawn(async move {
+            let reason = format!("the group stalled: {}", progress.stalled().await);
+            tracing::error!(%reason, "progress watchdog");
+            let _ = stall.set(reason.clone());
+            scheduler.break_with(&reason);
+            if let Some(c) = coordinator {
+                c.mark_broken(reason);
+            }
+        });
+    }
+    let stalled_or = |fallback: Failure| match stall.get() {
+        Some(reason) => Failure::new(FailureReason::GroupStalled, reason.clone()),
+        None => fallback,
+    };
 
     // Warm-up: short requests through every rank, one per configured prompt
     // length, so the first client requests find the kernels of their shapes
@@ -734,7 +793,7 @@ async fn lead(
         for &(i, length) in &round {
             let ticket = scheduler
                 .submit(warm(i, length))
-                .map_err(|e| Failure::new(FailureReason::PeerUnreachable, e.message))?;
+                .map_err(|e| stalled_or(Failure::new(FailureReason::PeerUnreachable, e.message)))?;
             tickets.push((length, ticket));
         }
         for (length, mut ticket) in tickets {
@@ -743,10 +802,10 @@ async fn lead(
                     Some(Step::Token { .. } | Step::Admitted { .. }) => {}
                     Some(Step::Finished(_)) => break,
                     Some(Step::Failed(e)) => {
-                        return Err(Failure::new(
+                        return Err(stalled_or(Failure::new(
                             FailureReason::PeerUnreachable,
                             format!("warm-up ({length}-token prompt) failed: {}", e.message),
-                        ));
+                        )));
                     }
                     None => return Err(engine_gone(reports.recv().await)),
                 }
@@ -777,12 +836,19 @@ async fn lead(
         max_context_tokens: spec.max_context_tokens as usize,
         vocab_size: loaded.vocab_size,
         api_key: launch.api_key.clone(),
+        max_completion_tokens: usize::try_from(launch.batching.max_completion_tokens).ok(),
+        limits: launch.api_limits,
     };
     let state = AppState::new(config, codec, scheduler.clone(), metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, http::router(state), async move {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(http::serve(
+        listener,
+        http::router(state),
+        launch.api_limits,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     emit(&Event::phase(
         ShardPhase::Ready,
         format!(
@@ -797,10 +863,24 @@ async fn lead(
             None => std::future::pending().await,
         }
     };
+    let stalled_alone = async {
+        // A group of one has no coordinator to break: wait for the
+        // watchdog's verdict directly.
+        loop {
+            if stall.get().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     let result = tokio::select! {
         reason = broken => {
             metrics.set_rank_ready(0, false);
-            Err(Failure::new(FailureReason::PeerUnreachable, reason))
+            Err(stalled_or(Failure::new(FailureReason::PeerUnreachable, reason)))
+        }
+        () = stalled_alone, if coordinator.is_none() => {
+            metrics.set_rank_ready(0, false);
+            Err(stalled_or(Failure::new(FailureReason::GroupStalled, "the engine stalled")))
         }
         report = reports.recv() => Err(engine_gone(report)),
         served = server => Err(Failure::new(

@@ -30,8 +30,15 @@ pub struct Launch {
     pub api_key: Option<String>,
     /// Requests rank 0 queues before answering 429.
     pub max_queue: usize,
-    /// How long to wait at (and for) rank 0's barrier, in milliseconds.
+    /// How long to wait at (and for) rank 0's barrier, and for the MLX
+    /// group to form, in milliseconds.
     pub barrier_timeout_ms: u64,
+    /// Rank 0's progress watchdog: the shortest time without a finished
+    /// step, while work is outstanding, that breaks the group, in
+    /// milliseconds (the bound grows with the measured step time, see
+    /// `serve::watchdog`). `None` takes the default (30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_timeout_ms: Option<u64>,
     /// Where to write the MLX ring hostfile.
     pub hostfile: PathBuf,
     /// Prompt lengths rank 0 runs through the group before it reports
@@ -44,6 +51,9 @@ pub struct Launch {
     /// defaults (its flags) where the shard names none.
     #[serde(default)]
     pub batching: tandem_crds::BatchLimits,
+    /// What one client can take from rank 0's API.
+    #[serde(default)]
+    pub api_limits: crate::serve::ApiLimits,
 }
 
 /// The warm-up's prompt lengths when none are configured. On a GPU, a
@@ -73,6 +83,9 @@ pub enum FailureReason {
     WorkerCrashed,
     /// The shard spec (or a Secret it names) is unusable.
     InvalidShard,
+    /// Rank 0's watchdog saw no step finish within its bound: a rank
+    /// stopped answering inside a collective, or a ring link is down.
+    GroupStalled,
 }
 
 impl FailureReason {
@@ -85,16 +98,20 @@ impl FailureReason {
             FailureReason::PeerUnreachable => "PeerUnreachable",
             FailureReason::WorkerCrashed => "WorkerCrashed",
             FailureReason::InvalidShard => "InvalidShard",
+            FailureReason::GroupStalled => "GroupStalled",
         }
     }
 
     /// Whether starting the worker again can help without a change to the
-    /// shard or the model files. A crash or a lost peer is often
-    /// transient; a missing or corrupt model, or too little memory, is not.
+    /// shard or the model files. A crash, a lost peer or a stalled group
+    /// is often transient; a missing or corrupt model, or too little
+    /// memory, is not.
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            FailureReason::PeerUnreachable | FailureReason::WorkerCrashed
+            FailureReason::PeerUnreachable
+                | FailureReason::WorkerCrashed
+                | FailureReason::GroupStalled
         )
     }
 }
