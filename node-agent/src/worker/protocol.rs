@@ -73,6 +73,8 @@ pub enum FailureReason {
     WorkerCrashed,
     /// The shard spec (or a Secret it names) is unusable.
     InvalidShard,
+    /// The download directory has too little free space for the model.
+    InsufficientDisk,
 }
 
 impl FailureReason {
@@ -85,6 +87,7 @@ impl FailureReason {
             FailureReason::PeerUnreachable => "PeerUnreachable",
             FailureReason::WorkerCrashed => "WorkerCrashed",
             FailureReason::InvalidShard => "InvalidShard",
+            FailureReason::InsufficientDisk => "InsufficientDisk",
         }
     }
 
