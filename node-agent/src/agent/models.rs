@@ -333,6 +333,8 @@ pub fn bytes(n: u64) -> String {
 /// Bytes the current user may still write on the file system of `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let stats = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    // The block count is 32 bits wide on macOS, 64 on Linux.
+    #[allow(clippy::useless_conversion)]
     Ok(u64::from(stats.blocks_available()).saturating_mul(u64::from(stats.fragment_size())))
 }
 
