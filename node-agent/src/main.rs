@@ -7,6 +7,7 @@
 //! - `ring-selftest` (hidden) proves that the distributed group forms and sums.
 //! - `serve` serves a model from this machine as a local group (no
 //!   Kubernetes).
+//! - `download` fetches a model the way the agent does, ahead of time.
 //! - `run` is the node agent daemon; `worker` (hidden) is one rank worker,
 //!   started by `run`.
 
@@ -43,6 +44,9 @@ enum Command {
     /// Serve a model from this machine, without Kubernetes: a group of rank
     /// workers on loopback and the OpenAI-compatible API on rank 0.
     Serve(tandem_agent::agent::local::ServeArgs),
+    /// Download a model into a directory (Hugging Face cache layout),
+    /// verified, the way the agent does for a shard; prints its directory.
+    Download(tandem_agent::agent::models::DownloadArgs),
     /// Run one rank of a shard (started by `run`; reads its launch message
     /// from stdin, reports events on stdout).
     #[command(hide = true)]
@@ -62,6 +66,12 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_logging();
             runtime()?.block_on(tandem_agent::agent::local::serve(args))
+        }
+        Command::Download(args) => {
+            init_logging();
+            let dir = runtime()?.block_on(tandem_agent::agent::models::download_command(args))?;
+            println!("{}", dir.display());
+            Ok(())
         }
         Command::Worker => {
             init_logging();

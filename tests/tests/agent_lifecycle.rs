@@ -170,7 +170,7 @@ async fn a_missing_model_is_downloaded_from_the_hub_with_progress() -> anyhow::R
     assert!(
         paths
             .iter()
-            .any(|p| p == &format!("/{MODEL}/resolve/main/config.json")),
+            .any(|p| p == &format!("/{MODEL}/resolve/{COMMIT}/config.json")),
         "{paths:?}"
     );
     let snapshot = downloads

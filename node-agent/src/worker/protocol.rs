@@ -86,6 +86,8 @@ pub enum FailureReason {
     /// Rank 0's watchdog saw no step finish within its bound: a rank
     /// stopped answering inside a collective, or a ring link is down.
     GroupStalled,
+    /// The download directory has too little free space for the model.
+    InsufficientDisk,
 }
 
 impl FailureReason {
@@ -99,6 +101,7 @@ impl FailureReason {
             FailureReason::WorkerCrashed => "WorkerCrashed",
             FailureReason::InvalidShard => "InvalidShard",
             FailureReason::GroupStalled => "GroupStalled",
+            FailureReason::InsufficientDisk => "InsufficientDisk",
         }
     }
 
