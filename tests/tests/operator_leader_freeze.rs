@@ -97,7 +97,10 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     )
     .await
     .expect("b leads");
-    assert!(frozen.elapsed() >= Duration::from_secs(5), "b waited for the Lease");
+    assert!(
+        frozen.elapsed() >= Duration::from_secs(5),
+        "b waited for the Lease"
+    );
 
     // B writes: the ranks load and B reports Serving, with its own Events.
     let st = s.serve("llama", 1, 2).await;
@@ -118,17 +121,24 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let a_events = reported_by(&s.admin, s.ns(), "freeze-a").await;
     let objects = versions(&s).await;
-    assert!(frozen.elapsed() > Duration::from_secs(6), "frozen past the Lease");
+    assert!(
+        frozen.elapsed() > Duration::from_secs(6),
+        "frozen past the Lease"
+    );
     signal(a.pid(), "-CONT");
 
     // A steps down and stands by ...
     let a_ref = &a;
-    eventually("operator a to step down", Duration::from_secs(30), || async move {
-        Ok(a_ref
-            .metric("tandem_operator_leader")
-            .ok()
-            .filter(|v| *v == 0.0))
-    })
+    eventually(
+        "operator a to step down",
+        Duration::from_secs(30),
+        || async move {
+            Ok(a_ref
+                .metric("tandem_operator_leader")
+                .ok()
+                .filter(|v| *v == 0.0))
+        },
+    )
     .await
     .expect("a steps down");
     // ... and, given time to act on its backlog, has written nothing.
@@ -147,7 +157,10 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
         a.log_tail()
     );
     assert_eq!(
-        lease_holder(admin, lease_ref).await.expect("lease").as_deref(),
+        lease_holder(admin, lease_ref)
+            .await
+            .expect("lease")
+            .as_deref(),
         Some("freeze-b")
     );
     assert!(

@@ -34,7 +34,10 @@ async fn a_shard_that_turns_ready_while_the_api_server_is_away_serves_after_it_r
                 st.phase,
                 Some(ShardPhase::Connecting | ShardPhase::Loading | ShardPhase::Loaded)
             ) || (st.phase == Some(ShardPhase::Pending)
-                && st.message.as_deref().is_some_and(|m| m.starts_with("started worker")));
+                && st
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("started worker")));
             let phase = st.phase;
             started.then_some((sh, phase))
         }))
