@@ -19,6 +19,8 @@ commands:
                     write kubeconfigs; reuses a running control plane
   down              stop every component
   restart COMPONENT stop and start one component (etcd|apiserver|controller-manager)
+  stop COMPONENT    stop one component (tests of an outage; start it again with start)
+  start COMPONENT   start one stopped component
   status            say what is running, and where
   env               print shell exports (KUBECONFIG, PATH) for the admin identity
   bin-dir           print the directory holding the built binaries
@@ -355,6 +357,28 @@ cmd_restart() {
   log "restarted $c"
 }
 
+cmd_stop() {
+  local c=${1:-}
+  lock_state
+  case "$c" in
+    etcd|apiserver|controller-manager) stop_component "$c" ;;
+    *) die "stop takes etcd, apiserver or controller-manager" ;;
+  esac
+  log "stopped $c"
+}
+
+cmd_start() {
+  local c=${1:-}
+  lock_state
+  case "$c" in
+    etcd) pid_alive etcd || start_etcd ;;
+    apiserver) pid_alive apiserver || start_apiserver ;;
+    controller-manager) pid_alive controller-manager || start_controller_manager ;;
+    *) die "start takes etcd, apiserver or controller-manager" ;;
+  esac
+  log "started $c"
+}
+
 cmd_status() {
   for c in etcd apiserver controller-manager; do
     if pid_alive "$c"; then echo "$c: running (pid $(cat "$STATE/$c.pid"))"; else echo "$c: stopped"; fi
@@ -374,6 +398,8 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   restart) shift; cmd_restart "$@" ;;
+  stop) shift; cmd_stop "$@" ;;
+  start) shift; cmd_start "$@" ;;
   status) cmd_status ;;
   env) printf 'export KUBECONFIG=%q\nexport PATH=%q:"$PATH"\n' "$STATE/admin.kubeconfig" "$BIN_DIR" ;;
   bin-dir) echo "$BIN_DIR" ;;

@@ -297,6 +297,13 @@ pub struct LlamaDeploymentStatus {
     /// from its time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<RestartRecord>,
+    /// When the current epoch's group last made progress while it was not
+    /// yet serving: it was placed, a rank changed phase, or a rank's
+    /// download advanced. A group that makes no progress for the
+    /// operator's `--load-timeout` is restarted (reason `LoadTimeout` or
+    /// `FormationTimeout`). Absent once the group serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
 }
 
 /// One failure-driven re-placement of a deployment's group.
@@ -352,4 +359,8 @@ pub struct RankStatus {
     /// `ip:port` the rank listens on for its group peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Bytes of the model the rank's agent has downloaded so far, while it
+    /// downloads (the shard's `status.progress.bytesDone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<i64>,
 }

@@ -63,6 +63,14 @@ pub struct Cli {
     /// How often the leader renews and followers retry.
     #[arg(long, env = "TANDEM_LEADER_RETRY_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub leader_retry_interval: Duration,
+    /// How long a leader keeps leading without a successful renewal; with
+    /// --drain-timeout it must stay below --leader-lease-duration.
+    #[arg(long, env = "TANDEM_LEADER_RENEW_DEADLINE", default_value = "7s", value_parser = parse_duration)]
+    pub leader_renew_deadline: Duration,
+    /// How long a stopping controller (shutdown, or lost leadership) may
+    /// finish its in-flight reconciles before they are abandoned.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// This replica's identity (Lease holder, Event reporting instance);
     /// defaults to the host name and process id.
     #[arg(long, env = "TANDEM_OPERATOR_IDENTITY")]
@@ -92,6 +100,11 @@ pub struct Cli {
     /// Serving this long without a failure resets the restart count.
     #[arg(long, env = "TANDEM_RESTART_RESET_AFTER", default_value = "10m", value_parser = parse_duration)]
     pub restart_reset_after: Duration,
+    /// A group that is not serving yet and makes no progress (no rank
+    /// changes phase, no download advances) for this long is restarted
+    /// (reason LoadTimeout or FormationTimeout), within the restart budget.
+    #[arg(long, env = "TANDEM_LOAD_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub load_timeout: Duration,
     /// How long deletion waits for agents to release their shards.
     #[arg(long, env = "TANDEM_RELEASE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub release_timeout: Duration,
@@ -131,6 +144,7 @@ impl Cli {
             },
             release_timeout: self.release_timeout,
             resync: self.resync_period,
+            load_timeout: self.load_timeout,
         }
     }
 
@@ -142,6 +156,8 @@ impl Cli {
             identity: self.identity(),
             lease_duration: self.leader_lease_duration,
             retry_interval: self.leader_retry_interval,
+            renew_deadline: self.leader_renew_deadline,
+            drain_timeout: self.drain_timeout,
         }
     }
 }
@@ -173,6 +189,11 @@ mod tests {
         assert_eq!(cli.lease_namespace, "tandem-system");
         assert_eq!(cli.settings().restart.budget, 5);
         assert_eq!(cli.election().lease_duration, Duration::from_secs(15));
+        assert_eq!(
+            cli.election().validate(),
+            Ok(()),
+            "the defaults are consistent"
+        );
         assert!(Cli::try_parse_from(["tandem-operator", "--port-range", "9-1"]).is_err());
     }
 }

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use crate::convert::{self, ANNOTATION_PORT_RANGE};
 use crate::decide::{self, CleanupInput, Notice, ReconcileInput, Settings, Severity};
 use crate::error::Error;
+use crate::leader::Fence;
 use crate::ledger::Ledger;
 use crate::liveness::{self, LeaseWatch, Watched};
 use crate::metrics::Metrics;
@@ -82,6 +83,8 @@ pub struct Context {
     caches_ready: watch::Receiver<bool>,
     /// Consecutive failures per deployment, for error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Open while this process may write (see [`Fence`]).
+    fence: Fence,
 }
 
 // kube's `Recorder` has no `Debug`, so `Context` spells its own.
@@ -122,6 +125,19 @@ fn controlled_by(shard: &LlamaShard, uid: &str) -> bool {
 }
 
 impl Context {
+    /// Refuses a write once this process's leadership may have lapsed:
+    /// checked right before every API write.
+    fn may_write(&self, what: &'static str, ns: &str, name: &str) -> Result<(), Error> {
+        if self.fence.allows(Instant::now()) {
+            return Ok(());
+        }
+        tracing::warn!(object = %format!("{ns}/{name}"), what, "not leading (any more): not writing");
+        Err(Error::NotLeading {
+            what,
+            name: format!("{ns}/{name}"),
+        })
+    }
+
     async fn wait_for_caches(&self) {
         // A closed channel means the controller is stopping; reconcile then
         // works with what it has, and its writes are about to stop anyway.
@@ -187,8 +203,13 @@ impl Context {
         }
         let reference = d.object_ref(&());
         let recorder = self.recorder.clone();
+        let fence = self.fence.clone();
         tokio::spawn(async move {
             for n in notices {
+                if !fence.allows(Instant::now()) {
+                    tracing::warn!(reason = %n.reason, object = ?reference.name, "not leading (any more): not publishing the Event");
+                    return;
+                }
                 let event = Event {
                     type_: match n.severity {
                         Severity::Normal => EventType::Normal,
@@ -221,6 +242,7 @@ impl Context {
         }
         let ns = d.namespace().unwrap_or_default();
         let name = d.name_any();
+        self.may_write("LlamaDeployment status", &ns, &name)?;
         let api: Api<LlamaDeployment> = Api::namespaced(self.client.clone(), &ns);
         let body = serde_json::json!({
             "apiVersion": LlamaDeployment::api_version(&()),
@@ -264,6 +286,7 @@ impl Context {
                 return Ok(());
             }
         }
+        self.may_write("Secret", &ns, &name)?;
         let secret = objects::build_secret(d, owner, epoch, &objects::random_token());
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
         api.patch(
@@ -286,6 +309,7 @@ impl Context {
         future::try_join_all(todo.map(|name| {
             let api = &api;
             async move {
+                self.may_write("LlamaShard deletion", ns, name)?;
                 match api.delete(name, &DeleteParams::background()).await {
                     Ok(_) => {}
                     Err(e) if not_found(&e) => {}
@@ -376,6 +400,7 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
             let (api, params, ns) = (&api, &params, &ns);
             async move {
                 let shard_name = shard.name_any();
+                ctx.may_write("LlamaShard", ns, &shard_name)?;
                 api.patch(&shard_name, params, &Patch::Apply(shard))
                     .await
                     .map_err(api_error("apply", "LlamaShard", ns, &shard_name))
@@ -464,6 +489,12 @@ pub async fn reconcile(d: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Act
     let ns = d.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", d.name_any());
     let api: Api<LlamaDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    // The finalizer helper may write the finalizer itself.
+    if let Err(e) = ctx.may_write("LlamaDeployment", &ns, &d.name_any()) {
+        ctx.metrics.reconcile_finished(started.elapsed());
+        ctx.metrics.reconcile_failed(e.category());
+        return Err(e);
+    }
     let result = finalizer(&api, FINALIZER, d, |event| async {
         match event {
             FinalizerEvent::Apply(d) => apply(d, &ctx).await,
@@ -493,6 +524,10 @@ pub async fn reconcile(d: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Act
 pub fn error_policy(d: Arc<LlamaDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
     if let Error::ReleasePending { retry_after, .. } = error.root() {
         return Action::requeue(*retry_after);
+    }
+    if let Error::NotLeading { .. } = error.root() {
+        // The controller is about to stop; an Event could not be written anyway.
+        return Action::requeue(Duration::from_secs(1));
     }
     let key = format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any());
     let n = ctx.failure_count(&key, true);
@@ -546,11 +581,12 @@ fn node_fingerprint(node: &LlamaNode) -> Option<u64> {
 }
 
 /// Runs the controller until `stop` turns true. Returns when every watch has
-/// stopped and in-flight reconciles have finished.
+/// stopped and in-flight reconciles have finished. Every write passes `fence`.
 pub async fn run(
     client: Client,
     config: RunConfig,
     metrics: Arc<Metrics>,
+    fence: Fence,
     stop: watch::Receiver<bool>,
 ) {
     let deployments: Api<LlamaDeployment> = match &config.namespace {
@@ -690,6 +726,7 @@ pub async fn run(
         token_secrets: token_store,
         caches_ready,
         failures: Mutex::new(HashMap::new()),
+        fence,
     });
 
     controller

@@ -51,6 +51,16 @@ pub enum Error {
     /// The finalizer helper failed to add or remove the finalizer.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// This process may not write: its leadership lapsed (the renew deadline
+    /// plus the drain have passed since its last renewal began, as after a
+    /// freeze), or it stepped down. Nothing was written; the leader redoes it.
+    #[error("not writing {what} {name}: this replica is not, or may no longer be, the leader")]
+    NotLeading {
+        /// What was about to be written, such as `LlamaShard` or `Event`.
+        what: &'static str,
+        /// `namespace/name` of the object.
+        name: String,
+    },
     /// Serializing an object for server-side apply failed.
     #[error("failed to serialize {what}: {source}")]
     Serialize {
@@ -63,7 +73,7 @@ pub enum Error {
 }
 
 /// Every value [`Error::category`] can return.
-pub const CATEGORIES: [&str; 10] = [
+pub const CATEGORIES: [&str; 11] = [
     "conflict",
     "forbidden",
     "not_found",
@@ -74,12 +84,13 @@ pub const CATEGORIES: [&str; 10] = [
     "release_pending",
     "finalizer",
     "serialize",
+    "not_leading",
 ];
 
 impl Error {
     /// A bounded label: `conflict`, `forbidden`, `not_found`, `invalid`,
-    /// `unavailable`, `api`, `missing_field`, `release_pending`, `finalizer`
-    /// or `serialize`.
+    /// `unavailable`, `api`, `missing_field`, `release_pending`, `finalizer`,
+    /// `serialize` or `not_leading`.
     pub fn category(&self) -> &'static str {
         match self {
             Error::Api { source, .. } => api_category(source),
@@ -94,6 +105,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::Serialize { .. } => "serialize",
+            Error::NotLeading { .. } => "not_leading",
         }
     }
 
@@ -170,6 +182,11 @@ mod tests {
             count: 2,
             retry_after: std::time::Duration::from_secs(1),
         };
+        let fenced = Error::NotLeading {
+            what: "LlamaShard",
+            name: "ns/d-e1-r0".into(),
+        };
+        assert!(CATEGORIES.contains(&fenced.category()));
         let wrapped: Error = kube::runtime::finalizer::Error::CleanupFailed(wait).into();
         assert_eq!(wrapped.category(), "release_pending");
         assert!(matches!(

@@ -3,11 +3,25 @@
 //! expired, always writing with the `resourceVersion` that was read, so that
 //! of two replicas racing for it exactly one wins (the other gets a 409).
 //!
-//! A leader that cannot renew within the renew deadline (two thirds of the
-//! lease duration) stops acting before any other replica may take over. On
-//! shutdown it releases the Lease (empty holder), so a standby takes over at
-//! once instead of waiting for it to expire.
+//! # Timing
+//! A leader that cannot renew within the renew deadline stops its controller
+//! and gives in-flight reconciles at most the drain timeout; the
+//! configuration is refused unless renew deadline + drain is strictly less
+//! than the lease duration ([`ElectionConfig::validate`]), so the old leader
+//! has stopped before another replica may take the Lease over. Every Lease
+//! call has a timeout, so a hung request cannot outlast the renew deadline.
+//!
+//! A process that is frozen (SIGSTOP, a stalled VM) cannot act on any
+//! deadline while frozen, so every write also passes the [`Fence`]: each
+//! successful renewal opens it until *the instant the renewal started* +
+//! renew deadline + drain, on the monotonic clock, and nothing is written
+//! once that has passed. A leader that wakes past its lease therefore writes
+//! nothing, even before it has noticed that another replica leads.
+//!
+//! On shutdown the leader releases the Lease (empty holder), so a standby
+//! takes over at once instead of waiting for it to expire.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -31,16 +45,116 @@ pub struct ElectionConfig {
     pub lease_duration: Duration,
     /// How often the leader renews, and a follower retries.
     pub retry_interval: Duration,
+    /// How long a leader keeps leading without a successful renewal.
+    pub renew_deadline: Duration,
+    /// How long a stopping controller may finish its in-flight reconciles.
+    pub drain_timeout: Duration,
 }
 
-impl ElectionConfig {
-    /// How long a leader keeps acting without a successful renewal.
-    pub fn renew_deadline(&self) -> Duration {
-        self.lease_duration * 2 / 3
-    }
+/// A leader-election configuration that could let two leaders overlap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("leader election timing: {0}")]
+pub struct ConfigError(String);
 
+impl ElectionConfig {
     fn duration_seconds(&self) -> i32 {
         i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// The lease duration as written to the Lease (whole seconds): what
+    /// other replicas wait for.
+    pub fn written_lease_duration(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.duration_seconds()).unwrap_or(1))
+    }
+
+    /// How long after a renewal starts this process may still write: the
+    /// renew deadline plus the drain.
+    pub fn write_window(&self) -> Duration {
+        self.renew_deadline.saturating_add(self.drain_timeout)
+    }
+
+    /// Refuses timings under which a leader could still be writing when
+    /// another replica may take the Lease over.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let lease = self.written_lease_duration();
+        if self.lease_duration < Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "--leader-lease-duration ({:?}) must be at least 1s",
+                self.lease_duration
+            )));
+        }
+        if self.retry_interval.is_zero() || self.retry_interval >= self.renew_deadline {
+            return Err(ConfigError(format!(
+                "--leader-retry-interval ({:?}) must be more than 0 and less than \
+                 --leader-renew-deadline ({:?}), so that a leader tries to renew more than once \
+                 before it gives up",
+                self.retry_interval, self.renew_deadline
+            )));
+        }
+        if self.write_window() >= lease {
+            return Err(ConfigError(format!(
+                "--leader-renew-deadline ({:?}) plus --drain-timeout ({:?}) is {:?}, which is \
+                 not less than --leader-lease-duration ({lease:?}): a leader that cannot renew \
+                 could still be writing when another replica takes over; shorten the deadline \
+                 or the drain, or lengthen the lease",
+                self.renew_deadline,
+                self.drain_timeout,
+                self.write_window()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether this process may write now: open until a deadline on the
+/// monotonic clock that each successful renewal moves (see the module docs).
+/// Clones share one state.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// `None`: no leader election, always open.
+    until: Option<Arc<Mutex<Option<Instant>>>>,
+}
+
+impl Fence {
+    /// Always open: a single replica without leader election.
+    pub fn open() -> Fence {
+        Fence { until: None }
+    }
+
+    /// Closed until [`extend`](Fence::extend)ed.
+    pub fn closed() -> Fence {
+        Fence {
+            until: Some(Arc::new(Mutex::new(None))),
+        }
+    }
+
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, Option<Instant>>> {
+        // A panic while holding the lock leaves a plain value behind.
+        self.until
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Keeps the fence open until `until`.
+    pub fn extend(&self, until: Instant) {
+        if let Some(mut g) = self.lock() {
+            *g = Some(until);
+        }
+    }
+
+    /// Closes the fence now.
+    pub fn close(&self) {
+        if let Some(mut g) = self.lock() {
+            *g = None;
+        }
+    }
+
+    /// Whether a write may start at `now`.
+    pub fn allows(&self, now: Instant) -> bool {
+        match self.lock() {
+            None => true,
+            Some(g) => g.is_some_and(|until| now < until),
+        }
     }
 }
 
@@ -136,10 +250,22 @@ pub fn released(lease: &Lease, identity: &str, now: Timestamp) -> Option<Lease> 
 pub struct Elector {
     api: Api<Lease>,
     cfg: ElectionConfig,
+    fence: Fence,
 }
 
 fn conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Why a round of leader election did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// The API call failed.
+    #[error("reading or writing the leader Lease failed: {0}")]
+    Api(#[source] kube::Error),
+    /// The round took longer than it was allowed.
+    #[error("reading or writing the leader Lease took longer than {0:?}")]
+    TimedOut(Duration),
 }
 
 /// How a term of leadership ended.
@@ -152,10 +278,14 @@ pub enum TermEnd {
 }
 
 impl Elector {
-    /// An elector for the Lease `cfg` names.
+    /// An elector for the Lease `cfg` names; its fence starts closed.
     pub fn new(client: kube::Client, cfg: ElectionConfig) -> Self {
         let api = Api::namespaced(client, &cfg.namespace);
-        Elector { api, cfg }
+        Elector {
+            api,
+            cfg,
+            fence: Fence::closed(),
+        }
     }
 
     /// The configuration.
@@ -163,8 +293,35 @@ impl Elector {
         &self.cfg
     }
 
-    /// One round: whether this process holds the Lease afterwards.
-    pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    /// The fence every write of this process passes.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
+    /// Closes the fence: this process writes nothing more until it leads again.
+    pub fn stop_writing(&self) {
+        self.fence.close();
+    }
+
+    /// One round, bounded by `limit`: whether this process holds the Lease
+    /// afterwards. A success opens the fence for the write window counted
+    /// from the moment the round started; a round that finds another
+    /// holder closes it.
+    pub async fn try_acquire_or_renew(&self, limit: Duration) -> Result<bool, RenewError> {
+        let started = Instant::now();
+        let held = tokio::time::timeout(limit, self.round())
+            .await
+            .map_err(|_| RenewError::TimedOut(limit))?
+            .map_err(RenewError::Api)?;
+        if held {
+            self.fence.extend(started + self.cfg.write_window());
+        } else {
+            self.fence.close();
+        }
+        Ok(held)
+    }
+
+    async fn round(&self) -> Result<bool, kube::Error> {
         let existing = self.api.get_opt(&self.cfg.name).await?;
         let result = match decide(existing.as_ref(), &self.cfg, Timestamp::now()) {
             LeaseAction::Create(lease) => self.api.create(&PostParams::default(), &lease).await,
@@ -187,7 +344,7 @@ impl Elector {
     pub async fn acquire(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
         let mut announced = false;
         loop {
-            match self.try_acquire_or_renew().await {
+            match self.try_acquire_or_renew(self.cfg.renew_deadline).await {
                 Ok(true) => return true,
                 Ok(false) if !announced => {
                     tracing::info!(lease = %self.cfg.name, "standing by: another replica leads");
@@ -203,32 +360,46 @@ impl Elector {
         }
     }
 
-    /// Renews until shutdown or until leadership is lost.
+    /// Renews until shutdown or until leadership is lost: another replica
+    /// holds the Lease, or no renewal succeeded within the renew deadline
+    /// (each attempt is cut off at that deadline). Call right after
+    /// [`acquire`](Elector::acquire) returned `true`.
     pub async fn hold(&self, shutdown: &mut watch::Receiver<bool>) -> TermEnd {
+        // The acquiring round started a moment ago; counting from now is
+        // conservative only in the fence, which counts from that round.
         let mut last_renewal = Instant::now();
         loop {
+            let deadline = last_renewal + self.cfg.renew_deadline;
+            let next = (Instant::now() + self.cfg.retry_interval).min(deadline);
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.retry_interval) => {}
+                _ = tokio::time::sleep_until(next.into()) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return TermEnd::Shutdown,
             }
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = Instant::now(),
+            let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            if left.is_zero() {
+                // Frozen or starved past the deadline: do not even try; the
+                // fence has closed already, or closes within the drain.
+                tracing::warn!(
+                    deadline = ?self.cfg.renew_deadline,
+                    "leader election: no renewal within the renew deadline; stepping down"
+                );
+                return TermEnd::Lost;
+            }
+            match self.try_acquire_or_renew(left).await {
+                Ok(true) => last_renewal = started,
                 Ok(false) => {
                     tracing::warn!("leader election: another replica holds the Lease now");
                     return TermEnd::Lost;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "leader election: renewing the Lease failed");
-                    if last_renewal.elapsed() >= self.cfg.renew_deadline() {
-                        return TermEnd::Lost;
-                    }
-                }
+                Err(e) => tracing::warn!(error = %e, "leader election: renewing the Lease failed"),
             }
         }
     }
 
-    /// Hands the Lease back if this process holds it.
+    /// Hands the Lease back if this process holds it. The fence closes first.
     pub async fn release(&self) -> Result<(), kube::Error> {
+        self.fence.close();
         let Some(lease) = self.api.get_opt(&self.cfg.name).await? else {
             return Ok(());
         };
@@ -256,6 +427,8 @@ mod tests {
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
             retry_interval: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(7),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 
@@ -313,6 +486,62 @@ mod tests {
         let free = released(&lease, "a", ts(101)).expect("released");
         let take = decide(Some(&free), &cfg("b"), ts(101));
         assert_eq!(spec(&take).holder_identity.as_deref(), Some("b"));
-        assert_eq!(cfg("a").renew_deadline(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn timings_that_let_leaders_overlap_are_refused() {
+        assert_eq!(cfg("a").validate(), Ok(()));
+        assert_eq!(cfg("a").write_window(), Duration::from_secs(12));
+        // The old defaults: a 10 s deadline and an 8 s drain against 15 s.
+        let old = ElectionConfig {
+            renew_deadline: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(8),
+            ..cfg("a")
+        };
+        let err = old.validate().expect_err("overlap").to_string();
+        assert!(
+            err.contains("is 18s, which is not less than --leader-lease-duration (15s)"),
+            "{err}"
+        );
+        // Equal is not enough: the old leader could write at the very moment.
+        let equal = ElectionConfig {
+            drain_timeout: Duration::from_secs(8),
+            ..cfg("a")
+        };
+        assert!(equal.validate().is_err());
+        // The lease is written in whole seconds; that is what others wait for.
+        let fractional = ElectionConfig {
+            lease_duration: Duration::from_millis(12_900),
+            ..cfg("a")
+        };
+        assert!(fractional.validate().is_err());
+        let slow_retry = ElectionConfig {
+            retry_interval: Duration::from_secs(7),
+            ..cfg("a")
+        };
+        let err = slow_retry.validate().expect_err("retry").to_string();
+        assert!(err.contains("--leader-retry-interval (7s)"), "{err}");
+        let short = ElectionConfig {
+            lease_duration: Duration::from_millis(500),
+            ..cfg("a")
+        };
+        assert!(short.validate().is_err());
+    }
+
+    #[test]
+    fn the_fence_opens_until_its_deadline_and_closes() {
+        let t0 = Instant::now();
+        assert!(Fence::open().allows(t0));
+        let fence = Fence::closed();
+        assert!(!fence.allows(t0), "closed until the first renewal");
+        fence.extend(t0 + Duration::from_secs(12));
+        let shared = fence.clone();
+        assert!(shared.allows(t0 + Duration::from_secs(11)));
+        assert!(
+            !shared.allows(t0 + Duration::from_secs(12)),
+            "a frozen leader wakes past it"
+        );
+        fence.close();
+        assert!(!shared.allows(t0));
     }
 }

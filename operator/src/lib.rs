@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use crate::cli::Cli;
 use crate::controller::RunConfig;
 use crate::http::Health;
-use crate::leader::{Elector, TermEnd};
+use crate::leader::{Elector, Fence, TermEnd};
 use crate::metrics::Metrics;
 
 /// A client from `--kubeconfig`, else the in-cluster config or the default kubeconfig.
@@ -93,19 +93,16 @@ async fn termination() {
     }
 }
 
-/// How long a stopping controller may take to finish its in-flight
-/// reconciles before they are abandoned (a reconcile is idempotent: the next
-/// leader redoes whatever one left half done).
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
-
-/// Waits for a stopping controller task, at most [`DRAIN_TIMEOUT`].
-async fn finish(mut term: tokio::task::JoinHandle<()>) {
-    match tokio::time::timeout(DRAIN_TIMEOUT, &mut term).await {
+/// Waits for a stopping controller task, at most `drain` (`--drain-timeout`);
+/// then abandons it: a reconcile is idempotent, so the next leader redoes
+/// whatever one left half done.
+async fn finish(mut term: tokio::task::JoinHandle<()>, drain: std::time::Duration) {
+    match tokio::time::timeout(drain, &mut term).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "the controller task failed"),
         Err(_) => {
             tracing::warn!(
-                timeout = ?DRAIN_TIMEOUT,
+                timeout = ?drain,
                 "in-flight reconciles did not finish; abandoning them"
             );
             term.abort();
@@ -117,6 +114,10 @@ async fn finish(mut term: tokio::task::JoinHandle<()>) {
 /// campaigning and leading terms, until SIGTERM or SIGINT. On shutdown the
 /// controller finishes its in-flight reconciles and the leader Lease is released.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let election = cli.election();
+    if cli.leader_elect {
+        election.validate()?;
+    }
     let client = client(&cli).await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -150,7 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(identity = %run_config.identity, leader_elect = cli.leader_elect, "starting");
 
     if cli.leader_elect {
-        let elector = Elector::new(client.clone(), cli.election());
+        let elector = Elector::new(client.clone(), election);
         let mut stop_rx = stop.clone();
         health.set_ready(true);
         loop {
@@ -164,11 +165,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.clone(),
                 run_config.clone(),
                 Arc::clone(&metrics),
+                elector.fence(),
                 term_rx,
             ));
             let end = elector.hold(&mut stop_rx).await;
             let _ = term_tx.send(true);
-            finish(term).await;
+            finish(term, cli.drain_timeout).await;
+            // Whatever is left of the controller (an abandoned task still
+            // unwinding, an Event in flight) writes nothing more.
+            elector.stop_writing();
             metrics.set_leader(false);
             if end == TermEnd::Shutdown {
                 match elector.release().await {
@@ -186,12 +191,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             client,
             run_config,
             Arc::clone(&metrics),
+            Fence::open(),
             stop.clone(),
         ));
         // Wait for the stop signal first: `finish` bounds only the drain.
         let mut stop_rx = stop.clone();
         let _ = stop_rx.wait_for(|s| *s).await;
-        finish(term).await;
+        finish(term, cli.drain_timeout).await;
     }
     signal_task.abort();
     http_task.abort();

@@ -333,6 +333,30 @@ impl Cluster {
         )?;
         Ok(())
     }
+
+    /// Stops kube-apiserver (`dev/cluster.sh stop apiserver`) until
+    /// [`start_apiserver`](Cluster::start_apiserver); a test that calls it
+    /// must be a test process of its own and start it again.
+    pub fn stop_apiserver(&self) -> anyhow::Result<()> {
+        run_checked(
+            Command::new("bash")
+                .arg(repo_root().join("dev/cluster.sh"))
+                .args(["stop", "apiserver"]),
+            "dev/cluster.sh stop apiserver",
+        )?;
+        Ok(())
+    }
+
+    /// Starts a stopped kube-apiserver and waits until it answers.
+    pub fn start_apiserver(&self) -> anyhow::Result<()> {
+        run_checked(
+            Command::new("bash")
+                .arg(repo_root().join("dev/cluster.sh"))
+                .args(["start", "apiserver"]),
+            "dev/cluster.sh start apiserver",
+        )?;
+        Ok(())
+    }
 }
 
 /// A namespace of a test's own, deleted (without waiting) when dropped, so

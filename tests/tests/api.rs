@@ -186,6 +186,7 @@ async fn a_full_llama_deployment_round_trips() {
                 shard: "full-e3-r0".into(),
                 phase: Some(ShardPhase::Ready),
                 address: Some("10.1.0.1:40000".into()),
+                bytes_done: None,
             },
             RankStatus {
                 rank: 1,
@@ -193,6 +194,7 @@ async fn a_full_llama_deployment_round_trips() {
                 shard: "full-e3-r1".into(),
                 phase: Some(ShardPhase::Ready),
                 address: Some("10.1.0.2:40000".into()),
+                bytes_done: None,
             },
         ],
         endpoint: Some("http://10.1.0.1:9090".into()),

@@ -290,7 +290,8 @@ fn upsert(ctx: &Arc<Context>, runners: &mut BTreeMap<String, Runner>, shard: Lla
                 )),
                 ..ShardState::default()
             };
-            writer.write(&state).await;
+            writer.set(&state);
+            writer.close(FINAL_WRITE_WAIT).await;
         });
         return;
     }
@@ -353,23 +354,105 @@ impl Default for ShardState {
     }
 }
 
-/// Writes one shard's status (merge patch, absent fields cleared).
-struct StatusWriter {
-    api: Api<LlamaShard>,
+/// First pause after a failed status write; it doubles up to [`WRITE_BACKOFF_MAX`].
+const WRITE_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest pause between status write attempts: how long after the API
+/// server returns the newest status is written at the latest.
+const WRITE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long one status write may take before it counts as failed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a runner that ends waits for its last status to be written
+/// (the writer keeps trying after that, in the background).
+const FINAL_WRITE_WAIT: Duration = Duration::from_secs(5);
+
+/// How one status write ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Written {
+    /// The API server took it.
+    Done,
+    /// The shard is gone: nothing to write to.
+    Gone,
+    /// The API server refused it for good (invalid); the next status may do.
+    Refused(String),
+    /// It may work later: no API server, a timeout, a server error.
+    Retry(String),
+}
+
+fn written(result: Result<LlamaShard, kube::Error>) -> Written {
+    match result {
+        Ok(_) => Written::Done,
+        Err(kube::Error::Api(e)) if e.code == 404 => Written::Gone,
+        Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
+            Written::Refused(e.to_string())
+        }
+        Err(e) => Written::Retry(e.to_string()),
+    }
+}
+
+/// Which shard a writer writes, for its logs.
+#[derive(Debug, Clone)]
+struct ShardRef {
+    namespace: String,
     name: String,
+    rank: i32,
+}
+
+/// Writes one shard's status (merge patch, absent fields cleared) from a
+/// task of its own, so that the worker's event relay never waits for the
+/// API server. Only the newest status matters: [`set`](StatusWriter::set)
+/// replaces whatever has not been written yet, and a failed write is
+/// retried with a capped backoff (with the newest status by then) until it
+/// lands, so a transition made during an API server outage is written once
+/// the server is back.
+struct StatusWriter {
+    latest: watch::Sender<Option<serde_json::Value>>,
     generation: Option<i64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl StatusWriter {
     fn new(client: &kube::Client, shard: &LlamaShard) -> StatusWriter {
-        StatusWriter {
-            api: Api::namespaced(client.clone(), &shard.namespace().unwrap_or_default()),
+        let api: Api<LlamaShard> =
+            Api::namespaced(client.clone(), &shard.namespace().unwrap_or_default());
+        let target = ShardRef {
+            namespace: shard.namespace().unwrap_or_default(),
             name: shard.name_any(),
+            rank: shard.spec.rank,
+        };
+        let (latest, pending) = watch::channel(None);
+        let name = target.name.clone();
+        let write = move |body: serde_json::Value| {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                let params = PatchParams::default();
+                let patch = Patch::Merge(&body);
+                let request = api.patch_status(&name, &params, &patch);
+                match tokio::time::timeout(WRITE_TIMEOUT, request).await {
+                    Ok(result) => written(result),
+                    Err(_) => Written::Retry(format!("no answer within {WRITE_TIMEOUT:?}")),
+                }
+            }
+        };
+        let task = tokio::spawn(flush(
+            pending,
+            target,
+            write,
+            Backoff::new(WRITE_BACKOFF, WRITE_BACKOFF_MAX),
+        ));
+        StatusWriter {
+            latest,
             generation: shard.meta().generation,
+            task,
         }
     }
 
-    async fn write(&self, state: &ShardState) {
+    /// The spec changed: later statuses observe its generation.
+    fn retarget(&mut self, shard: &LlamaShard) {
+        self.generation = shard.meta().generation;
+    }
+
+    /// Makes `state` the status to write; returns at once.
+    fn set(&self, state: &ShardState) {
         let body = json!({
             "status": {
                 "phase": state.phase,
@@ -380,14 +463,62 @@ impl StatusWriter {
                 "observedGeneration": self.generation,
             }
         });
-        match self
-            .api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => tracing::warn!(shard = %self.name, error = %e, "writing shard status failed"),
+        self.latest.send_replace(Some(body));
+    }
+
+    /// No more statuses: waits up to `within` for the last one to be
+    /// written; after that it is still tried in the background.
+    async fn close(self, within: Duration) {
+        let StatusWriter { latest, task, .. } = self;
+        drop(latest);
+        let _ = tokio::time::timeout(within, task).await;
+    }
+}
+
+/// The writer's task: writes the newest pending status until it lands (or
+/// the shard is gone), then waits for the next; ends once the writer is
+/// dropped and its last status is written.
+async fn flush<W, F>(
+    mut pending: watch::Receiver<Option<serde_json::Value>>,
+    shard: ShardRef,
+    mut write: W,
+    mut backoff: Backoff,
+) where
+    W: FnMut(serde_json::Value) -> F,
+    F: std::future::Future<Output = Written>,
+{
+    // `changed` reports a value set just before the writer was dropped
+    // before it reports the channel closed.
+    while pending.changed().await.is_ok() {
+        backoff.reset();
+        let mut failures = 0u32;
+        loop {
+            let Some(body) = pending.borrow_and_update().clone() else {
+                break;
+            };
+            match write(body).await {
+                Written::Done => {
+                    if failures > 0 {
+                        tracing::info!(namespace = %shard.namespace, shard = %shard.name, rank = shard.rank, failures, "wrote the shard status after failed attempts");
+                    }
+                    break;
+                }
+                Written::Gone => break,
+                Written::Refused(error) => {
+                    tracing::warn!(namespace = %shard.namespace, shard = %shard.name, rank = shard.rank, %error, "the API server refused the shard status");
+                    break;
+                }
+                Written::Retry(error) => {
+                    failures = failures.saturating_add(1);
+                    let delay = backoff.next_delay();
+                    if failures == 1 {
+                        tracing::warn!(namespace = %shard.namespace, shard = %shard.name, rank = shard.rank, %error, retry_in = ?delay, "writing the shard status failed; retrying with the newest status until it lands");
+                    } else {
+                        tracing::debug!(namespace = %shard.namespace, shard = %shard.name, rank = shard.rank, %error, failures, retry_in = ?delay, "writing the shard status failed again");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
         }
     }
 }
@@ -412,7 +543,7 @@ impl Tracked {
     }
 
     fn retarget(&mut self, shard: Arc<LlamaShard>) {
-        self.writer = StatusWriter::new(&self.ctx.client, &shard);
+        self.writer.retarget(&shard);
         self.shard = shard;
     }
 
@@ -427,11 +558,12 @@ impl Tracked {
         }
     }
 
-    /// Records a new state, in the shard's status and the node's list.
+    /// Records a new state, in the node's list and as the shard status to
+    /// write (in the background: this never waits for the API server).
     async fn set(&mut self, state: ShardState) {
         self.state = state;
         self.ctx.node_shards.set(self.node_entry());
-        self.writer.write(&self.state).await;
+        self.writer.set(&self.state);
     }
 
     async fn phase(&mut self, phase: ShardPhase, message: impl Into<String>) {
@@ -593,9 +725,11 @@ async fn run_shard(
     tracked
         .phase(ShardPhase::Terminating, format!("released: {released}"))
         .await;
+    let Tracked { shard, writer, .. } = tracked;
+    writer.close(FINAL_WRITE_WAIT).await;
     ctx.node_shards
-        .remove(&tracked.shard.namespace().unwrap_or_default(), &name);
-    tracing::info!(shard = %name, reason = %released, "shard released");
+        .remove(&shard.namespace().unwrap_or_default(), &name);
+    tracing::info!(shard = %name, rank = shard.spec.rank, reason = %released, "shard released");
     let _ = finished.send(true);
 }
 
@@ -1076,6 +1210,148 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in API server: answers each write with the next scripted
+    /// result (then `Done`), and records what was written.
+    #[derive(Clone, Default)]
+    struct FakeServer {
+        script: Arc<Mutex<std::collections::VecDeque<Written>>>,
+        seen: Arc<Mutex<Vec<(serde_json::Value, Written)>>>,
+    }
+
+    impl FakeServer {
+        fn scripted(results: Vec<Written>) -> FakeServer {
+            FakeServer {
+                script: Arc::new(Mutex::new(results.into())),
+                ..FakeServer::default()
+            }
+        }
+
+        fn writer(&self) -> (StatusWriter, FakeServer) {
+            let (latest, pending) = watch::channel(None);
+            let server = self.clone();
+            let write = move |body: serde_json::Value| {
+                let server = server.clone();
+                async move {
+                    let result = server
+                        .script
+                        .lock()
+                        .expect("script")
+                        .pop_front()
+                        .unwrap_or(Written::Done);
+                    server
+                        .seen
+                        .lock()
+                        .expect("seen")
+                        .push((body, result.clone()));
+                    result
+                }
+            };
+            let shard = ShardRef {
+                namespace: "ns".into(),
+                name: "llama-e1-r1".into(),
+                rank: 1,
+            };
+            let task = tokio::spawn(flush(
+                pending,
+                shard,
+                write,
+                Backoff::new(Duration::from_millis(20), Duration::from_millis(40)),
+            ));
+            let writer = StatusWriter {
+                latest,
+                generation: Some(3),
+                task,
+            };
+            (writer, self.clone())
+        }
+
+        fn phases(&self) -> Vec<(String, Written)> {
+            self.seen
+                .lock()
+                .expect("seen")
+                .iter()
+                .map(|(body, r)| {
+                    (
+                        body["status"]["phase"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        r.clone(),
+                    )
+                })
+                .collect()
+        }
+    }
+
+    fn state(phase: ShardPhase) -> ShardState {
+        ShardState {
+            phase,
+            ..ShardState::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_set_during_an_outage_is_written_when_the_server_returns() {
+        let down = || Written::Retry("connection refused".into());
+        let server = FakeServer::scripted(vec![down(), down(), down()]);
+        let (writer, server) = server.writer();
+        // The relay goes on while nothing can be written: Loaded, then Ready.
+        writer.set(&state(ShardPhase::Loaded));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        writer.set(&state(ShardPhase::Ready));
+        writer.close(Duration::from_secs(5)).await;
+        let phases = server.phases();
+        let last = phases.last().expect("a write");
+        assert_eq!(last, &("Ready".to_owned(), Written::Done), "{phases:?}");
+        assert_eq!(
+            phases.len(),
+            4,
+            "three refused attempts, then one that landed: {phases:?}"
+        );
+        assert_eq!(phases[0].0, "Loaded");
+        // Once Ready was set, Loaded was never tried again.
+        let first_ready = phases
+            .iter()
+            .position(|(p, _)| p == "Ready")
+            .expect("ready");
+        assert!(
+            phases[first_ready..].iter().all(|(p, _)| p == "Ready"),
+            "{phases:?}"
+        );
+        let seen = server.seen.lock().expect("seen");
+        assert_eq!(seen[3].0["status"]["observedGeneration"], 3);
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_status_is_written_and_a_gone_shard_ends_the_retries() {
+        let server = FakeServer::scripted(vec![Written::Gone]);
+        let (writer, server) = server.writer();
+        // Three transitions before the writer's task runs: one write.
+        writer.set(&state(ShardPhase::Connecting));
+        writer.set(&state(ShardPhase::Loading));
+        writer.set(&state(ShardPhase::Loaded));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(server.phases(), [("Loaded".to_owned(), Written::Gone)]);
+        // A refused status is not retried; the next one is written.
+        server
+            .script
+            .lock()
+            .expect("script")
+            .push_back(Written::Refused("invalid".into()));
+        writer.set(&state(ShardPhase::Ready));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.set(&state(ShardPhase::Terminating));
+        writer.close(Duration::from_secs(5)).await;
+        assert_eq!(
+            server.phases(),
+            [
+                ("Loaded".to_owned(), Written::Gone),
+                ("Ready".to_owned(), Written::Refused("invalid".into())),
+                ("Terminating".to_owned(), Written::Done),
+            ]
+        );
+    }
 
     #[test]
     fn gpus_go_lowest_first_and_come_back_when_the_slot_drops() {

@@ -54,6 +54,10 @@ pub struct Settings {
     pub release_timeout: Duration,
     /// Re-check a deployment this often even when nothing changes.
     pub resync: Duration,
+    /// A group that is not serving and makes no progress (no rank changes
+    /// phase, no download advances) for this long has failed
+    /// (`LoadTimeout` or `FormationTimeout`) and is restarted.
+    pub load_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -62,6 +66,7 @@ impl Default for Settings {
             restart: RestartPolicy::default(),
             release_timeout: Duration::from_secs(120),
             resync: Duration::from_secs(300),
+            load_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -550,6 +555,10 @@ fn progress(shards: &[&LlamaShard], world: u32) -> Progress {
             shard: s.name_any(),
             phase,
             address,
+            bytes_done: status
+                .and_then(|st| st.progress.as_ref())
+                .filter(|_| phase == Some(ShardPhase::Downloading))
+                .map(|pr| pr.bytes_done),
         });
     }
     if p.ready < world {
@@ -634,6 +643,81 @@ fn placed_message(epoch: i64, ranks: &[RankStatus]) -> String {
         .map(|r| format!("rank {} on {}", r.rank, r.node))
         .collect();
     format!("epoch {epoch}: {}", short(&on))
+}
+
+/// The reasons of a group that stopped making progress.
+const LOAD_TIMEOUT: &str = "LoadTimeout";
+const FORMATION_TIMEOUT: &str = "FormationTimeout";
+
+fn is_timeout(reason: &str) -> bool {
+    reason == LOAD_TIMEOUT || reason == FORMATION_TIMEOUT
+}
+
+/// The Ready reason while a failed group is re-formed: `Recovering`, except
+/// after a timeout, whose reason says more than any rank's phase does.
+fn recovering_reason(failure: &str) -> &str {
+    if is_timeout(failure) {
+        failure
+    } else {
+        "Recovering"
+    }
+}
+
+/// When the group of `epoch` last made progress: the prior status's time if
+/// it described the same epoch with the same ranks, phases and downloaded
+/// bytes; else `now` (something moved, or nothing was recorded).
+fn last_progress_at(
+    prior: &LlamaDeploymentStatus,
+    epoch: i64,
+    ranks: &[RankStatus],
+    now: Timestamp,
+) -> Timestamp {
+    match &prior.last_progress_time {
+        Some(t) if prior.epoch == epoch && prior.ranks.as_slice() == ranks => t.0,
+        _ => now,
+    }
+}
+
+/// The failure of a group that has not moved for `limit` since `since`:
+/// `LoadTimeout` while ranks are still getting their weights (downloading,
+/// meeting at the barrier, loading), `FormationTimeout` once every rank is
+/// loaded and the group only has to become Ready.
+fn stalled(p: &Progress, since: Timestamp, now: Timestamp, limit: Duration) -> Option<Failure> {
+    let still = time::since(now, since);
+    if still < limit {
+        return None;
+    }
+    let (reason, waited) = if p.loaded < p.world {
+        (
+            LOAD_TIMEOUT,
+            format!(
+                "every rank to load its weights ({} of {} loaded)",
+                p.loaded, p.world
+            ),
+        )
+    } else {
+        (
+            FORMATION_TIMEOUT,
+            format!("every rank to be Ready ({} of {} ready)", p.ready, p.world),
+        )
+    };
+    let rank = p
+        .ranks
+        .iter()
+        .find(|r| r.phase != Some(ShardPhase::Ready))
+        .map_or(0, |r| r.rank);
+    Some(Failure {
+        reason,
+        rank,
+        lost_peer: false,
+        detail: String::new(),
+        message: format!(
+            "no progress for {}s (the limit is {}s) while waiting for {waited}: {}",
+            still.as_secs(),
+            limit.as_secs(),
+            short(&p.waiting)
+        ),
+    })
 }
 
 /// What this pass does with the group.
@@ -766,11 +850,24 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
                 )
             })
     });
-    let failures = if current.is_empty() {
+    let mut failures = if current.is_empty() {
         Vec::new()
     } else {
         detect_failures(&current, current_world, input.nodes)
     };
+    // A group on its way to serving: when it last moved, and whether it
+    // has been still for too long.
+    let mut last_progress = None;
+    if !current.is_empty() && failures.is_empty() {
+        let p = progress(&current, current_world);
+        if p.ready < p.world {
+            let since = last_progress_at(prior, epoch, &p.ranks, now);
+            last_progress = Some(since);
+            if let Some(stall) = stalled(&p, since, now, settings.load_timeout) {
+                failures.push(stall);
+            }
+        }
+    }
 
     let step = if current.is_empty() {
         match plan {
@@ -842,6 +939,7 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
         memory_per_rank_bytes: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
         restart_count: i32::try_from(restarts).unwrap_or(i32::MAX),
         last_restart: prior.last_restart.clone(),
+        last_progress_time: last_progress.map(Time),
         ..LlamaDeploymentStatus::default()
     };
     let mut notices = Vec::new();
@@ -857,6 +955,7 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
             apply = objects::build_shards(d, input.owner, &plan, &shape, next);
             delete.extend(current.iter().map(|s| s.name_any()));
             status.epoch = next;
+            status.last_progress_time = Some(Time(now));
             let built: Vec<&LlamaShard> = apply.iter().collect();
             let p = progress(&built, plan.world_size);
             let placed = placed_message(next, &p.ranks);
@@ -871,6 +970,14 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
                         message: message.clone(),
                     });
                     let action = format!("re-forming, restart {} of {budget}", restarts + 1);
+                    if is_timeout(reason) {
+                        notices.push(Notice::new(
+                            Severity::Warning,
+                            reason,
+                            "Reconcile",
+                            message.clone(),
+                        ));
+                    }
                     notices.push(Notice::new(
                         Severity::Warning,
                         "Restarting",
@@ -879,7 +986,11 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
                     ));
                     (
                         DeploymentPhase::Degraded,
-                        Verdict::no(READY, "Recovering", format!("{message}; {action}")),
+                        Verdict::no(
+                            READY,
+                            recovering_reason(reason),
+                            format!("{message}; {action}"),
+                        ),
                     )
                 }
                 other => {
@@ -925,7 +1036,7 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
                 phase = DeploymentPhase::Degraded;
                 ready = Verdict::no(
                     READY,
-                    "Recovering",
+                    recovering_reason(&r.reason),
                     format!(
                         "{}; re-forming, restart {} of {budget}; {}",
                         r.message, status.restart_count, ready.message
@@ -1031,6 +1142,13 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
         }
     };
 
+    if phase == DeploymentPhase::Serving {
+        status.last_progress_time = None;
+    } else if let Some(since) = status.last_progress_time.as_ref().map(|t| t.0) {
+        let deadline = time::add(since, settings.load_timeout);
+        requeue_after =
+            requeue_after.min(time::since(deadline, now).max(Duration::from_millis(100)));
+    }
     status.phase = Some(phase);
     status.world_size = i32::try_from(group.world).unwrap_or(i32::MAX);
     status.ready_ranks = i32::try_from(group.ready).unwrap_or(i32::MAX);
@@ -1215,6 +1333,7 @@ pub fn cleanup(input: &CleanupInput<'_>, settings: &Settings) -> CleanupOutcome 
         conditions: conditions::merge(&input.prior.conditions, &kept, d.metadata.generation, now),
         restart_count: input.prior.restart_count,
         last_restart: input.prior.last_restart.clone(),
+        last_progress_time: None,
     };
     let mut notices = transition_notices(input.prior, &status);
     if timed_out && !waiting.is_empty() {

@@ -47,6 +47,7 @@ fn settings() -> Settings {
         },
         release_timeout: Duration::from_secs(120),
         resync: Duration::from_secs(300),
+        load_timeout: Duration::from_secs(600),
     }
 }
 
@@ -1103,4 +1104,131 @@ fn a_silent_rank_0_is_the_suspect_when_no_other_rank_is_left() {
         message,
         "rank 0 on demo-a stopped answering; ranks 1–3 lost their peer"
     );
+}
+
+fn downloading(done: i64) -> Option<LlamaShardStatus> {
+    Some(LlamaShardStatus {
+        phase: Some(ShardPhase::Downloading),
+        progress: Some(tandem_crds::Progress {
+            bytes_done: done,
+            bytes_total: Some(1000),
+        }),
+        ..Default::default()
+    })
+}
+
+fn progress_time(w: &World) -> Option<Timestamp> {
+    w.status.last_progress_time.as_ref().map(|t| t.0)
+}
+
+#[test]
+fn a_group_that_stops_making_progress_times_out_and_is_restarted() {
+    let mut w = World::new(2, nodes(2));
+    w.step(100);
+    assert_eq!(progress_time(&w), Some(ts(100)), "placing is progress");
+
+    // A download that advances is progress, however long it takes.
+    w.rank(0).status = downloading(100);
+    w.step(500);
+    assert_eq!(progress_time(&w), Some(ts(500)));
+    assert_eq!(w.status.ranks[0].bytes_done, Some(100));
+    w.rank(0).status = downloading(200);
+    w.step(1000);
+    assert_eq!(progress_time(&w), Some(ts(1000)));
+    // Nothing moves: the clock keeps running, and the operator looks again
+    // when the limit is reached.
+    let out = w.step(1500);
+    assert_eq!(progress_time(&w), Some(ts(1000)));
+    assert_eq!(out.requeue_after, Duration::from_secs(100));
+    assert!(out.new_epoch.is_none());
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Loading));
+
+    let out = w.step(1600);
+    let Some(EpochCause::Restart { reason, message }) = &out.new_epoch else {
+        panic!("a restart: {:?}", out.new_epoch);
+    };
+    assert_eq!(*reason, "LoadTimeout");
+    assert!(
+        message.starts_with(
+            "no progress for 600s (the limit is 600s) while waiting for every rank to load \
+             its weights (0 of 2 loaded): rank 0 on n1: Downloading 20%; rank 1 on n2: Pending"
+        ),
+        "{message}"
+    );
+    assert_eq!(reasons(&out), ["LoadTimeout", "Restarting", "Degraded"]);
+    assert_eq!(w.status.epoch, 2);
+    assert_eq!(w.status.restart_count, 1);
+    assert_eq!(
+        w.status.last_restart.as_ref().map(|r| r.reason.as_str()),
+        Some("LoadTimeout")
+    );
+    let (ok, why, text) = w.condition(READY);
+    assert_eq!((ok.as_str(), why.as_str()), ("False", "LoadTimeout"));
+    assert!(text.contains("re-forming, restart 1 of 3"), "{text}");
+    assert_eq!(
+        progress_time(&w),
+        Some(ts(1600)),
+        "the new epoch starts the clock"
+    );
+    // While the new group loads, Ready keeps saying why it was restarted.
+    w.all(ShardPhase::Connecting);
+    w.step(1601);
+    assert_eq!(w.condition(READY).1, "LoadTimeout");
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Degraded));
+
+    // Serving ends the watch.
+    w.all(ShardPhase::Ready);
+    w.step(1602);
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Serving));
+    assert_eq!(progress_time(&w), None);
+    let out = w.step(5000);
+    assert!(out.new_epoch.is_none(), "a serving group never times out");
+}
+
+#[test]
+fn a_loaded_group_that_never_turns_ready_is_a_formation_timeout_and_spends_the_budget() {
+    let mut w = World::new(2, nodes(2));
+    w.settings.load_timeout = Duration::from_secs(60);
+    w.step(100);
+    w.all(ShardPhase::Loaded);
+    w.step(110);
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Forming));
+    let out = w.step(170);
+    assert!(
+        matches!(&out.new_epoch, Some(EpochCause::Restart { reason, .. }) if *reason == "FormationTimeout"),
+        "{:?}",
+        out.new_epoch
+    );
+    assert!(
+        w.status.last_restart.as_ref().is_some_and(|r| r
+            .message
+            .contains("waiting for every rank to be Ready (0 of 2 ready)")),
+        "{:?}",
+        w.status.last_restart
+    );
+    // Every later epoch hangs as well: the usual backoff, then the budget.
+    let mut t = 170;
+    for restart in 2..=3 {
+        w.all(ShardPhase::Loaded);
+        t += 1;
+        w.step(t);
+        // 60 s still, then the backoff (10 s, 20 s) counted from the last restart.
+        t += 60;
+        let out = w.step(t);
+        if out.new_epoch.is_none() {
+            assert_eq!(w.condition(PLACED).1, "FormationTimeout");
+            t += 30;
+            w.step(t);
+        }
+        assert_eq!(w.status.restart_count, restart, "at {t}");
+    }
+    w.all(ShardPhase::Loaded);
+    t += 1;
+    w.step(t);
+    t += 60;
+    w.step(t);
+    assert_eq!(w.status.phase, Some(DeploymentPhase::Failed));
+    let (_, why, text) = w.condition(READY);
+    assert_eq!(why, "RestartBudgetExhausted");
+    assert!(text.contains("no progress for 60s"), "{text}");
 }

@@ -82,6 +82,11 @@ pub const FAST: &[&str] = &[
     "6s",
     "--leader-retry-interval",
     "1s",
+    // Renew deadline plus drain must stay below the lease.
+    "--leader-renew-deadline",
+    "3s",
+    "--drain-timeout",
+    "2s",
 ];
 
 impl Operator {
