@@ -78,6 +78,7 @@ fn full_deployment(name: &str) -> LlamaDeployment {
                 max_batch_tokens: Some(16384),
                 prefill_chunk_tokens: Some(512),
                 prefix_cache_bytes: Some(0),
+                max_completion_tokens: Some(1024),
             }),
             architecture: Some(architecture()),
         },
