@@ -234,3 +234,120 @@ async fn two_deployments_share_nodes() {
     assert_eq!(still.epoch, right.epoch);
     ask(&still, CAPITAL).await;
 }
+
+/// A rank that stops answering (its worker frozen with SIGSTOP, as a hung
+/// process or a stalled GPU would look) in the middle of a streamed answer:
+/// the client gets an error naming the stall within rank 0's watchdog
+/// bound instead of waiting forever, the deployment goes Degraded saying
+/// why, the operator re-forms the group, and it answers again.
+#[tokio::test]
+async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
+    const STALL_SECONDS: u64 = 5;
+    let s = Story::with_agent_args(
+        "frozen",
+        3,
+        LEASE_SECONDS,
+        &["--stall-timeout-seconds", &STALL_SECONDS.to_string()],
+    )
+    .await;
+    s.apply(&s.deployment("smol", 3));
+    let st = s.serving("smol", 3, 0).await;
+    ask(&st, CAPITAL).await;
+    let node = st.ranks[1].node.clone();
+    let agent = s
+        .agent_on(&node)
+        .and_then(|i| s.agents[i].as_ref())
+        .expect("rank 1's agent");
+    let frozen = agent.workers();
+    assert_eq!(frozen.len(), 1, "one worker on {node}");
+
+    // A long streamed answer; freeze rank 1 once it flows.
+    let endpoint = st.endpoint.clone().expect("endpoint");
+    let port: u16 = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("endpoint port");
+    let body = json!({"model": "smol", "max_tokens": 2000, "ignore_eos": true, "stream": true,
+        "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    .to_string();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("read timeout");
+    use std::io::{BufRead, Write};
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut lines = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    let mut pieces = 0;
+    while pieces < 3 {
+        line.clear();
+        assert!(lines.read_line(&mut line).expect("read") > 0, "stream ended");
+        pieces += usize::from(line.starts_with("data: {"));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-STOP", &frozen[0].to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let stopped = std::time::Instant::now();
+    let mut error = None;
+    loop {
+        line.clear();
+        match lines.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if let Some(value) = line
+                    .trim()
+                    .strip_prefix("data: ")
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                    .filter(|v| v.get("error").is_some())
+                {
+                    error = Some(value);
+                    break;
+                }
+            }
+        }
+    }
+    let waited = stopped.elapsed();
+    let error = error.expect("an error event ends the stream");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stalled")),
+        "{error}"
+    );
+    assert!(
+        waited < std::time::Duration::from_secs(STALL_SECONDS + 10),
+        "the error came {waited:?} after the freeze"
+    );
+
+    // The deployment says why, then the operator re-forms the group (the
+    // agent ends the frozen worker) and it answers again.
+    let degraded = s
+        .status("smol", "Degraded after the stall", |x| {
+            x.phase == Some(DeploymentPhase::Degraded)
+        })
+        .await;
+    let ready = degraded
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(ready.contains("GroupStalled"), "{ready}");
+    let again = s.serving("smol", 3, st.epoch).await;
+    ask(&again, CAPITAL).await;
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", frozen[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", frozen[0]))
+                .is_ok_and(|stat| stat.contains(") Z ")),
+        "the frozen worker was ended"
+    );
+}

@@ -40,6 +40,8 @@ pub struct Story {
     pub admin: Client,
     /// The agents' Lease duration in seconds.
     pub lease_seconds: u32,
+    /// More flags for every agent.
+    pub agent_args: Vec<String>,
     /// The namespace (deleted last).
     pub ns: TestNamespace,
 }
@@ -63,6 +65,16 @@ impl Story {
 
     /// As [`Story::new`], with Leases of `lease_seconds`.
     pub async fn with_lease(name: &str, agents: usize, lease_seconds: u32) -> Story {
+        Story::with_agent_args(name, agents, lease_seconds, &[]).await
+    }
+
+    /// As [`Story::with_lease`], every agent started with `agent_args` too.
+    pub async fn with_agent_args(
+        name: &str,
+        agents: usize,
+        lease_seconds: u32,
+        agent_args: &[&str],
+    ) -> Story {
         let cluster = cluster();
         let ns = TestNamespace::new(cluster, &format!("story-{name}"))
             .await
@@ -75,6 +87,7 @@ impl Story {
             operator,
             admin,
             lease_seconds,
+            agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
             ns,
         };
         for _ in 0..agents {
@@ -104,17 +117,19 @@ impl Story {
 
     /// (Re)starts agent `index` under its old node name.
     pub fn restart_agent(&mut self, index: usize) {
+        let mut args = vec![
+            "--port-range".into(),
+            port_range(),
+            "--lease-duration-seconds".into(),
+            self.lease_seconds.to_string(),
+        ];
+        args.extend(self.agent_args.iter().cloned());
         let agent = Agent::start(
             cluster(),
             &self.agent_name(index),
             AgentOptions {
                 labels: vec![format!("{}={}", self.label.0, self.label.1)],
-                args: vec![
-                    "--port-range".into(),
-                    port_range(),
-                    "--lease-duration-seconds".into(),
-                    self.lease_seconds.to_string(),
-                ],
+                args,
                 ..AgentOptions::real_model()
             },
         );
