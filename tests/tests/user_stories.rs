@@ -288,7 +288,10 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
     let mut pieces = 0;
     while pieces < 3 {
         line.clear();
-        assert!(lines.read_line(&mut line).expect("read") > 0, "stream ended");
+        assert!(
+            lines.read_line(&mut line).expect("read") > 0,
+            "stream ended"
+        );
         pieces += usize::from(line.starts_with("data: {"));
     }
     let status = std::process::Command::new("kill")

@@ -106,6 +106,12 @@ pub trait PlanSink {
     /// Hands `plan` to every other rank; `Err` says why the group cannot
     /// follow (it is then broken).
     fn send(&self, plan: &StepPlan) -> std::result::Result<(), String>;
+
+    /// Whether there are no other ranks (a failed step can then be
+    /// abandoned without leaving a peer inside a collective).
+    fn alone(&self) -> bool {
+        false
+    }
 }
 
 /// A group of one: no one to tell.
@@ -115,6 +121,10 @@ pub struct Alone;
 impl PlanSink for Alone {
     fn send(&self, _plan: &StepPlan) -> std::result::Result<(), String> {
         Ok(())
+    }
+
+    fn alone(&self) -> bool {
+        true
     }
 }
 
@@ -288,6 +298,14 @@ impl<'m> BatchEngine<'m> {
     /// The model.
     pub fn model(&self) -> &'m Llama {
         self.model
+    }
+
+    /// Drops every sequence, the KV cache and the prefix-cache entries,
+    /// after a step failed; the step count goes on.
+    pub fn reset(&mut self) {
+        self.cache = self.model.new_cache();
+        self.sequences.clear();
+        self.entries.clear();
     }
 
     /// Applies `plan` and queues its forward pass; the tokens come from the

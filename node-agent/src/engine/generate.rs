@@ -101,6 +101,7 @@ pub fn generate(
     let mut cpu_at_first = None;
     let mut cpu_at_last = None;
     let mut first_at: Option<Instant> = None;
+    let mut failed = None;
     let mut on_event = |event: Event| match event {
         Event::Token { token, .. } => {
             let cpu = process_cpu_seconds();
@@ -121,6 +122,7 @@ pub fn generate(
             cpu_at_last = process_cpu_seconds();
             outcome = Some(o);
         }
+        Event::Failed { error, .. } => failed = Some(error),
         Event::Admitted { .. } => {}
     };
     schedule::lead(
@@ -131,6 +133,11 @@ pub fn generate(
         &mut on_event,
         &mut |_, _| {},
     )?;
+    if let Some(error) = failed {
+        return Err(EngineError::Argument(format!(
+            "the generation failed: {error}"
+        )));
+    }
     let Some(outcome) = outcome else {
         return Err(EngineError::Argument(
             "the generation did not finish".into(),

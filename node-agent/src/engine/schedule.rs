@@ -179,6 +179,14 @@ pub enum Event {
         /// How it went.
         outcome: Outcome,
     },
+    /// The engine failed on a step this request was part of; the request
+    /// ended, and the loop went on without it.
+    Failed {
+        /// The request.
+        id: u64,
+        /// The engine's error.
+        error: String,
+    },
 }
 
 struct Running {
@@ -552,6 +560,22 @@ impl Scheduler {
         Some(plan)
     }
 
+    /// After the engine failed (and was reset): ends every request in the
+    /// batch with `error`, and forgets the prefix cache (the engine's went
+    /// with the reset). Requests still waiting stay queued.
+    pub fn abandon(&mut self, error: &str, on_event: &mut dyn FnMut(Event)) {
+        for r in std::mem::take(&mut self.running) {
+            if r.finish.is_none() {
+                on_event(Event::Failed {
+                    id: r.request.id,
+                    error: error.to_owned(),
+                });
+            }
+        }
+        self.entries.clear();
+        self.cache_bytes = 0;
+    }
+
     /// Takes a step's tokens: reports them, and ends requests that reached
     /// a stop token or their `max_tokens`.
     pub fn absorb(&mut self, sampled: Vec<Sampled>, on_event: &mut dyn FnMut(Event)) {
@@ -656,12 +680,26 @@ pub fn lead(
                 sink.send(&plan).map_err(|reason| {
                     EngineError::OutOfStep(format!("the other ranks cannot follow: {reason}"))
                 })?;
-                engine.step(&plan)?
+                match engine.step(&plan) {
+                    Ok(queued) => queued,
+                    Err(e) => {
+                        recover(e, sink, engine, scheduler, on_event)?;
+                        pending = None;
+                        continue;
+                    }
+                }
             }
             None => None,
         };
         if let Some(before) = pending.take() {
-            scheduler.absorb(before.read()?, on_event);
+            match before.read() {
+                Ok(sampled) => scheduler.absorb(sampled, on_event),
+                Err(e) => {
+                    drop(queued);
+                    recover(e, sink, engine, scheduler, on_event)?;
+                    continue;
+                }
+            }
         }
         if changed {
             after_step(scheduler, queued.is_some());
@@ -671,6 +709,28 @@ pub fn lead(
             return Ok(());
         }
     }
+}
+
+/// After a step failed with `error`: a group of one resets its engine,
+/// fails the requests of the batch and goes on serving (a request that
+/// cannot run, such as a prompt whose prefill does not fit in memory, takes
+/// only the batch it ran in down, not the worker); in a larger group the
+/// error ends the loop, since the other ranks may be inside a collective
+/// this rank will never join, and the group re-forms.
+fn recover(
+    error: EngineError,
+    sink: &dyn PlanSink,
+    engine: &mut BatchEngine<'_>,
+    scheduler: &mut Scheduler,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    if !sink.alone() || !matches!(error, EngineError::Mlx { .. }) {
+        return Err(error);
+    }
+    tracing::warn!(%error, running = scheduler.running(), "a step failed; the batch's requests fail and the engine starts afresh");
+    engine.reset();
+    scheduler.abandon(&error.to_string(), on_event);
+    Ok(())
 }
 
 /// Ranks other than 0: applies rank 0's plans in order until `plans` ends.
@@ -775,6 +835,38 @@ mod tests {
         let mut s = Scheduler::new(limits(8, 5, 1000, 0), KV);
         s.enqueue(Request::new(9, vec![1; 10], 20));
         assert_eq!(plan(&mut s).0.expect("a plan").admit.len(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_batch_fails_its_requests_and_keeps_the_queue() {
+        let mut s = Scheduler::new(limits(2, 10_000, 100, 1 << 20), KV);
+        for id in 0..3 {
+            s.enqueue(Request::new(id, vec![1; 4], 5));
+        }
+        let p = plan(&mut s).0.expect("a plan");
+        assert_eq!(p.admit.len(), 2);
+        tokens(&mut s, &p, 7);
+        let mut events = Vec::new();
+        s.abandon("boom", &mut |e| events.push(e));
+        assert_eq!(
+            events,
+            vec![
+                Event::Failed {
+                    id: 0,
+                    error: "boom".into()
+                },
+                Event::Failed {
+                    id: 1,
+                    error: "boom".into()
+                }
+            ]
+        );
+        assert_eq!((s.running(), s.waiting(), s.cache_bytes()), (0, 1, 0));
+        // The waiting request runs next, from a fresh cache.
+        let p = plan(&mut s).0.expect("the next plan");
+        assert_eq!(p.admit.len(), 1);
+        assert_eq!(p.admit[0].id, 2);
+        assert!(p.admit[0].reuse.is_none());
     }
 
     #[test]

@@ -203,6 +203,16 @@ impl Shared {
                     outcome.decode_time,
                 );
             }
+            Event::Failed { id, error } => {
+                if let Some(route) = routes.open.remove(&id) {
+                    if !route.admitted {
+                        self.left_queue();
+                    }
+                    let _ = route.steps.send(Step::Failed(ApiError::internal(format!(
+                        "the engine failed on this request's batch: {error}"
+                    ))));
+                }
+            }
         }
     }
 }
@@ -312,6 +322,10 @@ impl PlanSink for Watched<'_> {
     fn send(&self, plan: &StepPlan) -> Result<(), String> {
         self.progress.sent();
         self.sink.send(plan)
+    }
+
+    fn alone(&self) -> bool {
+        self.sink.alone()
     }
 }
 
