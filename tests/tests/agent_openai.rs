@@ -243,7 +243,7 @@ async fn a_rank_killed_mid_stream_fails_the_request_promptly_and_the_group_recov
     assert_eq!(victims.len(), 1);
 
     // Four streams in one batch.
-    let mut child = start_streams(pair.group.serving_port, 4, 6000, -1);
+    let mut child = start_streams(pair.group.serving_port, 4, 4000, -1);
     let mut lines = lines_of(&mut child);
     // Wait until every stream has its first piece, then kill rank 1's worker.
     let mut started = std::collections::BTreeSet::new();
