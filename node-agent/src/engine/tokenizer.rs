@@ -39,6 +39,23 @@ pub struct TextTokenizer {
     eos_token: Option<String>,
 }
 
+/// The `tokenizers` crate's tokenizer from the bytes of `tokenizer.json`.
+///
+/// The crate panics on some malformed files instead of returning an error
+/// (found by the fuzzer: a JSON syntax error inside `decoder` hits an
+/// `expect` in 0.22), and a model's files come from any hub repository.
+/// So the bytes are checked to be JSON first, which turns that case into
+/// an error naming the line and column, and any other panic of the crate
+/// while parsing becomes an error too instead of ending the worker.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    let failed = |message: String| EngineError::Tokenizer { message };
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map_err(|e| failed(format!("not JSON: {e}")))?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+        .map_err(|_| failed("the tokenizers library failed on this file".into()))?
+        .map_err(|e| failed(e.to_string()))
+}
+
 /// A special-token field of tokenizer_config.json: a string or an
 /// `{"content": ...}` object.
 fn token_text(value: Option<&Value>) -> Option<String> {
@@ -83,11 +100,21 @@ impl TextTokenizer {
         config: &Value,
         chat_template_file: Option<String>,
     ) -> Result<TextTokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
-            EngineError::Tokenizer {
-                message: e.to_string(),
-            }
-        })?;
+        let inner = parse_tokenizer_json(tokenizer_json)?;
+        Ok(TextTokenizer::with_config(
+            inner,
+            config,
+            chat_template_file,
+        ))
+    }
+
+    /// Builds the tokenizer from a parsed `tokenizer.json` and the rest as
+    /// in [`TextTokenizer::from_parts`].
+    pub fn with_config(
+        inner: tokenizers::Tokenizer,
+        config: &Value,
+        chat_template_file: Option<String>,
+    ) -> TextTokenizer {
         let chat_template = match config.get("chat_template") {
             Some(Value::String(t)) => Some(t.clone()),
             // A list of named templates: take the default one.
@@ -102,12 +129,12 @@ impl TextTokenizer {
         let chat_template = chat_template
             .or(chat_template_file)
             .map(|source| ChatTemplate::compile(source).map_err(|e| e.to_string()));
-        Ok(TextTokenizer {
+        TextTokenizer {
             inner,
             chat_template,
             bos_token: token_text(config.get("bos_token")),
             eos_token: token_text(config.get("eos_token")),
-        })
+        }
     }
 
     /// The id of the tokenizer config's `eos_token`, if it has one.
@@ -243,10 +270,32 @@ impl std::fmt::Debug for ChatTemplate {
 /// The template's name inside its environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Stack of the thread that compiles a template. minijinja's parser
+/// recurses through a dozen functions per nesting level of an expression
+/// or block, up to its limit of 150 levels, which a template from the hub
+/// can reach on purpose: found by the fuzzer, 180 nested `join(` calls
+/// overflowed a 2 MiB stack (a tokio blocking thread's) and aborted the
+/// process before the parser's own limit refused the template.
+const COMPILE_STACK_BYTES: usize = 64 << 20;
+
 impl ChatTemplate {
     /// Compiles `source` with the settings transformers renders templates
-    /// with; a syntax error is an [`EngineError::Template`].
+    /// with; a syntax error is an [`EngineError::Template`]. The parser runs
+    /// on a thread of its own with a large stack ([`COMPILE_STACK_BYTES`]),
+    /// so no nesting stays below the parser's limit yet overflows the
+    /// caller's stack.
     pub fn compile(source: String) -> Result<ChatTemplate> {
+        let failed = |message: String| EngineError::Template { message };
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn(move || ChatTemplate::compile_here(source))
+            .map_err(|e| failed(format!("starting the template compiler: {e}")))?
+            .join()
+            .map_err(|_| failed("the template compiler panicked".into()))?
+    }
+
+    fn compile_here(source: String) -> Result<ChatTemplate> {
         let fail = |e: JinjaError| EngineError::Template {
             message: describe(&e),
         };
@@ -557,6 +606,58 @@ mod tests {
                 matches!(err, EngineError::Template { .. }) && text.contains("budget"),
                 "{source}: {text}"
             );
+        }
+    }
+
+    #[test]
+    fn deeply_nested_templates_are_refused_without_overflowing_the_stack() {
+        // Each compiles from a thread with a small stack, as a request's
+        // blocking thread would; none may abort the process.
+        let deep = |open: &str, middle: &str, close: &str, n: usize| {
+            format!("{{{{ {}{middle}{} }}}}", open.repeat(n), close.repeat(n))
+        };
+        let regression = String::from_utf8(
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fuzz/corpus/chat_template/regression-nested-join.jinja"),
+            )
+            .expect("the regression seed"),
+        )
+        .expect("UTF-8");
+        let sources = [
+            regression,
+            deep("(", "1", ")", 149),
+            deep("(", "1", ")", 5000),
+            deep("[", "1", "]", 149),
+            deep("x | join(", "','", ")", 149),
+            deep("not ", "x", "", 5000),
+            deep("-", "1", "", 5000),
+            deep("1 if x else (", "2", ")", 149),
+            format!("{}x{}", "{% if x %}".repeat(149), "{% endif %}".repeat(149)),
+            format!(
+                "{}x{}",
+                "{% for a in b %}".repeat(5000),
+                "{% endfor %}".repeat(5000)
+            ),
+        ];
+        for source in sources {
+            let head: String = source.chars().take(40).collect();
+            let outcome = std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    ChatTemplate::compile(source).map(|t| {
+                        t.render(&[user("hi")], true, None, None, &serde_json::Map::new())
+                            .map(|_| ())
+                    })
+                })
+                .expect("thread")
+                .join()
+                .expect("no panic");
+            // Compiled, or refused with the parser's message; either way
+            // the test is still running.
+            if let Err(e) = outcome {
+                assert!(matches!(e, EngineError::Template { .. }), "{head}: {e}");
+            }
         }
     }
 
