@@ -399,6 +399,13 @@ fn parse_header(header: &[u8], data_start: u64) -> Result<BTreeMap<String, Tenso
         let expected = elements
             .checked_mul(dtype.size())
             .ok_or_else(|| bad("shape overflows"))?;
+        // A row's size too: with a first dimension of 0 the tensor is empty
+        // whatever the others are, and the readers compute row sizes.
+        shape
+            .iter()
+            .skip(1)
+            .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
+            .ok_or_else(|| bad("shape overflows"))?;
         if end < begin || end - begin != expected {
             return Err(bad(&format!(
                 "data_offsets [{begin}, {end}] hold {} bytes, but {dtype} {shape:?} needs {expected}",
@@ -660,5 +667,10 @@ mod tests {
             bad(r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}"#).contains("`a`")
         );
         assert!(bad("{not json").contains("not JSON"));
+        // Found by the fuzzer: no bytes at all, but rows of 2^66 bytes.
+        assert!(
+            bad(r#"{"a": {"dtype": "F32", "shape": [0, 4294967296, 4294967296], "data_offsets": [0, 0]}}"#)
+                .contains("overflows")
+        );
     }
 }
