@@ -79,7 +79,10 @@ fn fuzz_safetensors_header() {
             }
             // Every 32nd input also goes through the file on disk: the
             // positioned reads must agree with the in-memory parse.
-            if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 32 == 0 {
+            if calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(32)
+            {
                 std::fs::write(&file, input).expect("write");
                 let opened = SafetensorsFile::open(&file, Arc::new(AtomicU64::new(0)));
                 match (&parsed, &opened) {
@@ -124,7 +127,10 @@ fn fuzz_safetensors_index() {
                     );
                 }
             }
-            if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16 == 0 {
+            if calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(16)
+            {
                 std::fs::write(&index, input).expect("write");
                 if let Ok(checkpoint) = Checkpoint::open(&dir) {
                     let map = parsed
@@ -155,8 +161,12 @@ fn fuzz_config_json() {
             if let Ok(config) = &parsed {
                 assert!(config.hidden_size > 0 && config.num_hidden_layers > 0);
                 assert!(config.intermediate_size > 0 && config.vocab_size > 0);
-                assert!(config.head_dim > 0 && config.head_dim % 2 == 0);
-                assert_eq!(config.num_attention_heads % config.num_key_value_heads, 0);
+                assert!(config.head_dim > 0 && config.head_dim.is_multiple_of(2));
+                assert!(
+                    config
+                        .num_attention_heads
+                        .is_multiple_of(config.num_key_value_heads)
+                );
                 // What the loader does next: the planner's sharding rules.
                 let shape = config.shape();
                 let valid = tandem_planner::valid_world_sizes(&shape, 16);
