@@ -48,12 +48,28 @@ pub struct TextTokenizer {
 /// an error naming the line and column, and any other panic of the crate
 /// while parsing becomes an error too instead of ending the worker.
 fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
-    let failed = |message: String| EngineError::Tokenizer { message };
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
-        .map_err(|e| failed(format!("not JSON: {e}")))?;
-    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
-        .map_err(|_| failed("the tokenizers library failed on this file".into()))?
-        .map_err(|e| failed(e.to_string()))
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| EngineError::Tokenizer {
+        message: format!("not JSON: {e}"),
+    })?;
+    guarded("parsing", || tokenizers::Tokenizer::from_bytes(bytes))
+}
+
+/// A call into the `tokenizers` crate, its error or panic made an
+/// [`EngineError::Tokenizer`] saying what was being done. Some
+/// `tokenizer.json` files make the crate panic while encoding (found by the
+/// fuzzer: a post-processor sequence of several `TemplateProcessing`s
+/// reaches a `todo!()` in 0.22); a request must fail with an error then,
+/// not take its thread down.
+fn guarded<T>(what: &str, call: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(EngineError::Tokenizer {
+            message: format!("{what}: {e}"),
+        }),
+        Err(_) => Err(EngineError::Tokenizer {
+            message: format!("{what}: the tokenizers library failed on this tokenizer.json"),
+        }),
+    }
 }
 
 /// A special-token field of tokenizer_config.json: a string or an
@@ -101,6 +117,13 @@ impl TextTokenizer {
         chat_template_file: Option<String>,
     ) -> Result<TextTokenizer> {
         let inner = parse_tokenizer_json(tokenizer_json)?;
+        // A tokenizer that cannot encode one word is refused at load, not
+        // on every request.
+        for add_special_tokens in [true, false] {
+            guarded("encoding a test word", || {
+                inner.encode("hello", add_special_tokens)
+            })?;
+        }
         Ok(TextTokenizer::with_config(
             inner,
             config,
@@ -152,22 +175,13 @@ impl TextTokenizer {
     /// Token ids of `text`, with the tokenizer's special tokens (BOS) added
     /// when `add_special_tokens`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding =
-            self.inner
-                .encode(text, add_special_tokens)
-                .map_err(|e| EngineError::Tokenizer {
-                    message: format!("encoding: {e}"),
-                })?;
+        let encoding = guarded("encoding", || self.inner.encode(text, add_special_tokens))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer {
-                message: format!("decoding: {e}"),
-            })
+        guarded("decoding", || self.inner.decode(ids, true))
     }
 
     /// A plain prompt's ids, as mlx-lm encodes them: BOS added unless the
@@ -659,6 +673,34 @@ mod tests {
                 assert!(matches!(e, EngineError::Template { .. }), "{head}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn tokenizer_files_the_tokenizers_crate_panics_on_are_errors() {
+        let seed = |name: &str| {
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fuzz/corpus/tokenizer_json")
+                    .join(name),
+            )
+            .expect("a regression seed")
+        };
+        // A syntax error inside `decoder` (the crate's `expect`).
+        let err = TextTokenizer::from_parts(
+            &seed("regression-bad-json-in-decoder.json"),
+            &Value::Null,
+            None,
+        )
+        .expect_err("not JSON");
+        assert!(err.to_string().contains("not JSON"), "{err}");
+        // Post-processors that make encoding reach the crate's `todo!()`.
+        let err = TextTokenizer::from_parts(
+            &seed("regression-template-processing-todo.json"),
+            &Value::Null,
+            None,
+        )
+        .expect_err("cannot encode");
+        assert!(err.to_string().contains("encoding a test word"), "{err}");
     }
 
     #[test]
