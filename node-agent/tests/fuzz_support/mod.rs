@@ -611,7 +611,7 @@ where
     eprintln!(
         "fuzz {}: seed {seed} (TANDEM_FUZZ_SEED={seed} repeats it), {} corpus seeds, \
          {seconds} s or {max_iterations} iterations; should the process abort, the input \
-         it ran is target/tmp/fuzz-current/{}.bin",
+         it ran is target/tmp/fuzz-current/{}.bin (its seed beside it)",
         target.name,
         seeds.len(),
         target.name
@@ -643,6 +643,10 @@ where
                     .join(format!("{}.bin", target.name));
                 let _ = std::fs::create_dir_all(trace_path.parent().unwrap_or(Path::new(".")));
                 let trace = std::fs::File::create(&trace_path).ok();
+                let _ = std::fs::write(
+                    trace_path.with_extension("seed"),
+                    format!("TANDEM_FUZZ_SEED={seed}\n"),
+                );
                 let mut rng = Rng::new(seed);
                 let mut pool: Vec<Vec<u8>> = seeds.iter().map(|(_, b)| b.clone()).collect();
                 let mut accepted = 0u64;
