@@ -119,7 +119,8 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-serve.XXXXXX")
 STATE_DIR=${STATE_DIR:-$WORK/state}
-mkdir -p "$LOG_DIR" "$STATE_DIR"
+mkdir -p "$LOG_DIR"
+mkdir -p -m 700 "$STATE_DIR"  # serve refuses a state directory others may write
 
 # ---- starting and stopping servers --------------------------------------------
 

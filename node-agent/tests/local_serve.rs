@@ -150,3 +150,44 @@ fn a_group_of_two_answers_the_same_alone_and_in_a_batch() {
         "{steps} steps for {tokens} tokens: not batched"
     );
 }
+
+#[test]
+fn a_chat_template_that_never_ends_fails_its_request_and_the_group_serves_on() {
+    // The tiny model, with a template of ten billion iterations: a model
+    // repository's template is untrusted code.
+    let base = model("serve-tied-q4", &tied_spec(WeightFormat::Quantized(4)), 1);
+    let dir = engine_support::scratch("model-serve-template-bomb");
+    for entry in std::fs::read_dir(&base).expect("the model directory") {
+        let path = entry.expect("an entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().expect("a name"))).expect("copy");
+        }
+    }
+    let config_path = dir.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("read")).expect("JSON");
+    config["chat_template"] =
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}".into();
+    std::fs::write(&config_path, config.to_string()).expect("write");
+
+    let serve = Serve::start("serve-template-bomb", &dir, "tiny", 1, &[]);
+    let started = Instant::now();
+    let (status, error) = serve.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_prompt", "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("fuel"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, answer) = serve.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "hello", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{answer}\n{}", serve.logs());
+}

@@ -211,3 +211,41 @@ fn streamed_pieces_add_up_to_the_text_decoded_at_once() {
         }
     }
 }
+
+#[test]
+fn real_templates_render_long_chats_on_a_tenth_of_their_fuel() {
+    use tandem_agent::engine::tokenizer::{ChatTemplate, template_fuel};
+    // 200 exchanges of about 1 KiB after a system prompt.
+    let mut chat = vec![ChatMessage {
+        role: "system".into(),
+        content: "You are terse.".into(),
+    }];
+    for i in 0..400 {
+        chat.push(ChatMessage {
+            role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: format!("turn {i}: {}", "lorem ipsum dolor ".repeat(56)),
+        });
+    }
+    let mut date = serde_json::Map::new();
+    date.insert("date_string".into(), "26 Jul 2024".into());
+    for (name, dir) in tokenizers() {
+        let config: Value = serde_json::from_slice(
+            &std::fs::read(dir.join("tokenizer_config.json")).expect("tokenizer_config.json"),
+        )
+        .expect("JSON");
+        let source = config["chat_template"]
+            .as_str()
+            .expect("a template")
+            .to_owned();
+        let template = ChatTemplate::compile(source).expect("compiles");
+        let budget = template_fuel(&chat, &date);
+        let full = template
+            .render(&chat, true, Some("<s>"), None, &date)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tenth = template
+            .render_with_fuel(budget / 10, &chat, true, Some("<s>"), None, &date)
+            .unwrap_or_else(|e| panic!("{name} on a tenth of {budget}: {e}"));
+        assert_eq!(full, tenth, "{name}");
+        assert!(full.len() > 400_000, "{name}: {}", full.len());
+    }
+}

@@ -88,8 +88,10 @@ pub struct RunArgs {
     /// Address of the agent's /healthz and /metrics [default: 0.0.0.0:9464].
     #[arg(long, env = "TANDEM_METRICS_ADDRESS", value_name = "IP:PORT")]
     pub metrics_address: Option<SocketAddr>,
-    /// Directory for rank workers' files (hostfiles) [default: a
-    /// `tandem-agent-<node>` directory in the system temp directory].
+    /// Private directory for rank workers' files (hostfiles, the MLX kernel
+    /// cache), created 0700; refused if it is a link, another user's, or
+    /// writable by others [default: `$XDG_STATE_HOME/tandem/agent-<node>`,
+    /// else `~/.local/state/tandem/agent-<node>`].
     #[arg(long, env = "TANDEM_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Requests rank 0 queues before answering 429 [default: 16].
@@ -457,6 +459,8 @@ pub struct Environment {
     pub hf_home: Option<PathBuf>,
     /// `$HOME`.
     pub home: Option<PathBuf>,
+    /// `$XDG_STATE_HOME`.
+    pub state_home: Option<PathBuf>,
     /// The system temp directory.
     pub temp_dir: PathBuf,
 }
@@ -475,6 +479,7 @@ impl Environment {
             hf_hub_cache: var("HF_HUB_CACHE"),
             hf_home: var("HF_HOME"),
             home: var("HOME"),
+            state_home: var("XDG_STATE_HOME"),
             temp_dir: std::env::temp_dir(),
         }
     }
@@ -621,11 +626,17 @@ pub fn resolve(
             "--max-queue must be at least 1".into(),
         ));
     }
-    let state_dir = args
-        .state_dir
-        .clone()
-        .or(file.state_dir)
-        .unwrap_or_else(|| env.temp_dir.join(format!("tandem-agent-{node_name}")));
+    let state_dir = match args.state_dir.clone().or(file.state_dir) {
+        Some(dir) => dir,
+        None => super::state_dir::default_dir(
+            env.state_home.as_deref(),
+            env.home.as_deref(),
+            &format!("agent-{node_name}"),
+        )
+        .ok_or_else(|| {
+            ConfigError::Invalid(super::state_dir::StateDirError::NoDefault.to_string())
+        })?,
+    };
     let from_file = BatchFlags {
         max_batch_sequences: file.max_batch_sequences,
         max_batch_tokens: file.max_batch_tokens,
@@ -818,6 +829,7 @@ mod tests {
             hf_hub_cache: None,
             hf_home: None,
             home: Some("/home/me".into()),
+            state_home: None,
             temp_dir: "/tmp".into(),
         }
     }
@@ -845,9 +857,31 @@ mod tests {
                 last: 47999
             }
         );
-        assert_eq!(c.state_dir, PathBuf::from("/tmp/tandem-agent-studio-1"));
+        assert_eq!(
+            c.state_dir,
+            PathBuf::from("/home/me/.local/state/tandem/agent-studio-1")
+        );
         assert_eq!(c.gpus, None, "the default waits for the detected backend");
         assert_eq!(c.batching, BatchLimits::default());
+    }
+
+    #[test]
+    fn the_state_dir_follows_xdg_and_is_never_guessed_in_tmp() {
+        let mut machine = env();
+        machine.state_home = Some("/var/state".into());
+        let c = resolve(&RunArgs::default(), FileConfig::default(), &machine).expect("config");
+        assert_eq!(
+            c.state_dir,
+            PathBuf::from("/var/state/tandem/agent-studio-1")
+        );
+        machine.state_home = None;
+        machine.home = None;
+        let err = resolve(&RunArgs::default(), FileConfig::default(), &machine)
+            .expect_err("no home, no state home");
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+        let file: FileConfig = serde_yaml::from_str("stateDir: /srv/tandem\n").expect("yaml");
+        let c = resolve(&RunArgs::default(), file, &machine).expect("config");
+        assert_eq!(c.state_dir, PathBuf::from("/srv/tandem"));
     }
 
     #[test]

@@ -105,13 +105,23 @@ fn architecture(config: &ModelConfig) -> Architecture {
     }
 }
 
-fn default_state_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("tandem")
-        .join("serve")
+/// `~/.cache/tandem/serve` (`$XDG_CACHE_HOME/tandem/serve`): never a
+/// guessable directory in the shared temp directory.
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    let home = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let cache = home("XDG_CACHE_HOME")
+        .or_else(|| home("HOME").map(|h| h.join(".cache")))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no state directory: give --state-dir, or set $XDG_CACHE_HOME or $HOME for the \
+                 default"
+            )
+        })?;
+    Ok(cache.join("tandem").join("serve"))
 }
 
 /// A fresh group token: only these processes know it.
@@ -239,9 +249,11 @@ async fn stop_all(workers: &mut [Worker]) {
 
 /// Runs `serve` until a signal or a rank's failure.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let state_dir = match args.state_dir.clone() {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    super::state_dir::prepare(&state_dir)?;
     let launches = launches(&args, &state_dir)?;
     let program = std::env::current_exe().context("finding the tandem-agent executable")?;
     let kernel_cache = supervisor::kernel_cache_dir(&state_dir);

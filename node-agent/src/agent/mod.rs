@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod models;
 pub mod node;
 pub mod shards;
+pub mod state_dir;
 pub mod supervisor;
 
 use std::sync::{Arc, Mutex};
@@ -48,7 +49,10 @@ pub enum AgentError {
     /// No usable Kubernetes client configuration.
     #[error("Kubernetes client configuration: {0}")]
     Kubeconfig(String),
-    /// A local resource (state directory, health port) is unusable.
+    /// The state directory is unsafe or cannot be created.
+    #[error(transparent)]
+    StateDir(#[from] state_dir::StateDirError),
+    /// A local resource (health port, this executable) is unusable.
     #[error("{what}: {source}")]
     Io {
         /// What the agent was doing.
@@ -110,13 +114,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         mlx = hardware.mlx_version.as_deref().unwrap_or("unknown"),
         "starting the agent"
     );
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
-        what: format!(
-            "creating the state directory {}",
-            config.state_dir.display()
-        ),
-        source,
-    })?;
+    state_dir::prepare(&config.state_dir)?;
     let program = std::env::current_exe().map_err(|source| AgentError::Io {
         what: "finding this executable".into(),
         source,

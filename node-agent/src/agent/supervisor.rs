@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
+use super::state_dir;
 use crate::worker::protocol::{Event, Launch};
 
 /// A running rank worker.
@@ -128,8 +129,50 @@ pub fn worker_env(
     env
 }
 
-/// Starts `program worker` for `launch`, with the environment of
-/// [`worker_env`]. Returns the worker and the events it reports.
+/// Variables of the agent's environment a worker inherits, by exact name.
+/// Everything else (`HF_TOKEN`, `KUBECONFIG`, cloud credentials, the
+/// agent's own `TANDEM_*` settings) stays with the agent: a worker gets its
+/// secrets (group token, API key) on stdin and needs no others.
+pub const INHERITED_VARS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "TZ",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "RUST_LIB_BACKTRACE",
+    // Where a GPU wheel's libraries are found (docs/mlx.md).
+    "LD_LIBRARY_PATH",
+    "DYLD_LIBRARY_PATH",
+    "DYLD_FALLBACK_LIBRARY_PATH",
+    // The tokenizers crate's thread pool.
+    "TOKENIZERS_PARALLELISM",
+    "RAYON_NUM_THREADS",
+];
+
+/// Prefixes of inherited variables: the locale, and the settings of MLX and
+/// of the CUDA and NCCL libraries under its CUDA backend.
+pub const INHERITED_PREFIXES: &[&str] = &["LC_", "MLX_", "CUDA_", "NCCL_"];
+
+/// Whether a worker inherits the agent's variable `name`.
+pub fn inherits(name: &str) -> bool {
+    INHERITED_VARS.contains(&name) || INHERITED_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The part of `vars` (the agent's environment) a worker inherits; the
+/// worker's own settings ([`worker_env`]) are added on top.
+pub fn inherited_env(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    vars.into_iter()
+        .filter(|(name, _)| name.to_str().is_some_and(inherits))
+        .collect()
+}
+
+/// Starts `program worker` for `launch`, in an environment of only
+/// [`inherited_env`] and [`worker_env`]. Returns the worker and the events
+/// it reports.
 pub async fn start(
     program: &Path,
     launch: &Launch,
@@ -138,6 +181,8 @@ pub async fn start(
 ) -> std::io::Result<(Worker, mpsc::UnboundedReceiver<Event>)> {
     let mut child = Command::new(program)
         .arg("worker")
+        .env_clear()
+        .envs(inherited_env(std::env::vars_os()))
         .envs(env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -308,13 +353,16 @@ impl Backoff {
 }
 
 /// Writes the MLX ring hostfile: a JSON list, by rank, of `["ip:port"]`.
+/// Its directory (inside the state directory) is created private if
+/// missing and refused if unsafe, and the file is replaced, never written
+/// through a link ([`state_dir::write_file`]).
 pub fn write_hostfile(path: &Path, addresses: &[String]) -> std::io::Result<PathBuf> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        state_dir::prepare(parent)?;
     }
     let hosts: Vec<Vec<&str>> = addresses.iter().map(|a| vec![a.as_str()]).collect();
     let text = serde_json::to_string(&hosts).map_err(std::io::Error::other)?;
-    std::fs::write(path, text)?;
+    state_dir::write_file(path, text.as_bytes())?;
     Ok(path.to_path_buf())
 }
 
@@ -428,6 +476,104 @@ mod tests {
     }
 
     #[test]
+    fn workers_inherit_only_the_allowlisted_environment() {
+        let agent: Vec<(std::ffi::OsString, std::ffi::OsString)> = [
+            ("PATH", "/usr/bin"),
+            ("HOME", "/home/me"),
+            ("LC_ALL", "C.UTF-8"),
+            ("RUST_LOG", "info"),
+            ("MLX_METAL_FAST_SYNCH", "1"),
+            ("NCCL_SOCKET_IFNAME", "eth0"),
+            ("CUDA_HOME", "/usr/local/cuda"),
+            ("LD_LIBRARY_PATH", "/opt/mlx/lib"),
+            ("HF_TOKEN", "hf_secret"),
+            ("KUBECONFIG", "/home/me/.kube/config"),
+            ("TANDEM_KUBECONFIG", "/etc/tandem/kubeconfig"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("SSH_AUTH_SOCK", "/tmp/agent.sock"),
+            ("HTTPS_PROXY", "http://proxy"),
+            ("XMLX_RANK", "lookalike"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+        let inherited: Vec<String> = inherited_env(agent)
+            .into_iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            inherited,
+            [
+                "PATH",
+                "HOME",
+                "LC_ALL",
+                "RUST_LOG",
+                "MLX_METAL_FAST_SYNCH",
+                "NCCL_SOCKET_IFNAME",
+                "CUDA_HOME",
+                "LD_LIBRARY_PATH"
+            ]
+        );
+        // Everything the agent sets for a worker itself is inheritable too.
+        let nccl = worker_env(
+            &launch(tandem_crds::Backend::Nccl),
+            Path::new("/kc"),
+            Some(0),
+        );
+        for (name, _) in nccl {
+            assert!(inherits(name), "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_started_worker_gets_a_cleared_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        // A stand-in worker program: it records its environment, reads the
+        // launch line and exits.
+        let dir = std::env::temp_dir().join(format!("tandem-worker-env-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let program = dir.join("worker.sh");
+        let record = dir.join("env.txt");
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\nenv > '{}'\nhead -n 1 > /dev/null\n",
+                record.display()
+            ),
+        )
+        .expect("write");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        let launch = launch(tandem_crds::Backend::Ring);
+        let env = worker_env(&launch, Path::new("/kc"), None);
+        let (mut worker, _events) = start(&program, &launch, env, "env".into())
+            .await
+            .expect("start");
+        let exit = worker.wait().await;
+        assert!(exit.success(), "{exit}");
+        let seen = std::fs::read_to_string(&record).expect("the recorded environment");
+        let names: Vec<&str> = seen
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(names.contains(&"MLX_RANK"), "{names:?}");
+        assert!(names.contains(&"MLX_HOSTFILE"), "{names:?}");
+        // The shell adds PWD (and some add SHLVL or `_`) itself.
+        let from_shell = ["PWD", "SHLVL", "_", "OLDPWD"];
+        for name in &names {
+            assert!(
+                inherits(name) || from_shell.contains(name),
+                "{name} reached the worker"
+            );
+        }
+        // Cargo runs this test with CARGO_* variables set; none gets through.
+        assert!(!names.iter().any(|n| n.starts_with("CARGO")), "{names:?}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn backoff_doubles_up_to_its_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
         let delays: Vec<u64> = (0..5).map(|_| b.next_delay().as_secs()).collect();
@@ -454,11 +600,12 @@ mod tests {
 
     #[test]
     fn hostfiles_list_one_address_per_rank() {
-        let path =
-            std::env::temp_dir().join(format!("tandem-hostfile-{}.json", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("tandem-hostfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("ns--shard").join("hostfile.json");
         write_hostfile(&path, &["127.0.0.1:1".into(), "127.0.0.1:2".into()]).expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, r#"[["127.0.0.1:1"],["127.0.0.1:2"]]"#);
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -76,7 +76,7 @@ impl GroupIdentity {
     }
 
     /// Why `member` does not belong to this group, if it does not.
-    fn mismatch(&self, m: &pb::Member) -> Option<String> {
+    pub fn mismatch(&self, m: &pb::Member) -> Option<String> {
         if m.deployment != self.deployment {
             return Some(format!(
                 "rank {} belongs to deployment `{}`, rank 0 to `{}`",

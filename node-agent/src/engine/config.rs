@@ -129,18 +129,38 @@ impl ModelConfig {
     /// model directory.
     pub fn load(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
-        let raw: RawConfig = read_json(&path)?;
-        let mut config = Self::from_raw(raw, &path)?;
+        let bytes = std::fs::read(&path).map_err(EngineError::io(&path))?;
+        let mut config = Self::parse(&path, &bytes)?;
         let generation = dir.join("generation_config.json");
         if generation.is_file() {
-            let raw: RawGenerationConfig = read_json(&generation)?;
-            for id in token_ids(raw.eos_token_id.as_ref(), &generation, "eos_token_id")? {
-                if !config.eos_token_ids.contains(&id) {
-                    config.eos_token_ids.push(id);
-                }
-            }
+            let bytes = std::fs::read(&generation).map_err(EngineError::io(&generation))?;
+            config.add_generation_config(&generation, &bytes)?;
         }
         Ok(config)
+    }
+
+    /// Parses the bytes of a `config.json` (`path` is for messages).
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<ModelConfig> {
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|source| EngineError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_raw(raw, path)
+    }
+
+    /// Adds the end-of-sequence ids of a `generation_config.json`'s bytes.
+    pub fn add_generation_config(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let raw: RawGenerationConfig =
+            serde_json::from_slice(bytes).map_err(|source| EngineError::Json {
+                path: path.to_owned(),
+                source,
+            })?;
+        for id in token_ids(raw.eos_token_id.as_ref(), path, "eos_token_id")? {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
     }
 
     fn from_raw(raw: RawConfig, path: &Path) -> Result<ModelConfig> {

@@ -70,6 +70,7 @@ struct Running {
 /// Runs `program args` as ranks `0..world` of a loopback ring group and
 /// returns their stdout, in rank order, once all have succeeded.
 pub fn run_local_group(program: &Path, args: &[OsString], world: usize) -> Result<Vec<RankOutput>> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = std::env::temp_dir().join(format!(
         "tandem-launch-{}-{}",
         std::process::id(),
@@ -78,7 +79,12 @@ pub fn run_local_group(program: &Path, args: &[OsString], world: usize) -> Resul
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     ));
-    std::fs::create_dir_all(&dir).map_err(EngineError::io(&dir))?;
+    // A fresh private directory: creating it fails if the name exists, so
+    // nothing planted in the shared temp directory is used.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(EngineError::io(&dir))?;
     let result = run_in(&dir, program, args, world);
     let _ = std::fs::remove_dir_all(&dir);
     result

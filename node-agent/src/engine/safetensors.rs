@@ -209,39 +209,38 @@ impl SafetensorsFile {
         let mut len_bytes = [0u8; 8];
         file.read_exact_at(&mut len_bytes, 0)
             .map_err(EngineError::io(path))?;
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
-            return Err(corrupt(format!(
-                "header length {header_len} does not fit a file of {file_len} bytes"
-            )));
-        }
+        let header_len = header_length(path, len_bytes, file_len)?;
         let mut header = vec![0u8; usize::try_from(header_len).unwrap_or(0)];
         file.read_exact_at(&mut header, 8)
             .map_err(EngineError::io(path))?;
         bytes_read.fetch_add(8 + header_len, Ordering::Relaxed);
-        let data_start = 8 + header_len;
-        let tensors = parse_header(&header, data_start).map_err(corrupt)?;
-        for (name, info) in &tensors {
-            let Some(needed) = info.start.checked_add(info.len) else {
-                return Err(corrupt(format!(
-                    "tensor {name}'s data_offsets end past any file size"
-                )));
-            };
-            if needed > file_len {
-                return Err(EngineError::Truncated {
-                    file: path.to_owned(),
-                    tensor: name.clone(),
-                    needed,
-                    actual: file_len,
-                });
-            }
-        }
+        let tensors = layout(path, &header, file_len)?;
         Ok(SafetensorsFile {
             path: path.to_owned(),
             file,
             tensors,
             bytes_read,
         })
+    }
+
+    /// The tensors of a whole safetensors file held in memory, checked as
+    /// [`SafetensorsFile::open`] checks a file on disk (`path` is for
+    /// messages).
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
+        let file_len = bytes.len() as u64;
+        let Some(len_bytes) = bytes.first_chunk::<8>() else {
+            return Err(EngineError::CorruptHeader {
+                file: path.to_owned(),
+                message: format!(
+                    "the file has {file_len} bytes, too few for the 8-byte header length"
+                ),
+            });
+        };
+        let header_len = header_length(path, *len_bytes, file_len)?;
+        let header = bytes
+            .get(8..8 + usize::try_from(header_len).unwrap_or(usize::MAX))
+            .unwrap_or_default();
+        layout(path, header, file_len)
     }
 
     /// The file's path.
@@ -313,6 +312,46 @@ fn to_usize(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+/// The header length in the first 8 bytes of a file of `file_len` bytes,
+/// checked to fit.
+fn header_length(path: &Path, len_bytes: [u8; 8], file_len: u64) -> Result<u64> {
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || header_len > file_len.saturating_sub(8) {
+        return Err(EngineError::CorruptHeader {
+            file: path.to_owned(),
+            message: format!("header length {header_len} does not fit a file of {file_len} bytes"),
+        });
+    }
+    Ok(header_len)
+}
+
+/// The tensors of `header` (the JSON after the length), each checked to lie
+/// inside a file of `file_len` bytes.
+fn layout(path: &Path, header: &[u8], file_len: u64) -> Result<BTreeMap<String, TensorInfo>> {
+    let corrupt = |message: String| EngineError::CorruptHeader {
+        file: path.to_owned(),
+        message,
+    };
+    let data_start = 8 + header.len() as u64;
+    let tensors = parse_header(header, data_start).map_err(corrupt)?;
+    for (name, info) in &tensors {
+        let Some(needed) = info.start.checked_add(info.len) else {
+            return Err(corrupt(format!(
+                "tensor {name}'s data_offsets end past any file size"
+            )));
+        };
+        if needed > file_len {
+            return Err(EngineError::Truncated {
+                file: path.to_owned(),
+                tensor: name.clone(),
+                needed,
+                actual: file_len,
+            });
+        }
+    }
+    Ok(tensors)
+}
+
 fn parse_header(header: &[u8], data_start: u64) -> Result<BTreeMap<String, TensorInfo>, String> {
     let text = std::str::from_utf8(header).map_err(|e| format!("header is not UTF-8: {e}"))?;
     let json: Value =
@@ -359,6 +398,13 @@ fn parse_header(header: &[u8], data_start: u64) -> Result<BTreeMap<String, Tenso
             .ok_or_else(|| bad("shape overflows"))?;
         let expected = elements
             .checked_mul(dtype.size())
+            .ok_or_else(|| bad("shape overflows"))?;
+        // A row's size too: with a first dimension of 0 the tensor is empty
+        // whatever the others are, and the readers compute row sizes.
+        shape
+            .iter()
+            .skip(1)
+            .try_fold(dtype.size(), |acc, d| acc.checked_mul(*d))
             .ok_or_else(|| bad("shape overflows"))?;
         if end < begin || end - begin != expected {
             return Err(bad(&format!(
@@ -621,5 +667,10 @@ mod tests {
             bad(r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}"#).contains("`a`")
         );
         assert!(bad("{not json").contains("not JSON"));
+        // Found by the fuzzer: no bytes at all, but rows of 2^66 bytes.
+        assert!(
+            bad(r#"{"a": {"dtype": "F32", "shape": [0, 4294967296, 4294967296], "data_offsets": [0, 0]}}"#)
+                .contains("overflows")
+        );
     }
 }

@@ -31,9 +31,45 @@ pub struct ChatMessage {
 #[derive(Debug)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
-    chat_template: Option<String>,
+    /// The template, compiled once at load; a template that does not
+    /// compile is kept as its error, so plain prompts still work and every
+    /// chat request says why chats do not.
+    chat_template: Option<Result<ChatTemplate, String>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+}
+
+/// The `tokenizers` crate's tokenizer from the bytes of `tokenizer.json`.
+///
+/// The crate panics on some malformed files instead of returning an error
+/// (found by the fuzzer: a JSON syntax error inside `decoder` hits an
+/// `expect` in 0.22), and a model's files come from any hub repository.
+/// So the bytes are checked to be JSON first, which turns that case into
+/// an error naming the line and column, and any other panic of the crate
+/// while parsing becomes an error too instead of ending the worker.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| EngineError::Tokenizer {
+        message: format!("not JSON: {e}"),
+    })?;
+    guarded("parsing", || tokenizers::Tokenizer::from_bytes(bytes))
+}
+
+/// A call into the `tokenizers` crate, its error or panic made an
+/// [`EngineError::Tokenizer`] saying what was being done. Some
+/// `tokenizer.json` files make the crate panic while encoding (found by the
+/// fuzzer: a post-processor sequence of several `TemplateProcessing`s
+/// reaches a `todo!()` in 0.22); a request must fail with an error then,
+/// not take its thread down.
+fn guarded<T>(what: &str, call: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(EngineError::Tokenizer {
+            message: format!("{what}: {e}"),
+        }),
+        Err(_) => Err(EngineError::Tokenizer {
+            message: format!("{what}: the tokenizers library failed on this tokenizer.json"),
+        }),
+    }
 }
 
 /// A special-token field of tokenizer_config.json: a string or an
@@ -47,19 +83,61 @@ fn token_text(value: Option<&Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` and (when present) `tokenizer_config.json`.
+    /// Loads `tokenizer.json`, `tokenizer_config.json` (when present) and
+    /// `chat_template.jinja` (when the config has no template).
     pub fn load(dir: &Path) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
-        let inner =
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {
-                message: format!("{}: {e}", path.display()),
-            })?;
+        let tokenizer_json = std::fs::read(&path).map_err(EngineError::io(&path))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.is_file() {
             read_json(&config_path)?
         } else {
             Value::Null
         };
+        let jinja = dir.join("chat_template.jinja");
+        let jinja = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(EngineError::io(&jinja))?)
+        } else {
+            None
+        };
+        TextTokenizer::from_parts(&tokenizer_json, &config, jinja).map_err(|e| match e {
+            EngineError::Tokenizer { message } => EngineError::Tokenizer {
+                message: format!("{}: {message}", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// Builds the tokenizer from the bytes of `tokenizer.json`, the parsed
+    /// `tokenizer_config.json` (`Value::Null` when absent) and the text of
+    /// `chat_template.jinja`, used when the config has no template.
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        config: &Value,
+        chat_template_file: Option<String>,
+    ) -> Result<TextTokenizer> {
+        let inner = parse_tokenizer_json(tokenizer_json)?;
+        // A tokenizer that cannot encode one word is refused at load, not
+        // on every request.
+        for add_special_tokens in [true, false] {
+            guarded("encoding a test word", || {
+                inner.encode("hello", add_special_tokens)
+            })?;
+        }
+        Ok(TextTokenizer::with_config(
+            inner,
+            config,
+            chat_template_file,
+        ))
+    }
+
+    /// Builds the tokenizer from a parsed `tokenizer.json` and the rest as
+    /// in [`TextTokenizer::from_parts`].
+    pub fn with_config(
+        inner: tokenizers::Tokenizer,
+        config: &Value,
+        chat_template_file: Option<String>,
+    ) -> TextTokenizer {
         let chat_template = match config.get("chat_template") {
             Some(Value::String(t)) => Some(t.clone()),
             // A list of named templates: take the default one.
@@ -71,23 +149,15 @@ impl TextTokenizer {
                 .map(str::to_owned),
             _ => None,
         };
-        let chat_template = match chat_template {
-            Some(t) => Some(t),
-            None => {
-                let jinja = dir.join("chat_template.jinja");
-                if jinja.is_file() {
-                    Some(std::fs::read_to_string(&jinja).map_err(EngineError::io(&jinja))?)
-                } else {
-                    None
-                }
-            }
-        };
-        Ok(TextTokenizer {
+        let chat_template = chat_template
+            .or(chat_template_file)
+            .map(|source| ChatTemplate::compile(source).map_err(|e| e.to_string()));
+        TextTokenizer {
             inner,
             chat_template,
             bos_token: token_text(config.get("bos_token")),
             eos_token: token_text(config.get("eos_token")),
-        })
+        }
     }
 
     /// The id of the tokenizer config's `eos_token`, if it has one.
@@ -105,22 +175,13 @@ impl TextTokenizer {
     /// Token ids of `text`, with the tokenizer's special tokens (BOS) added
     /// when `add_special_tokens`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding =
-            self.inner
-                .encode(text, add_special_tokens)
-                .map_err(|e| EngineError::Tokenizer {
-                    message: format!("encoding: {e}"),
-                })?;
+        let encoding = guarded("encoding", || self.inner.encode(text, add_special_tokens))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer {
-                message: format!("decoding: {e}"),
-            })
+        guarded("decoding", || self.inner.decode(ids, true))
     }
 
     /// A plain prompt's ids, as mlx-lm encodes them: BOS added unless the
@@ -141,14 +202,20 @@ impl TextTokenizer {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, Value>,
     ) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| EngineError::Template {
-                message: "the tokenizer config has no chat_template".into(),
-            })?;
-        render_template(
-            template,
+        let template = match &self.chat_template {
+            Some(Ok(template)) => template,
+            Some(Err(message)) => {
+                return Err(EngineError::Template {
+                    message: message.clone(),
+                });
+            }
+            None => {
+                return Err(EngineError::Template {
+                    message: "the tokenizer config has no chat_template".into(),
+                });
+            }
+        };
+        template.render(
             messages,
             add_generation_prompt,
             self.bos_token.as_deref(),
@@ -165,7 +232,177 @@ impl TextTokenizer {
     }
 }
 
-/// Renders a Hugging Face chat template.
+/// Fuel (minijinja's unit of template work: about one instruction, or 64
+/// bytes of data created) every render may use, whatever the conversation.
+/// The SmolLM2 and Llama-3-style templates render a one-question chat on a
+/// hundredth of it (tested).
+pub const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
+
+/// Fuel added per message of the conversation.
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 10_000;
+
+/// Fuel added per byte of the conversation's text and extra variables
+/// (writing text out costs one per 64 bytes).
+pub const TEMPLATE_FUEL_PER_BYTE: u64 = 1;
+
+/// The fuel a render of `messages` (plus `extra` variables) may use: the
+/// real SmolLM2 and Llama 3 templates render a 400-turn chat on a tenth of
+/// it (tested), and it bounds the time and memory of a template from an
+/// untrusted repository.
+pub fn template_fuel(messages: &[ChatMessage], extra: &serde_json::Map<String, Value>) -> u64 {
+    let text: usize = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum::<usize>()
+        + extra
+            .iter()
+            .map(|(k, v)| k.len() + v.to_string().len())
+            .sum::<usize>();
+    let count = u64::try_from(messages.len()).unwrap_or(u64::MAX);
+    let bytes = u64::try_from(text).unwrap_or(u64::MAX);
+    TEMPLATE_FUEL_BASE
+        .saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(count))
+        .saturating_add(TEMPLATE_FUEL_PER_BYTE.saturating_mul(bytes))
+}
+
+/// A Hugging Face chat template, compiled once, rendered per request.
+///
+/// Templates come with the model, from repositories anyone can publish, so
+/// each render runs on a budget of minijinja fuel ([`template_fuel`]): a
+/// template that loops too long or builds too much data fails that request
+/// with an error instead of holding a CPU or filling memory.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").finish_non_exhaustive()
+    }
+}
+
+/// The template's name inside its environment.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Stack of the thread that compiles a template. minijinja's parser
+/// recurses through a dozen functions per nesting level of an expression
+/// or block, up to its limit of 150 levels, which a template from the hub
+/// can reach on purpose: found by the fuzzer, 180 nested `join(` calls
+/// overflowed a 2 MiB stack (the size of tokio's blocking threads) in a
+/// debug build and aborted the process before the parser's own limit
+/// refused the template.
+const COMPILE_STACK_BYTES: usize = 64 << 20;
+
+impl ChatTemplate {
+    /// Compiles `source` with the settings transformers renders templates
+    /// with; a syntax error is an [`EngineError::Template`]. The parser runs
+    /// on a thread of its own with a 64 MiB stack, so no nesting that stays
+    /// below the parser's limit can overflow the caller's stack.
+    pub fn compile(source: String) -> Result<ChatTemplate> {
+        let failed = |message: String| EngineError::Template { message };
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn(move || ChatTemplate::compile_here(source))
+            .map_err(|e| failed(format!("starting the template compiler: {e}")))?
+            .join()
+            .map_err(|_| failed("the template compiler panicked".into()))?
+    }
+
+    fn compile_here(source: String) -> Result<ChatTemplate> {
+        let fail = |e: JinjaError| EngineError::Template {
+            message: describe(&e),
+        };
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(fail)?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<JinjaValue, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(TEMPLATE_NAME, source)
+            .map_err(fail)?;
+        Ok(ChatTemplate { env })
+    }
+
+    /// Renders the template over `messages` with the fuel of
+    /// [`template_fuel`]; running out of it is an [`EngineError::Template`]
+    /// that says so.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
+        self.render_with_fuel(
+            template_fuel(messages, extra),
+            messages,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+            extra,
+        )
+    }
+
+    /// [`ChatTemplate::render`] with an explicit fuel budget.
+    pub fn render_with_fuel(
+        &self,
+        fuel: u64,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
+        let fail = |e: JinjaError| EngineError::Template {
+            message: if e.kind() == ErrorKind::OutOfFuel {
+                format!(
+                    "the chat template used up its budget of {fuel} fuel units (template \
+                     work) without finishing; it may loop too long or build too much text"
+                )
+            } else {
+                describe(&e)
+            },
+        };
+        // The environment is shared, compiled template included (its
+        // parts are reference-counted); only the fuel is per render.
+        let mut env = self.env.clone();
+        env.set_fuel(Some(fuel));
+        let tmpl = env.get_template(TEMPLATE_NAME).map_err(fail)?;
+        let mut context = serde_json::Map::new();
+        context.insert(
+            "messages".into(),
+            serde_json::to_value(messages).unwrap_or_default(),
+        );
+        context.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        if let Some(bos) = bos_token {
+            context.insert("bos_token".into(), bos.into());
+        }
+        if let Some(eos) = eos_token {
+            context.insert("eos_token".into(), eos.into());
+        }
+        for (k, v) in extra {
+            context.insert(k.clone(), v.clone());
+        }
+        let ctx = JinjaValue::from(minijinja::value::Serde(Value::Object(context)));
+        tmpl.render(ctx).map_err(fail)
+    }
+}
+
+/// Renders a Hugging Face chat template once: [`ChatTemplate::compile`]
+/// then [`ChatTemplate::render`].
 pub fn render_template(
     template: &str,
     messages: &[ChatMessage],
@@ -174,57 +411,27 @@ pub fn render_template(
     eos_token: Option<&str>,
     extra: &serde_json::Map<String, Value>,
 ) -> Result<String> {
-    let fail = |e: JinjaError| EngineError::Template {
-        message: describe(&e),
-    };
-    let mut env = Environment::new();
-    env.set_syntax(
-        minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .map_err(fail)?,
-    );
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |message: String| -> Result<JinjaValue, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, message))
-        },
-    );
-    env.add_function(
-        "strftime_now",
-        |format: String| -> Result<String, JinjaError> {
-            use std::fmt::Write;
-            let mut out = String::new();
-            write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
-                JinjaError::new(
-                    ErrorKind::InvalidOperation,
-                    format!("strftime_now: bad format `{format}`"),
-                )
-            })?;
-            Ok(out)
-        },
-    );
-    env.add_filter("tojson", tojson);
-    let tmpl = env.template_from_str(template).map_err(fail)?;
-    let mut context = serde_json::Map::new();
-    context.insert(
-        "messages".into(),
-        serde_json::to_value(messages).unwrap_or_default(),
-    );
-    context.insert("add_generation_prompt".into(), add_generation_prompt.into());
-    if let Some(bos) = bos_token {
-        context.insert("bos_token".into(), bos.into());
-    }
-    if let Some(eos) = eos_token {
-        context.insert("eos_token".into(), eos.into());
-    }
-    for (k, v) in extra {
-        context.insert(k.clone(), v.clone());
-    }
-    let ctx = JinjaValue::from(minijinja::value::Serde(Value::Object(context)));
-    tmpl.render(ctx).map_err(fail)
+    ChatTemplate::compile(template.to_owned())?.render(
+        messages,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+        extra,
+    )
+}
+
+/// `strftime_now` as transformers defines it: the local time in a
+/// `strftime` format.
+fn strftime_now(format: String) -> Result<String, JinjaError> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: bad format `{format}`"),
+        )
+    })?;
+    Ok(out)
 }
 
 /// The error with its chain of causes (a `raise_exception` message is the
@@ -337,6 +544,181 @@ mod tests {
         )
         .expect_err("raises");
         assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+
+    /// SmolLM2's ChatML template, as its tokenizer_config.json has it.
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    /// A long conversation: `turns` exchanges of about 1 KiB each.
+    fn long_conversation(turns: usize) -> Vec<ChatMessage> {
+        let mut messages = vec![ChatMessage {
+            role: "system".into(),
+            content: "Be brief. ".repeat(20),
+        }];
+        for i in 0..turns {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            messages.push(ChatMessage {
+                role: role.into(),
+                content: format!("turn {i}: {}", "lorem ipsum dolor ".repeat(56)),
+            });
+        }
+        messages
+    }
+
+    #[test]
+    fn real_templates_render_long_chats_on_a_tenth_of_their_fuel() {
+        let messages = long_conversation(400);
+        let none = serde_json::Map::new();
+        for source in [CHATML, crate::engine::make_model::CHAT_TEMPLATE] {
+            let template = ChatTemplate::compile(source.to_owned()).expect("compiles");
+            let budget = template_fuel(&messages, &none);
+            let full = template
+                .render(&messages, true, Some("<s>"), None, &none)
+                .expect("renders within its fuel");
+            let tenth = template
+                .render_with_fuel(budget / 10, &messages, true, Some("<s>"), None, &none)
+                .expect("renders within a tenth of its fuel");
+            assert_eq!(full, tenth);
+            assert!(full.len() > 400 * 1000, "{}", full.len());
+            // A short chat needs far less than the fixed allowance.
+            template
+                .render_with_fuel(
+                    TEMPLATE_FUEL_BASE / 100,
+                    &[user("What is the capital of France?")],
+                    true,
+                    Some("<s>"),
+                    None,
+                    &none,
+                )
+                .expect("a short chat renders on a hundredth of the base fuel");
+        }
+    }
+
+    #[test]
+    fn a_template_that_never_ends_runs_out_of_fuel_quickly() {
+        let bombs = [
+            // Ten billion iterations.
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            // Ever longer strings: 2^40 bytes if nothing stopped it.
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+            // A recursive macro with a wide fan-out.
+            "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+        ];
+        for source in bombs {
+            let template = ChatTemplate::compile(source.to_owned()).expect("compiles");
+            let started = std::time::Instant::now();
+            let err = template
+                .render(&[user("hi")], true, None, None, &serde_json::Map::new())
+                .expect_err("runs out of fuel");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "{source}: {:?}",
+                started.elapsed()
+            );
+            let text = err.to_string();
+            assert!(
+                matches!(err, EngineError::Template { .. }) && text.contains("budget"),
+                "{source}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn deeply_nested_templates_are_refused_without_overflowing_the_stack() {
+        // Each compiles from a thread with a small stack, as a request's
+        // blocking thread would; none may abort the process.
+        let deep = |open: &str, middle: &str, close: &str, n: usize| {
+            format!("{{{{ {}{middle}{} }}}}", open.repeat(n), close.repeat(n))
+        };
+        let regression = String::from_utf8(
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fuzz/corpus/chat_template/regression-nested-join.jinja"),
+            )
+            .expect("the regression seed"),
+        )
+        .expect("UTF-8");
+        let sources = [
+            regression,
+            deep("(", "1", ")", 149),
+            deep("(", "1", ")", 5000),
+            deep("[", "1", "]", 149),
+            deep("x | join(", "','", ")", 149),
+            deep("not ", "x", "", 5000),
+            deep("-", "1", "", 5000),
+            deep("1 if x else (", "2", ")", 149),
+            format!("{}x{}", "{% if x %}".repeat(149), "{% endif %}".repeat(149)),
+            format!(
+                "{}x{}",
+                "{% for a in b %}".repeat(5000),
+                "{% endfor %}".repeat(5000)
+            ),
+        ];
+        for source in sources {
+            let head: String = source.chars().take(40).collect();
+            let outcome = std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    ChatTemplate::compile(source).map(|t| {
+                        t.render(&[user("hi")], true, None, None, &serde_json::Map::new())
+                            .map(|_| ())
+                    })
+                })
+                .expect("thread")
+                .join()
+                .expect("no panic");
+            // Compiled, or refused with the parser's message; either way
+            // the test is still running.
+            if let Err(e) = outcome {
+                assert!(matches!(e, EngineError::Template { .. }), "{head}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn tokenizer_files_the_tokenizers_crate_panics_on_are_errors() {
+        let seed = |name: &str| {
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fuzz/corpus/tokenizer_json")
+                    .join(name),
+            )
+            .expect("a regression seed")
+        };
+        // A syntax error inside `decoder` (the crate's `expect`).
+        let err = TextTokenizer::from_parts(
+            &seed("regression-bad-json-in-decoder.json"),
+            &Value::Null,
+            None,
+        )
+        .expect_err("not JSON");
+        assert!(err.to_string().contains("not JSON"), "{err}");
+        // Post-processors that make encoding reach the crate's `todo!()`.
+        let err = TextTokenizer::from_parts(
+            &seed("regression-template-processing-todo.json"),
+            &Value::Null,
+            None,
+        )
+        .expect_err("cannot encode");
+        assert!(err.to_string().contains("encoding a test word"), "{err}");
+    }
+
+    #[test]
+    fn a_template_that_does_not_compile_fails_chats_but_not_the_tokenizer() {
+        let tokenizer_json = serde_json::to_vec(&serde_json::json!({
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "<unk>": 1}, "unk_token": "<unk>"}
+        }))
+        .expect("json");
+        let config = serde_json::json!({"chat_template": "{% for m in messages %}"});
+        let tokenizer =
+            TextTokenizer::from_parts(&tokenizer_json, &config, None).expect("the tokenizer loads");
+        assert!(tokenizer.has_chat_template());
+        let err = tokenizer
+            .render_chat(&[user("hi")], true, &serde_json::Map::new())
+            .expect_err("the template is broken");
+        assert!(matches!(err, EngineError::Template { .. }), "{err}");
+        assert!(err.to_string().contains("syntax error"), "{err}");
+        assert_eq!(tokenizer.encode("a", false).expect("plain text"), vec![0]);
     }
 
     #[test]

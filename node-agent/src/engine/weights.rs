@@ -69,27 +69,13 @@ impl Checkpoint {
         let bytes_read = Arc::new(AtomicU64::new(0));
         let index_path = dir.join("model.safetensors.index.json");
         let (paths, weight_map) = if index_path.is_file() {
-            let index: serde_json::Value = super::config::read_json(&index_path)?;
-            bytes_read.fetch_add(
-                std::fs::metadata(&index_path).map(|m| m.len()).unwrap_or(0),
-                Ordering::Relaxed,
-            );
+            let bytes = std::fs::read(&index_path).map_err(EngineError::io(&index_path))?;
+            bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let weight_map = parse_index(&index_path, &bytes)?;
             let bad = |message: String| EngineError::Index {
                 file: index_path.clone(),
                 message,
             };
-            let map = index
-                .get("weight_map")
-                .and_then(serde_json::Value::as_object)
-                .ok_or_else(|| bad("no `weight_map` object".into()))?;
-            let mut weight_map = BTreeMap::new();
-            for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .filter(|f| !f.contains('/') && !f.is_empty())
-                    .ok_or_else(|| bad(format!("`{tensor}` maps to no plain file name")))?;
-                weight_map.insert(tensor.clone(), file.to_owned());
-            }
             let mut files: Vec<String> = weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
@@ -282,6 +268,34 @@ impl Checkpoint {
             source,
         })
     }
+}
+
+/// The `weight_map` of a `model.safetensors.index.json` (`path` is for
+/// messages): tensor name → file name, each file a plain name in the model
+/// directory (no `/`, not empty, `.` or `..`).
+pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    let index: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|source| EngineError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+    let bad = |message: String| EngineError::Index {
+        file: path.to_owned(),
+        message,
+    };
+    let map = index
+        .get("weight_map")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut weight_map = BTreeMap::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .filter(|f| !f.contains('/') && !matches!(*f, "" | "." | ".."))
+            .ok_or_else(|| bad(format!("`{tensor}` maps to no plain file name")))?;
+        weight_map.insert(tensor.clone(), file.to_owned());
+    }
+    Ok(weight_map)
 }
 
 /// Which element types a tensor may have.

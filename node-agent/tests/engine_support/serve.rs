@@ -29,6 +29,9 @@ impl Serve {
     /// ranks (and `extra` flags), and waits until it serves.
     pub fn start(name: &str, dir: &Path, model_name: &str, world: usize, extra: &[&str]) -> Serve {
         let state = scratch(name);
+        // `serve` refuses a state directory others may write.
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("a private state directory");
         let port = free_ports(1).expect("a free port")[0];
         let mut child = Command::new(agent())
             .args([

@@ -214,6 +214,13 @@ impl Agent {
         std::fs::create_dir_all(&logs).expect("log directory");
         let log = logs.join(format!("{name}.log"));
         let state_dir = scratch(&format!("state-{name}"));
+        // The agent refuses a state directory others may write (a umask of
+        // 002 would make one).
+        std::fs::set_permissions(
+            &state_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("a private state directory");
         let file = std::fs::File::create(&log).expect("log file");
         let err = file.try_clone().expect("log file");
         let mut cmd = Command::new(&bin);
