@@ -347,6 +347,11 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
     assert!(ready.contains("GroupStalled"), "{ready}");
     let again = s.serving("smol", 3, st.epoch).await;
     ask(&again, CAPITAL).await;
+    println!(
+        "frozen rank: error after {waited:?}, serving again (epoch {}) {:?} after the freeze",
+        again.epoch,
+        stopped.elapsed()
+    );
     assert!(
         !std::path::Path::new(&format!("/proc/{}", frozen[0])).exists()
             || std::fs::read_to_string(format!("/proc/{}/stat", frozen[0]))
