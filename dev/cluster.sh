@@ -45,7 +45,9 @@ CACHE_DIR=${TANDEM_CACHE_DIR:-$HOME/.cache/tandem}
 BIN_DIR="$CACHE_DIR/kubernetes-$KUBE_DEB_VERSION/bin"
 STATE=${TANDEM_CLUSTER_DIR:-$REPO/target/tandem-cluster}
 SYSTEM_NAMESPACE=tandem-system
-APT_PACKAGES=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl curl python3 ca-certificates)
+# iproute2: the ring-partition test (tests/tests/agent_partition.rs) makes
+# network namespaces and veth pairs with `ip`.
+APT_PACKAGES=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl curl python3 ca-certificates iproute2)
 
 TAG=cluster
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -169,6 +169,13 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// More flags.
     pub args: Vec<String>,
+    /// `--advertise-address` [default: 127.0.0.1].
+    pub advertise_address: Option<String>,
+    /// `--barrier-timeout-seconds` [default: 60].
+    pub barrier_timeout_seconds: Option<u64>,
+    /// A network namespace (`ip netns`) to run the agent, and so its rank
+    /// workers, in; `None` runs it in the test's own.
+    pub netns: Option<String>,
 }
 
 impl AgentOptions {
@@ -223,16 +230,27 @@ impl Agent {
         .expect("a private state directory");
         let file = std::fs::File::create(&log).expect("log file");
         let err = file.try_clone().expect("log file");
-        let mut cmd = Command::new(&bin);
+        // `ip netns exec` enters the namespace and execs the agent, so the
+        // child's pid is the agent's.
+        let mut cmd = match &options.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
+        let advertise = options.advertise_address.as_deref().unwrap_or("127.0.0.1");
+        let barrier = options.barrier_timeout_seconds.unwrap_or(60).to_string();
         cmd.arg("run")
             .arg("--kubeconfig")
             .arg(cluster.kubeconfig(Identity::Agent))
             .args(["--node-name", name])
-            .args(["--advertise-address", "127.0.0.1"])
+            .args(["--advertise-address", advertise])
             .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(["--barrier-timeout-seconds", "60"])
+            .args(["--barrier-timeout-seconds", &barrier])
             .args(["--max-restart-backoff-seconds", "2"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -376,8 +394,12 @@ pub struct Group {
     pub nodes: Vec<String>,
     /// Ring port of each rank.
     pub ring_ports: Vec<u16>,
+    /// Ring IP address of each rank [default: 127.0.0.1].
+    pub ring_hosts: Vec<String>,
     /// Rank 0's control port.
     pub control_port: u16,
+    /// The IP address of rank 0's control service [default: 127.0.0.1].
+    pub control_host: String,
     /// Rank 0's HTTP port.
     pub serving_port: u16,
     /// Model ID.
@@ -402,7 +424,9 @@ impl Group {
             epoch,
             nodes: nodes.to_vec(),
             ring_ports: ports[..nodes.len()].to_vec(),
+            ring_hosts: vec!["127.0.0.1".to_owned(); nodes.len()],
             control_port: ports[nodes.len()],
+            control_host: "127.0.0.1".to_owned(),
             serving_port: ports[nodes.len() + 1],
             model: MODEL.to_owned(),
             token_secret: format!("{deployment}-group-token"),
@@ -424,7 +448,7 @@ impl Group {
             .map(|r| Peer {
                 rank: r as i32,
                 node: self.nodes[r].clone(),
-                address: format!("127.0.0.1:{}", self.ring_ports[r]),
+                address: format!("{}:{}", self.ring_hosts[r], self.ring_ports[r]),
             })
             .collect();
         let mut shard = LlamaShard::new(
@@ -440,7 +464,7 @@ impl Group {
                 architecture: tiny_architecture(),
                 backend: Backend::Ring,
                 peers,
-                control_address: format!("127.0.0.1:{}", self.control_port),
+                control_address: format!("{}:{}", self.control_host, self.control_port),
                 serving_port: (rank == 0).then_some(i32::from(self.serving_port)),
                 group_token_secret_ref: SecretKeyRef {
                     name: self.token_secret.clone(),
