@@ -268,7 +268,8 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
         .next()
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .expect("endpoint port");
-    let body = json!({"model": "smol", "max_tokens": 2000, "ignore_eos": true, "stream": true,
+    // The stories' context is 512 tokens: the prompt and 400 more.
+    let body = json!({"model": "smol", "max_tokens": 400, "ignore_eos": true, "stream": true,
         "messages": [{"role": "user", "content": "Tell me a long story."}]})
     .to_string();
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -288,10 +289,9 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
     let mut pieces = 0;
     while pieces < 3 {
         line.clear();
-        assert!(
-            lines.read_line(&mut line).expect("read") > 0,
-            "stream ended"
-        );
+        let read = lines.read_line(&mut line).expect("read");
+        assert!(read > 0, "the stream ended after {pieces} pieces");
+        assert!(!line.contains("\"error\""), "{line}");
         pieces += usize::from(line.starts_with("data: {"));
     }
     let status = std::process::Command::new("kill")
@@ -320,14 +320,17 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
     }
     let waited = stopped.elapsed();
     let error = error.expect("an error event ends the stream");
+    println!("frozen rank: the stream's error after {waited:?}: {error}");
+    // Two detectors race, both right: rank 0's watchdog ("the group
+    // stalled") and the control link's HTTP/2 keep-alive, which notices
+    // the frozen rank's silence within 15 s ("rank 1 left the group").
+    let message = error["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        error["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("stalled")),
+        message.contains("stalled") || message.contains("rank 1 left the group"),
         "{error}"
     );
     assert!(
-        waited < std::time::Duration::from_secs(STALL_SECONDS + 10),
+        waited < std::time::Duration::from_secs(STALL_SECONDS + 15),
         "the error came {waited:?} after the freeze"
     );
 
@@ -344,7 +347,10 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
         .find(|c| c.type_ == "Ready")
         .map(|c| c.message.clone())
         .unwrap_or_default();
-    assert!(ready.contains("GroupStalled"), "{ready}");
+    assert!(
+        ready.contains("GroupStalled") || ready.contains("left the group"),
+        "{ready}"
+    );
     let again = s.serving("smol", 3, st.epoch).await;
     ask(&again, CAPITAL).await;
     println!(

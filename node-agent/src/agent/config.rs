@@ -150,7 +150,7 @@ pub struct GuardFlags {
     pub max_tokenizing: Option<usize>,
     /// Seconds rank 0 waits, with work outstanding, for a step to finish
     /// before it declares the group stalled, fails its requests and the
-    /// shard (GroupStalled); the bound grows to ten times the longest step
+    /// shard (GroupStalled); the bound grows to four times the longest step
     /// seen when that is longer [default: 30].
     #[arg(long, env = "TANDEM_STALL_TIMEOUT_SECONDS", value_name = "SECONDS")]
     pub stall_timeout_seconds: Option<u64>,

@@ -8,9 +8,11 @@
 //! when a step goes out and when one comes back; [`StepWatch::stalled`]
 //! resolves once work has been outstanding for longer than the bound with no
 //! step finishing. The bound is derived from the measured step time:
-//! `max(floor, factor × the longest gap between finished steps seen so far)`
-//! (warm-up included, so compile-heavy first steps raise it), never less
-//! than the configured floor. An idle group (no work) is never stalled.
+//! `max(floor, factor × the longest gap between finished steps seen since
+//! the warm-up)`: the warm-up's steps carry first-use costs (weights paged
+//! in, kernels compiled) and are forgotten ([`StepWatch::settle`]); the
+//! floor covers a first use after it. An idle group (no work) is never
+//! stalled.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -28,7 +30,7 @@ impl Default for StallPolicy {
     fn default() -> StallPolicy {
         StallPolicy {
             floor: Duration::from_secs(30),
-            factor: 10,
+            factor: 4,
         }
     }
 }
@@ -90,6 +92,13 @@ impl StepWatch {
         }
         s.steps += 1;
         s.waiting_since = outstanding.then_some(now);
+    }
+
+    /// Forgets the steps measured so far: called after the warm-up, whose
+    /// steps carry first-use costs (weights paged in, kernels compiled)
+    /// that later steps do not; the floor still covers a later first use.
+    pub fn settle(&self) {
+        self.lock().longest = Duration::ZERO;
     }
 
     /// The current bound: no step may take longer.
@@ -176,6 +185,9 @@ mod tests {
         // StepWatch resets the wait.
         p.finished_at(t1 + Duration::from_millis(100), true);
         assert_eq!(p.check(t1 + Duration::from_millis(300)), None);
+        // After the warm-up only the floor is left.
+        p.settle();
+        assert_eq!(p.bound(), Duration::from_millis(100));
     }
 
     #[test]

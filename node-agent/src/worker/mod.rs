@@ -708,6 +708,7 @@ async fn lead(
         }
     };
     let progress = StepWatch::new(stall_policy(&launch));
+    let watch = progress.clone();
     let lead_role = Role::Lead {
         requests,
         scheduler: scheduler.clone(),
@@ -813,6 +814,7 @@ async fn lead(
         }
     }
     let warm_seconds = warm_started.elapsed().as_secs_f64();
+    watch.settle();
     tracing::info!(
         max_sequences = limits.max_sequences,
         max_tokens = limits.max_tokens,
