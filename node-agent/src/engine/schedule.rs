@@ -112,6 +112,25 @@ pub struct Request {
     pub cancel: Arc<AtomicBool>,
     /// When it arrived (time to first token counts from here).
     pub arrived: Instant,
+    /// Set when the request ran in a batch whose step failed without being
+    /// the cause, and was queued again to go on: its prompt then ends with
+    /// the tokens it had generated, and its `max_tokens` is what is left.
+    pub resumed: Option<Resumed>,
+}
+
+/// What a request queued again after a failed step had done before it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resumed {
+    /// Its own prompt's length (the rest of the prompt now is generated).
+    pub prompt_tokens: usize,
+    /// Tokens it had generated and reported.
+    pub generated: usize,
+    /// Prompt tokens it had taken from the prefix cache.
+    pub cached_tokens: usize,
+    /// When it was first admitted.
+    pub admitted: Instant,
+    /// When its first token came, if it had come.
+    pub first_at: Option<Instant>,
 }
 
 impl Request {
@@ -126,6 +145,7 @@ impl Request {
             logprobs: None,
             cancel: Arc::default(),
             arrived: Instant::now(),
+            resumed: None,
         }
     }
 
@@ -217,15 +237,37 @@ impl Running {
     fn outcome(&self, finish: Finish) -> Outcome {
         let now = Instant::now();
         let first = self.first_at.unwrap_or(now);
+        let before = self.request.resumed;
         Outcome {
             finish,
-            prompt_tokens: self.request.prompt.len(),
-            cached_tokens: self.cached,
-            generated: self.reported(),
+            prompt_tokens: before.map_or(self.request.prompt.len(), |b| b.prompt_tokens),
+            cached_tokens: before.map_or(self.cached, |b| b.cached_tokens),
+            generated: self.reported() + before.map_or(0, |b| b.generated),
             time_to_first_token: first.duration_since(self.request.arrived),
             decode_time: self.last_at.unwrap_or(first).duration_since(first),
-            queued: self.admitted.duration_since(self.request.arrived),
+            queued: before
+                .map_or(self.admitted, |b| b.admitted)
+                .duration_since(self.request.arrived),
         }
+    }
+
+    /// The request again, to go on from where this one is: its prompt
+    /// extended by what it generated, `max_tokens` reduced by as much.
+    fn resume(self) -> Request {
+        let before = self.request.resumed;
+        let mut request = self.request;
+        let generated = self.sampled.len();
+        let first_at = before.and_then(|b| b.first_at).or(self.first_at);
+        request.resumed = Some(Resumed {
+            prompt_tokens: before.map_or(request.prompt.len(), |b| b.prompt_tokens),
+            generated: before.map_or(0, |b| b.generated) + generated,
+            cached_tokens: before.map_or(self.cached, |b| b.cached_tokens),
+            admitted: before.map_or(self.admitted, |b| b.admitted),
+            first_at,
+        });
+        request.prompt.extend_from_slice(&self.sampled);
+        request.max_tokens = request.max_tokens.saturating_sub(generated);
+        request
     }
 }
 
@@ -481,10 +523,12 @@ impl Scheduler {
                 None
             };
             let cached = reuse.map_or(0, |r| r.tokens);
-            on_event(Event::Admitted {
-                id: request.id,
-                cached_tokens: cached,
-            });
+            if request.resumed.is_none() {
+                on_event(Event::Admitted {
+                    id: request.id,
+                    cached_tokens: cached,
+                });
+            }
             plan.admit.push(Admit {
                 id: request.id,
                 prompt: request.prompt.clone(),
@@ -500,7 +544,7 @@ impl Scheduler {
                 sampled: Vec::new(),
                 finish: (request.max_tokens == 0).then_some(Finish::Length),
                 admitted: Instant::now(),
-                first_at: None,
+                first_at: request.resumed.and_then(|b| b.first_at),
                 last_at: None,
                 request,
             };
@@ -560,17 +604,29 @@ impl Scheduler {
         Some(plan)
     }
 
-    /// After the engine failed (and was reset): ends every request in the
-    /// batch with `error`, and forgets the prefix cache (the engine's went
-    /// with the reset). Requests still waiting stay queued.
-    pub fn abandon(&mut self, error: &str, on_event: &mut dyn FnMut(Event)) {
+    /// After the engine failed on a step (and was reset): ends the requests
+    /// named in `culprits` (those whose prompt the failed step was
+    /// prefilling), or every request of the batch when none is named, with
+    /// `error`; the others go back to the front of the queue to go on where
+    /// they were ([`Request::resumed`]). The prefix cache is forgotten (the
+    /// engine's went with the reset).
+    pub fn abandon(&mut self, culprits: &[u64], error: &str, on_event: &mut dyn FnMut(Event)) {
+        let mut again = Vec::new();
         for r in std::mem::take(&mut self.running) {
-            if r.finish.is_none() {
+            if r.finish.is_some() {
+                continue;
+            }
+            if culprits.is_empty() || culprits.contains(&r.request.id) {
                 on_event(Event::Failed {
                     id: r.request.id,
                     error: error.to_owned(),
                 });
+            } else {
+                again.push(r.resume());
             }
+        }
+        for request in again.into_iter().rev() {
+            self.waiting.push_front(request);
         }
         self.entries.clear();
         self.cache_bytes = 0;
@@ -663,7 +719,8 @@ pub fn lead(
     on_event: &mut dyn FnMut(Event),
     after_step: &mut dyn FnMut(&Scheduler, bool),
 ) -> Result<()> {
-    let mut pending: Option<PendingStep> = None;
+    // The step running on the device, and the requests it prefills.
+    let mut pending: Option<(PendingStep, Vec<u64>)> = None;
     let mut open = true;
     loop {
         if open {
@@ -680,10 +737,11 @@ pub fn lead(
                 sink.send(&plan).map_err(|reason| {
                     EngineError::OutOfStep(format!("the other ranks cannot follow: {reason}"))
                 })?;
+                let prefilling = prefilling(&plan);
                 match engine.step(&plan) {
-                    Ok(queued) => queued,
+                    Ok(queued) => queued.map(|q| (q, prefilling)),
                     Err(e) => {
-                        recover(e, sink, engine, scheduler, on_event)?;
+                        recover(e, &prefilling, sink, engine, scheduler, on_event)?;
                         pending = None;
                         continue;
                     }
@@ -691,12 +749,12 @@ pub fn lead(
             }
             None => None,
         };
-        if let Some(before) = pending.take() {
+        if let Some((before, prefilled)) = pending.take() {
             match before.read() {
                 Ok(sampled) => scheduler.absorb(sampled, on_event),
                 Err(e) => {
                     drop(queued);
-                    recover(e, sink, engine, scheduler, on_event)?;
+                    recover(e, &prefilled, sink, engine, scheduler, on_event)?;
                     continue;
                 }
             }
@@ -711,14 +769,25 @@ pub fn lead(
     }
 }
 
+/// The requests whose prompt `plan` prefills.
+fn prefilling(plan: &StepPlan) -> Vec<u64> {
+    plan.feed
+        .iter()
+        .filter(|f| f.prompt_tokens > 0)
+        .map(|f| f.id)
+        .collect()
+}
+
 /// After a step failed with `error`: a group of one resets its engine,
-/// fails the requests of the batch and goes on serving (a request that
-/// cannot run, such as a prompt whose prefill does not fit in memory, takes
-/// only the batch it ran in down, not the worker); in a larger group the
-/// error ends the loop, since the other ranks may be inside a collective
-/// this rank will never join, and the group re-forms.
+/// fails the requests the step was prefilling (a prompt that cannot run,
+/// such as one whose prefill does not fit in memory; every request of the
+/// batch when the step prefilled none), queues the others again to go on
+/// where they were, and goes on serving. In a larger group the error ends
+/// the loop, since the other ranks may be inside a collective this rank
+/// will never join, and the group re-forms.
 fn recover(
     error: EngineError,
+    prefilling: &[u64],
     sink: &dyn PlanSink,
     engine: &mut BatchEngine<'_>,
     scheduler: &mut Scheduler,
@@ -727,9 +796,14 @@ fn recover(
     if !sink.alone() || !matches!(error, EngineError::Mlx { .. }) {
         return Err(error);
     }
-    tracing::warn!(%error, running = scheduler.running(), "a step failed; the batch's requests fail and the engine starts afresh");
+    tracing::warn!(
+        %error,
+        running = scheduler.running(),
+        failed = ?prefilling,
+        "a step failed; the requests it prefilled fail, the others go on from a fresh cache"
+    );
     engine.reset();
-    scheduler.abandon(&error.to_string(), on_event);
+    scheduler.abandon(prefilling, &error.to_string(), on_event);
     Ok(())
 }
 
@@ -847,7 +921,7 @@ mod tests {
         assert_eq!(p.admit.len(), 2);
         tokens(&mut s, &p, 7);
         let mut events = Vec::new();
-        s.abandon("boom", &mut |e| events.push(e));
+        s.abandon(&[], "boom", &mut |e| events.push(e));
         assert_eq!(
             events,
             vec![
@@ -867,6 +941,52 @@ mod tests {
         assert_eq!(p.admit.len(), 1);
         assert_eq!(p.admit[0].id, 2);
         assert!(p.admit[0].reuse.is_none());
+    }
+
+    #[test]
+    fn a_failed_prefill_fails_its_request_and_the_others_go_on() {
+        let mut s = Scheduler::new(limits(4, 10_000, 100, 0), KV);
+        s.enqueue(Request::new(1, vec![1; 4], 6));
+        let p = plan(&mut s).0.expect("first");
+        tokens(&mut s, &p, 5);
+        let p = plan(&mut s).0.expect("a decode");
+        tokens(&mut s, &p, 6);
+        // Request 2 arrives; its prefill step fails.
+        s.enqueue(Request::new(2, vec![2; 8], 6));
+        let p = plan(&mut s).0.expect("2 is admitted and prefilled");
+        assert_eq!(super::prefilling(&p), vec![2]);
+        let mut events = Vec::new();
+        s.abandon(&super::prefilling(&p), "no memory", &mut |e| events.push(e));
+        assert_eq!(
+            events,
+            vec![Event::Failed {
+                id: 2,
+                error: "no memory".into()
+            }]
+        );
+        // Request 1 goes on from its prompt and the two tokens it has, with
+        // four to go, and is not announced again.
+        let p = plan(&mut s).0.expect("1 again");
+        assert_eq!(p.admit.len(), 1);
+        assert_eq!(p.admit[0].prompt, vec![1, 1, 1, 1, 5, 6]);
+        let events = tokens(&mut s, &p, 7);
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Admitted { .. })),
+            "{events:?}"
+        );
+        let mut finished = None;
+        for _ in 0..3 {
+            let p = plan(&mut s).0.expect("a decode");
+            for e in tokens(&mut s, &p, 7) {
+                if let Event::Finished { outcome, .. } = e {
+                    finished = Some(outcome);
+                }
+            }
+        }
+        let outcome = finished.expect("request 1 finished");
+        assert_eq!(outcome.finish, Finish::Length);
+        assert_eq!(outcome.prompt_tokens, 4, "its own prompt");
+        assert_eq!(outcome.generated, 6, "all it generated, before and after");
     }
 
     #[test]
