@@ -35,6 +35,9 @@
 #   serve     `tandem-agent serve` against `mlx_lm.server`: first-request
 #             TTFT, TTFT, throughput with 1/4/8 clients; then the first
 #             request after a restart with a cold and with a kept kernel cache
+#   stall     the real model served at world size 3 with rank 1 SIGSTOPped
+#             mid-stream: the stream's error (rank 0's watchdog,
+#             TANDEM_STALL_SECONDS floor, default 5) and how long it took
 #   bench-serve
 #             dev/bench-serve.sh on the real model (needs .gpu/model): ours at
 #             world sizes 1 and 3 beside mlx_lm.server, 1/4/8/16 streaming
@@ -416,6 +419,43 @@ stage_batch() {
   done
 }
 
+# A rank frozen with SIGSTOP mid-stream on the GPU: rank 0's watchdog must
+# end the stream with an error within its bound, and the group must go down
+# saying why rather than hang.
+stage_stall() {
+  say "## a frozen rank: the real model at world size 3 (one GPU, ring), rank 1 SIGSTOPped mid-stream"
+  local dir port rank1 floor=${TANDEM_STALL_SECONDS:-5}
+  dir=$(real_model) || { say "- the real model's parts are missing (stash .gpu/model too): SKIPPED"; return 0; }
+  port=$(free_port)
+  serve_until_ready "$OUT/stall.log" --model "$dir" --port "$port" --state-dir /tmp/tandem-stall-state \
+    --world-size 3 --name smollm2 --stall-timeout-seconds "$floor" || return 0
+  rank1=$(pgrep -P "$SERVE_PID" | sort -n | sed -n 2p)
+  "$PY" - "$port" "$rank1" <<'PYEOF' | tee -a "$REPORT"
+import json, os, signal, sys, time, urllib.request
+port, rank1 = int(sys.argv[1]), int(sys.argv[2])
+body = json.dumps({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 2000,
+                   "ignore_eos": True, "stream": True}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+pieces, stopped, outcome = 0, None, "the stream ended without an error"
+with urllib.request.urlopen(request, timeout=120) as response:
+    for line in response:
+        if line.startswith(b"data: {"):
+            if b'"error"' in line:
+                outcome = f"error after {time.time() - stopped:.2f}s: {line[6:].decode().strip()[:400]}"
+                break
+            pieces += 1
+            if pieces == 50:
+                os.kill(rank1, signal.SIGSTOP)
+                stopped = time.time()
+print(f"- {pieces} pieces streamed, then rank 1 (pid {rank1}) stopped; {outcome}")
+PYEOF
+  for _ in $(seq 1 60); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.5; done
+  say "- serve: $(grep -o 'the local group stopped.*' "$OUT/stall.log.err" | head -c 600)"
+  kill -KILL "$rank1" 2>/dev/null || true
+  stop_serve
+}
+
 cmd_check() {
   OUT=${OUT:-$PWD/gpu-out}
   mkdir -p "$OUT" "$MODELS"
@@ -445,7 +485,7 @@ case "${1:-}" in
     cmd_check "$@"
     ;;
   *)
-    sed -n '2,41p' "$0"
+    sed -n '2,46p' "$0"
     exit 2
     ;;
 esac
