@@ -13,6 +13,14 @@
 //! in, kernels compiled) and are forgotten ([`StepWatch::settle`]); the
 //! floor covers a first use after it. An idle group (no work) is never
 //! stalled.
+//!
+//! A step that compiles kernels is slow without being stuck: on a fresh
+//! CUDA machine a request with a new shape or a new operation (log-
+//! probabilities, say) can spend half a minute in NVRTC (seen on an H200:
+//! steps of 8 s and 34 s). CPU time tells nothing (a rank blocked in the
+//! ring's `all_sum` spins at 100 % as well), but the compiled kernels land
+//! in MLX's kernel cache directory one by one: an `activity` probe over it
+//! ([`kernel_cache_activity`]) that changes counts as progress.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -47,11 +55,56 @@ struct State {
     steps: u64,
 }
 
+/// Something that changes while the engine works without finishing steps
+/// (kernels being compiled).
+pub type Activity = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// The engine thread's progress, shared with the watchdog.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StepWatch {
     state: Arc<Mutex<State>>,
     policy: StallPolicy,
+    activity: Option<Activity>,
+}
+
+impl std::fmt::Debug for StepWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepWatch")
+            .field("policy", &self.policy)
+            .field("activity", &self.activity.is_some())
+            .finish()
+    }
+}
+
+/// A probe of MLX's kernel cache directory (`MLX_PTX_CACHE_DIR`, where the
+/// CUDA backend writes every kernel it compiles): its number of entries
+/// and their latest modification time, folded into one number. `None`
+/// when the variable is unset.
+pub fn kernel_cache_activity() -> Option<Activity> {
+    let dir = std::path::PathBuf::from(std::env::var_os("MLX_PTX_CACHE_DIR")?);
+    Some(dir_activity(dir))
+}
+
+/// A probe of `dir`: its number of entries and their latest modification
+/// time, folded into one number (0 while it cannot be read).
+pub fn dir_activity(dir: std::path::PathBuf) -> Activity {
+    Arc::new(move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let (mut count, mut latest) = (0u64, 0u64);
+        for entry in entries.flatten() {
+            count += 1;
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            latest = latest.max(modified);
+        }
+        latest ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    })
 }
 
 impl StepWatch {
@@ -60,6 +113,22 @@ impl StepWatch {
         StepWatch {
             state: Arc::default(),
             policy,
+            activity: None,
+        }
+    }
+
+    /// Counts a change of `activity` as progress.
+    pub fn with_activity(mut self, activity: Option<Activity>) -> StepWatch {
+        self.activity = activity;
+        self
+    }
+
+    /// The engine was seen working at `now` (a kernel compiled): a wait in
+    /// progress starts again from here.
+    fn worked_at(&self, now: Instant) {
+        let mut s = self.lock();
+        if s.waiting_since.is_some() {
+            s.waiting_since = Some(now);
         }
     }
 
@@ -130,9 +199,24 @@ impl StepWatch {
     /// Resolves with the reason once the group is stalled. Checks a few
     /// times per bound, at most every second.
     pub async fn stalled(&self) -> String {
+        let probe = |a: &Activity| {
+            let a = a.clone();
+            async move { tokio::task::spawn_blocking(move || a()).await.ok() }
+        };
+        let mut seen = match &self.activity {
+            Some(a) => probe(a).await,
+            None => None,
+        };
         loop {
             let every = (self.bound() / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
             tokio::time::sleep(every).await;
+            if let Some(a) = &self.activity {
+                let now = probe(a).await;
+                if now.is_some() && now != seen {
+                    seen = now;
+                    self.worked_at(Instant::now());
+                }
+            }
             if let Some(reason) = self.check(Instant::now()) {
                 return reason;
             }
@@ -188,6 +272,32 @@ mod tests {
         // After the warm-up only the floor is left.
         p.settle();
         assert_eq!(p.bound(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn kernels_being_compiled_count_as_progress() {
+        let p = StepWatch::new(policy(100, 1));
+        let t0 = Instant::now();
+        p.sent_at(t0);
+        p.worked_at(t0 + Duration::from_millis(90));
+        assert_eq!(p.check(t0 + Duration::from_millis(150)), None);
+        assert!(p.check(t0 + Duration::from_millis(200)).is_some());
+        // Idle, work seen changes nothing.
+        let idle = StepWatch::new(policy(100, 1));
+        idle.worked_at(t0);
+        assert_eq!(idle.check(t0 + Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn the_kernel_cache_probe_sees_a_new_kernel() {
+        let dir = std::env::temp_dir().join(format!("tandem-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let probe = dir_activity(dir.clone());
+        let before = probe();
+        assert_eq!(probe(), before, "nothing changed");
+        std::fs::write(dir.join("kernel.ptx"), b"ptx").expect("write");
+        assert_ne!(probe(), before);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

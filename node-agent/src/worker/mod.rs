@@ -707,7 +707,8 @@ async fn lead(
             (Box::new(Alone), None)
         }
     };
-    let progress = StepWatch::new(stall_policy(&launch));
+    let progress = StepWatch::new(stall_policy(&launch))
+        .with_activity(crate::serve::watchdog::kernel_cache_activity());
     let watch = progress.clone();
     let lead_role = Role::Lead {
         requests,
