@@ -151,7 +151,8 @@ pub struct GuardFlags {
     /// Seconds rank 0 waits, with work outstanding, for a step to finish
     /// before it declares the group stalled, fails its requests and the
     /// shard (GroupStalled); the bound grows to four times the longest step
-    /// seen when that is longer [default: 30].
+    /// seen when that is longer; the warm-up has ten minutes [default: 30
+    /// on the CPU, 120 on a GPU].
     #[arg(long, env = "TANDEM_STALL_TIMEOUT_SECONDS", value_name = "SECONDS")]
     pub stall_timeout_seconds: Option<u64>,
 }

@@ -9,10 +9,11 @@
 //! resolves once work has been outstanding for longer than the bound with no
 //! step finishing. The bound is derived from the measured step time:
 //! `max(floor, factor × the longest gap between finished steps seen since
-//! the warm-up)`: the warm-up's steps carry first-use costs (weights paged
-//! in, kernels compiled) and are forgotten ([`StepWatch::settle`]); the
-//! floor covers a first use after it. An idle group (no work) is never
-//! stalled.
+//! the warm-up)`. The warm-up runs under a floor of its own (ten minutes:
+//! a fresh GPU compiles kernels for minutes, seen on an H200); its steps,
+//! which carry those first-use costs, are then forgotten
+//! ([`StepWatch::settle`]), and the configured floor covers a first use
+//! after it. An idle group (no work) is never stalled.
 //!
 //! A step that compiles kernels is slow without being stuck: on a fresh
 //! CUDA machine a request with a new shape or a new operation (log-
@@ -53,6 +54,8 @@ struct State {
     longest: Duration,
     /// Steps finished.
     steps: u64,
+    /// The floor in force: the warm-up's until [`StepWatch::settle`].
+    floor: Duration,
 }
 
 /// Something that changes while the engine works without finishing steps
@@ -111,7 +114,10 @@ impl StepWatch {
     /// StepWatch judged by `policy`.
     pub fn new(policy: StallPolicy) -> StepWatch {
         StepWatch {
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(State {
+                floor: policy.floor,
+                ..State::default()
+            })),
             policy,
             activity: None,
         }
@@ -163,19 +169,20 @@ impl StepWatch {
         s.waiting_since = outstanding.then_some(now);
     }
 
-    /// Forgets the steps measured so far: called after the warm-up, whose
-    /// steps carry first-use costs (weights paged in, kernels compiled)
-    /// that later steps do not; the floor still covers a later first use.
-    pub fn settle(&self) {
-        self.lock().longest = Duration::ZERO;
+    /// Forgets the steps measured so far and puts `floor` in force: called
+    /// after the warm-up, whose steps carry first-use costs (weights paged
+    /// in, kernels compiled: minutes on a fresh GPU) that later steps do
+    /// not, and which therefore runs under a floor of its own.
+    pub fn settle(&self, floor: Duration) {
+        let mut s = self.lock();
+        s.longest = Duration::ZERO;
+        s.floor = floor;
     }
 
     /// The current bound: no step may take longer.
     pub fn bound(&self) -> Duration {
-        let longest = self.lock().longest;
-        self.policy
-            .floor
-            .max(longest.saturating_mul(self.policy.factor))
+        let s = self.lock();
+        s.floor.max(s.longest.saturating_mul(self.policy.factor))
     }
 
     /// Why the group is stalled at `now`, if it is.
@@ -191,7 +198,7 @@ impl StepWatch {
                 bound.as_secs_f64(),
                 self.policy.factor,
                 s.longest.as_secs_f64(),
-                self.policy.floor.as_secs_f64(),
+                s.floor.as_secs_f64(),
             )
         })
     }
@@ -269,9 +276,9 @@ mod tests {
         // StepWatch resets the wait.
         p.finished_at(t1 + Duration::from_millis(100), true);
         assert_eq!(p.check(t1 + Duration::from_millis(300)), None);
-        // After the warm-up only the floor is left.
-        p.settle();
-        assert_eq!(p.bound(), Duration::from_millis(100));
+        // After the warm-up only the floor is left, the one put in force.
+        p.settle(Duration::from_millis(70));
+        assert_eq!(p.bound(), Duration::from_millis(70));
     }
 
     #[test]

@@ -602,14 +602,23 @@ async fn run(launch: Launch) -> Result<(), Failure> {
 }
 
 /// The watchdog's policy: the launch's floor, or the default.
-fn stall_policy(launch: &Launch) -> StallPolicy {
-    let default = StallPolicy::default();
-    StallPolicy {
-        floor: launch
-            .stall_timeout_ms
-            .map_or(default.floor, |ms| Duration::from_millis(ms.max(1))),
-        ..default
-    }
+/// The watchdog's floor while the warm-up compiles kernels (minutes on a
+/// fresh GPU).
+const WARMUP_STALL_FLOOR: Duration = Duration::from_secs(600);
+
+/// The watchdog's floor once serving: the launch's, or 30 s on the CPU and
+/// 120 s on a GPU, where a request of a new shape or kind (log-
+/// probabilities) can still compile kernels for half a minute (seen on an
+/// H200).
+fn stall_floor(launch: &Launch, on_gpu: bool) -> Duration {
+    let default = if on_gpu {
+        Duration::from_secs(120)
+    } else {
+        StallPolicy::default().floor
+    };
+    launch
+        .stall_timeout_ms
+        .map_or(default, |ms| Duration::from_millis(ms.max(1)))
 }
 
 fn engine_gone(report: Option<EngineReport>) -> Failure {
@@ -707,8 +716,11 @@ async fn lead(
             (Box::new(Alone), None)
         }
     };
-    let progress = StepWatch::new(stall_policy(&launch))
-        .with_activity(crate::serve::watchdog::kernel_cache_activity());
+    let progress = StepWatch::new(StallPolicy {
+        floor: WARMUP_STALL_FLOOR,
+        ..StallPolicy::default()
+    })
+    .with_activity(crate::serve::watchdog::kernel_cache_activity());
     let watch = progress.clone();
     let lead_role = Role::Lead {
         requests,
@@ -815,7 +827,7 @@ async fn lead(
         }
     }
     let warm_seconds = warm_started.elapsed().as_secs_f64();
-    watch.settle();
+    watch.settle(stall_floor(&launch, on_gpu));
     tracing::info!(
         max_sequences = limits.max_sequences,
         max_tokens = limits.max_tokens,
