@@ -10,10 +10,13 @@
 //!   group, loads its slice, runs jobs; rank 0 also serves HTTP.
 //! - [`control`]: rank 0's gRPC control service (barriers, job fan-out).
 //! - [`serve`]: rank 0's OpenAI-compatible HTTP API.
+//! - [`tls`]: the certificate rank 0 serves both with, and the CA the
+//!   other ranks check it against.
 
 pub mod agent;
 pub mod control;
 pub mod engine;
 pub mod mlx;
 pub mod serve;
+pub mod tls;
 pub mod worker;
