@@ -38,6 +38,7 @@ use crate::ledger::Ledger;
 use crate::liveness::{self, LeaseWatch, Watched};
 use crate::metrics::Metrics;
 use crate::objects::{self, FINALIZER, LABEL_GROUP_TOKEN, MANAGER};
+use crate::tls::{self, CertificateAuthority};
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -56,6 +57,8 @@ pub struct RunConfig {
     pub concurrency: u16,
     /// This replica's identity, for Events.
     pub identity: String,
+    /// The CA that issues deployments' serving certificates.
+    pub ca: Arc<CertificateAuthority>,
 }
 
 /// What `reconcile` is handed.
@@ -77,8 +80,12 @@ pub struct Context {
     pub placement: Mutex<()>,
     /// When the node Lease watch last listed.
     pub lease_watch: Arc<LeaseWatch>,
-    /// Group-token Secrets, metadata only (the operator never reads tokens back).
+    /// Group-token and TLS Secrets, metadata only (the operator never reads
+    /// tokens or keys back).
     token_secrets: Store<PartialObjectMeta<Secret>>,
+    /// The addresses each deployment's TLS Secret was last issued for by
+    /// this process, by deployment uid, until the cache shows the write.
+    tls_issued: Mutex<HashMap<String, String>>,
     /// Turns true once the shard, node, Lease and Secret caches have listed.
     caches_ready: watch::Receiver<bool>,
     /// Consecutive failures per deployment, for error backoff.
@@ -300,6 +307,69 @@ impl Context {
         Ok(())
     }
 
+    /// Makes the deployment's TLS Secret hold a certificate of the
+    /// operator's CA naming `addresses`, issuing a new one when the Secret
+    /// is missing or names other addresses (the placement moved).
+    async fn ensure_tls(
+        &self,
+        d: &LlamaDeployment,
+        owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+        addresses: &[std::net::IpAddr],
+    ) -> Result<(), Error> {
+        let ns = d.namespace().unwrap_or_default();
+        let name = objects::tls_secret_name(&d.name_any());
+        let wanted = tls::addresses_annotation(addresses);
+        let issued_here = self
+            .tls_issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&owner.uid)
+            .cloned();
+        if issued_here.as_deref() == Some(wanted.as_str()) {
+            return Ok(());
+        }
+        let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
+        if let Some(s) = cached {
+            if !s.owner_references().iter().any(|o| o.uid == owner.uid) {
+                return Err(Error::ForeignSecret {
+                    name: format!("{ns}/{name}"),
+                });
+            }
+            if objects::tls_addresses(s.as_ref()) == Some(wanted.as_str()) {
+                return Ok(());
+            }
+        }
+        self.may_write("Secret", &ns, &name)?;
+        let issued = self
+            .config
+            .ca
+            .issue(&d.name_any(), addresses)
+            .map_err(|e| Error::Certificate {
+                name: format!("{ns}/{name}"),
+                message: e.to_string(),
+            })?;
+        let secret = objects::build_tls_secret(
+            d,
+            owner,
+            &wanted,
+            tls::secret_data(&issued, self.config.ca.cert_pem()),
+        );
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(api_error("apply", "Secret", &ns, &name))?;
+        tracing::info!(secret = %format!("{ns}/{name}"), addresses = %wanted, "issued a serving certificate");
+        self.tls_issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(owner.uid.clone(), wanted);
+        Ok(())
+    }
+
     async fn delete_shards(&self, ns: &str, names: &[String]) -> Result<(), Error> {
         let api: Api<LlamaShard> = Api::namespaced(self.client.clone(), ns);
         let now = Instant::now();
@@ -388,9 +458,31 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         outcome
     };
 
+    // The certificate names the current epoch's nodes: those of the shards
+    // this pass writes, else of the shards already there.
+    let issued_tls = d.spec.tls_enabled() && d.spec.tls_user_secret().is_none();
+    let tls_addresses = issued_tls
+        .then(|| {
+            outcome
+                .apply
+                .first()
+                .map(|s| s.spec.clone())
+                .or_else(|| {
+                    let (_, own) = shard_views(ctx, &uid);
+                    own.iter()
+                        .filter(|s| s.spec.epoch == outcome.status.epoch)
+                        .map(|s| s.spec.clone())
+                        .next()
+                })
+                .map(|spec| tls::certificate_addresses(&spec))
+        })
+        .flatten();
     let written = async {
         if let Some(epoch) = outcome.token_epoch {
             ctx.ensure_token(&d, &owner, epoch).await?;
+        }
+        if let Some(addresses) = &tls_addresses {
+            ctx.ensure_tls(&d, &owner, addresses).await?;
         }
         // The token first (ranks read it as they start), then every shard
         // of the epoch at once.
@@ -419,8 +511,10 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         tracing::info!(deployment = %format!("{ns}/{name}"), epoch = outcome.status.epoch, cause = cause.label(), "started a new epoch");
     }
     ctx.delete_shards(&ns, &outcome.delete).await?;
-    ctx.write_status(&d, &prior, &outcome.status).await?;
-    ctx.metrics.set_phase(&uid, outcome.status.phase);
+    let mut status = outcome.status;
+    status.ca_bundle = issued_tls.then(|| ctx.config.ca.cert_pem().to_owned());
+    ctx.write_status(&d, &prior, &status).await?;
+    ctx.metrics.set_phase(&uid, status.phase);
     ctx.publish(&d, outcome.notices);
     Ok(Action::requeue(outcome.requeue_after))
 }
@@ -724,6 +818,7 @@ pub async fn run(
         placement: Mutex::new(()),
         lease_watch,
         token_secrets: token_store,
+        tls_issued: Mutex::new(HashMap::new()),
         caches_ready,
         failures: Mutex::new(HashMap::new()),
         fence,

@@ -529,11 +529,16 @@ fn progress(shards: &[&LlamaShard], world: u32) -> Progress {
         if phase == Some(ShardPhase::Ready) {
             p.ready += 1;
             if s.spec.rank == 0 {
+                let scheme = if s.spec.tls_secret_ref.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
                 p.endpoint = address
                     .as_deref()
                     .and_then(convert::endpoint_host)
                     .zip(s.spec.serving_port)
-                    .map(|(host, port)| format!("http://{host}:{port}"));
+                    .map(|(host, port)| format!("{scheme}://{host}:{port}"));
             }
         } else {
             let mut what = format!(
@@ -1334,6 +1339,7 @@ pub fn cleanup(input: &CleanupInput<'_>, settings: &Settings) -> CleanupOutcome 
         restart_count: input.prior.restart_count,
         last_restart: input.prior.last_restart.clone(),
         last_progress_time: None,
+        ca_bundle: input.prior.ca_bundle.clone(),
     };
     let mut notices = transition_notices(input.prior, &status);
     if timed_out && !waiting.is_empty() {
