@@ -36,6 +36,7 @@ impl Serve {
         let mut child = Command::new(agent())
             .args([
                 "serve",
+                "--plain-http",
                 "--world-size",
                 &world.to_string(),
                 "--port",
