@@ -938,3 +938,6 @@ fn stream_response(
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
+
+#[cfg(test)]
+mod tls_tests;
