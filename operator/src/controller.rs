@@ -18,6 +18,7 @@ use futures::{StreamExt, future};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::tz::TimeZone;
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -84,8 +85,9 @@ pub struct Context {
     /// tokens or keys back).
     token_secrets: Store<PartialObjectMeta<Secret>>,
     /// The addresses each deployment's TLS Secret was last issued for by
-    /// this process, by deployment uid, until the cache shows the write.
-    tls_issued: Mutex<HashMap<String, String>>,
+    /// this process, its renewal day and when, by deployment uid: for a
+    /// minute the cache may not show the write yet.
+    tls_issued: Mutex<HashMap<String, (String, String, Instant)>>,
     /// Turns true once the shard, node, Lease and Secret caches have listed.
     caches_ready: watch::Receiver<bool>,
     /// Consecutive failures per deployment, for error backoff.
@@ -309,7 +311,8 @@ impl Context {
 
     /// Makes the deployment's TLS Secret hold a certificate of the
     /// operator's CA naming `addresses`, issuing a new one when the Secret
-    /// is missing or names other addresses (the placement moved).
+    /// is missing, names other addresses (the placement moved) or is due
+    /// for renewal.
     async fn ensure_tls(
         &self,
         d: &LlamaDeployment,
@@ -319,13 +322,17 @@ impl Context {
         let ns = d.namespace().unwrap_or_default();
         let name = objects::tls_secret_name(&d.name_any());
         let wanted = tls::addresses_annotation(addresses);
+        let today = Timestamp::now().to_zoned(TimeZone::UTC).date();
         let issued_here = self
             .tls_issued
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&owner.uid)
             .cloned();
-        if issued_here.as_deref() == Some(wanted.as_str()) {
+        if let Some((issued, renewal, at)) = &issued_here
+            && at.elapsed() < Duration::from_secs(60)
+            && tls::still_fits(Some(issued), Some(renewal), &wanted, today)
+        {
             return Ok(());
         }
         let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
@@ -335,7 +342,8 @@ impl Context {
                     name: format!("{ns}/{name}"),
                 });
             }
-            if objects::tls_addresses(s.as_ref()) == Some(wanted.as_str()) {
+            let (issued, renewal) = objects::tls_annotations(s.as_ref());
+            if tls::still_fits(issued, renewal, &wanted, today) {
                 return Ok(());
             }
         }
@@ -343,15 +351,17 @@ impl Context {
         let issued = self
             .config
             .ca
-            .issue(&d.name_any(), addresses)
+            .issue(&d.name_any(), addresses, today)
             .map_err(|e| Error::Certificate {
                 name: format!("{ns}/{name}"),
                 message: e.to_string(),
             })?;
+        let renewal = issued.renew_after.to_string();
         let secret = objects::build_tls_secret(
             d,
             owner,
             &wanted,
+            &renewal,
             tls::secret_data(&issued, self.config.ca.cert_pem()),
         );
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
@@ -362,11 +372,11 @@ impl Context {
         )
         .await
         .map_err(api_error("apply", "Secret", &ns, &name))?;
-        tracing::info!(secret = %format!("{ns}/{name}"), addresses = %wanted, "issued a serving certificate");
+        tracing::info!(secret = %format!("{ns}/{name}"), addresses = %wanted, renew_after = %renewal, "issued a serving certificate");
         self.tls_issued
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(owner.uid.clone(), wanted);
+            .insert(owner.uid.clone(), (wanted, renewal, Instant::now()));
         Ok(())
     }
 

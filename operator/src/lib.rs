@@ -122,7 +122,10 @@ async fn load_ca(
 ) -> Option<tls::CertificateAuthority> {
     let (namespace, name) = (&cli.ca_secret_namespace, &cli.ca_secret_name);
     loop {
-        match tls::CertificateAuthority::load_or_create(client, namespace, name).await {
+        let today = k8s_openapi::jiff::Timestamp::now()
+            .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
+            .date();
+        match tls::CertificateAuthority::load_or_create(client, namespace, name, today).await {
             Ok(ca) => return Some(ca),
             Err(e) => tracing::warn!(error = %e, "loading the CA failed; retrying in 5s"),
         }

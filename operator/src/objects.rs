@@ -30,6 +30,9 @@ pub const LABEL_GROUP_TOKEN: &str = "tandem.dev/group-token";
 /// Annotation on an issued TLS Secret: the addresses its certificate names,
 /// comma-separated, so a moved placement is seen from metadata alone.
 pub const ANNOTATION_TLS_ADDRESSES: &str = "tandem.dev/tls-addresses";
+/// Annotation on an issued TLS Secret: the day (`YYYY-MM-DD`, UTC) from
+/// which its certificate is to be issued again, ahead of its expiry.
+pub const ANNOTATION_TLS_RENEW_AFTER: &str = "tandem.dev/tls-renew-after";
 /// Revision loaded when the spec names none.
 pub const DEFAULT_REVISION: &str = "main";
 
@@ -236,6 +239,7 @@ pub fn build_tls_secret(
     d: &LlamaDeployment,
     owner: &OwnerReference,
     addresses: &str,
+    renew_after: &str,
     data: BTreeMap<String, ByteString>,
 ) -> Secret {
     let name = d.name_any();
@@ -250,7 +254,16 @@ pub fn build_tls_secret(
                 ]
                 .into(),
             ),
-            annotations: Some([(ANNOTATION_TLS_ADDRESSES.to_owned(), addresses.to_owned())].into()),
+            annotations: Some(
+                [
+                    (ANNOTATION_TLS_ADDRESSES.to_owned(), addresses.to_owned()),
+                    (
+                        ANNOTATION_TLS_RENEW_AFTER.to_owned(),
+                        renew_after.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
             owner_references: Some(vec![owner.clone()]),
             ..Default::default()
         },
@@ -260,15 +273,15 @@ pub fn build_tls_secret(
     }
 }
 
-/// The addresses an issued TLS Secret's certificate names, from its
-/// annotation (works on metadata alone).
-pub fn tls_addresses<K: Resource>(secret: &K) -> Option<&str> {
-    secret
-        .meta()
-        .annotations
-        .as_ref()?
-        .get(ANNOTATION_TLS_ADDRESSES)
-        .map(String::as_str)
+/// The addresses an issued TLS Secret's certificate names and the day it
+/// is due again, from its annotations (works on metadata alone).
+pub fn tls_annotations<K: Resource>(secret: &K) -> (Option<&str>, Option<&str>) {
+    let annotations = secret.meta().annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    (
+        get(ANNOTATION_TLS_ADDRESSES),
+        get(ANNOTATION_TLS_RENEW_AFTER),
+    )
 }
 
 /// The epoch a group-token Secret's token belongs to, from its annotation

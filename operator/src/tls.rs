@@ -7,13 +7,18 @@
 //! The CA lives in a Secret of the operator's own namespace (`tandem-ca` by
 //! default, keys `tls.crt` and `tls.key`), created once by whichever
 //! replica gets there first and read by every other. Issuing is pure:
-//! [`CertificateAuthority::issue`] takes the addresses and gives PEM.
+//! [`CertificateAuthority::issue`] takes the addresses and today's date and
+//! gives PEM. A serving certificate is valid for [`SERVING_DAYS`] and is
+//! issued again [`RENEW_BEFORE_DAYS`] before it expires; the CA is valid for
+//! [`CA_DAYS`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Span;
+use k8s_openapi::jiff::civil::Date;
 use kube::api::{Api, ObjectMeta, PostParams};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -26,6 +31,32 @@ use tandem_crds::{TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
 const CA_COMMON_NAME: &str = "tandem-operator CA";
 /// Label on the CA Secret.
 const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Days a serving certificate is valid, from the day it is issued.
+pub const SERVING_DAYS: i64 = 365;
+/// Days before its expiry that a serving certificate is issued again.
+pub const RENEW_BEFORE_DAYS: i64 = 30;
+/// Days the CA is valid (ten years).
+pub const CA_DAYS: i64 = 3652;
+
+/// `date` moved by `days`, clamped to the representable range.
+fn shift(date: Date, days: i64) -> Date {
+    date.checked_add(Span::new().days(days))
+        .unwrap_or(if days < 0 { Date::MIN } else { Date::MAX })
+}
+
+/// Makes `params` valid from midnight UTC of `from` to midnight UTC of
+/// `until`.
+fn set_validity(params: &mut CertificateParams, from: Date, until: Date) {
+    let midnight = |d: Date| {
+        let (month, day) = (
+            u8::try_from(d.month()).unwrap_or(1),
+            u8::try_from(d.day()).unwrap_or(1),
+        );
+        rcgen::date_time_ymd(i32::from(d.year()), month, day)
+    };
+    params.not_before = midnight(from);
+    params.not_after = midnight(until);
+}
 
 /// Why the CA could not be loaded or a certificate issued.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +92,8 @@ pub struct Issued {
     pub cert_pem: String,
     /// Its private key.
     pub key_pem: String,
+    /// From this day on it is to be issued again.
+    pub renew_after: Date,
 }
 
 impl std::fmt::Debug for Issued {
@@ -89,6 +122,7 @@ impl std::fmt::Debug for CertificateAuthority {
 /// certificate names it.
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
+    // Validity is left to `generate`: it is not part of the issuer.
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, CA_COMMON_NAME);
     name.push(DnType::OrganizationName, "tandem");
@@ -103,10 +137,13 @@ fn ca_params() -> CertificateParams {
 }
 
 impl CertificateAuthority {
-    /// A fresh CA with a new key.
-    pub fn generate() -> Result<CertificateAuthority, TlsError> {
+    /// A fresh CA with a new key, valid from the day before `today` (for
+    /// clocks behind ours) for [`CA_DAYS`].
+    pub fn generate(today: Date) -> Result<CertificateAuthority, TlsError> {
         let key = KeyPair::generate()?;
-        let cert = ca_params().self_signed(&key)?;
+        let mut params = ca_params();
+        set_validity(&mut params, shift(today, -1), shift(today, CA_DAYS));
+        let cert = params.self_signed(&key)?;
         Ok(CertificateAuthority {
             cert_pem: cert.pem(),
             key,
@@ -127,11 +164,19 @@ impl CertificateAuthority {
     }
 
     /// A serving certificate for `deployment` naming every address in
-    /// `addresses` (IP subject alternative names), with a new key.
-    pub fn issue(&self, deployment: &str, addresses: &[IpAddr]) -> Result<Issued, TlsError> {
+    /// `addresses` (IP subject alternative names), with a new key, valid
+    /// from the day before `today` for [`SERVING_DAYS`].
+    pub fn issue(
+        &self,
+        deployment: &str,
+        addresses: &[IpAddr],
+        today: Date,
+    ) -> Result<Issued, TlsError> {
         let issuer = Issuer::new(ca_params(), &self.key);
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
+        let expires = shift(today, SERVING_DAYS);
+        set_validity(&mut params, shift(today, -1), expires);
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
@@ -148,6 +193,7 @@ impl CertificateAuthority {
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            renew_after: shift(expires, -RENEW_BEFORE_DAYS),
         })
     }
 
@@ -207,6 +253,7 @@ impl CertificateAuthority {
         client: &kube::Client,
         namespace: &str,
         name: &str,
+        today: Date,
     ) -> Result<CertificateAuthority, TlsError> {
         let full = format!("{namespace}/{name}");
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
@@ -218,7 +265,7 @@ impl CertificateAuthority {
         if let Some(secret) = api.get_opt(name).await.map_err(read)? {
             return CertificateAuthority::from_secret(&secret, &full);
         }
-        let fresh = CertificateAuthority::generate()?;
+        let fresh = CertificateAuthority::generate(today)?;
         match api
             .create(&PostParams::default(), &fresh.to_secret(namespace, name))
             .await
@@ -272,6 +319,19 @@ pub fn certificate_addresses(shard: &tandem_crds::LlamaShardSpec) -> Vec<IpAddr>
     ips
 }
 
+/// Whether an issued TLS Secret, by its annotations, still fits: its
+/// certificate names `addresses` (as [`addresses_annotation`] writes them)
+/// and `today` is before its renewal day.
+pub fn still_fits(
+    annotated_addresses: Option<&str>,
+    annotated_renewal: Option<&str>,
+    addresses: &str,
+    today: Date,
+) -> bool {
+    let renew_after = annotated_renewal.and_then(|d| d.parse::<Date>().ok());
+    annotated_addresses == Some(addresses) && renew_after.is_some_and(|d| today < d)
+}
+
 /// The addresses as the TLS Secret's annotation records them, so a change
 /// of placement is seen without reading the certificate back.
 pub fn addresses_annotation(addresses: &[IpAddr]) -> String {
@@ -286,16 +346,23 @@ pub fn addresses_annotation(addresses: &[IpAddr]) -> String {
 mod tests {
     use super::*;
 
+    fn day(text: &str) -> Date {
+        text.parse().expect("date")
+    }
+
     #[test]
     fn a_stored_ca_issues_as_the_generated_one_and_names_every_address() {
-        let ca = CertificateAuthority::generate().expect("ca");
+        let ca = CertificateAuthority::generate(day("2026-12-05")).expect("ca");
         let stored = CertificateAuthority::from_pem(ca.cert_pem(), &ca.key.serialize_pem())
             .expect("stored ca");
         let addresses: Vec<IpAddr> = vec![
             "10.0.0.1".parse().expect("ip"),
             "fd00::2".parse().expect("ip"),
         ];
-        let issued = stored.issue("llama", &addresses).expect("issued");
+        let issued = stored
+            .issue("llama", &addresses, day("2026-12-05"))
+            .expect("issued");
+        assert_eq!(issued.renew_after, day("2027-11-05"));
         assert!(issued.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(issued.key_pem.contains("PRIVATE KEY"));
         // The agent's own check: chain, key and CA parse; the key fits.
@@ -305,10 +372,28 @@ mod tests {
             vec![TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY]
         );
         assert_ne!(
-            stored.issue("llama", &addresses).expect("again").key_pem,
+            stored
+                .issue("llama", &addresses, day("2026-12-05"))
+                .expect("again")
+                .key_pem,
             issued.key_pem,
             "every issue has a fresh key"
         );
+    }
+
+    #[test]
+    fn a_certificate_is_issued_again_for_new_addresses_and_before_it_expires() {
+        let today = day("2027-01-10");
+        let fits = |addresses, renewal| still_fits(addresses, renewal, "10.0.0.1", today);
+        assert!(fits(Some("10.0.0.1"), Some("2027-01-11")));
+        assert!(!fits(Some("10.0.0.1"), Some("2027-01-10")), "due today");
+        assert!(
+            !fits(Some("10.0.0.1,10.0.0.2"), Some("2027-06-01")),
+            "moved"
+        );
+        assert!(!fits(Some("10.0.0.1"), None), "no renewal day");
+        assert!(!fits(Some("10.0.0.1"), Some("soon")), "unreadable");
+        assert!(!fits(None, Some("2027-06-01")), "not issued here");
     }
 
     #[test]

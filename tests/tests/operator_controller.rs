@@ -119,6 +119,13 @@ async fn apply_places_shards_with_peers_then_serves() {
     assert!(tls_text(&tls, "tls.crt").starts_with("-----BEGIN CERTIFICATE-----"));
     assert!(tls_text(&tls, "tls.key").contains("PRIVATE KEY"));
     assert_eq!(tls_addresses(&tls), node_ips(&shards[0]));
+    let renew_after = tls.annotations().get("tandem.dev/tls-renew-after").cloned();
+    assert!(
+        renew_after
+            .as_ref()
+            .is_some_and(|d| d.len() == 10 && d.as_str() > "2026-"),
+        "{renew_after:?}"
+    );
     assert_eq!(st.observed_generation, Some(1));
     for t in ["Placed", "ShardsLoaded", "GroupFormed", "Ready"] {
         let c = condition(&st, t).unwrap_or_else(|| panic!("{t}"));
