@@ -47,6 +47,9 @@ enum Command {
     /// Download a model into a directory (Hugging Face cache layout),
     /// verified, the way the agent does for a shard; prints its directory.
     Download(tandem_agent::agent::models::DownloadArgs),
+    /// Print firewall rules (nftables or pf) that open the MLX ring ports
+    /// of the ranks running on this node to their groups' peers only.
+    FirewallRules(tandem_agent::agent::firewall::FirewallArgs),
     /// Run one rank of a shard (started by `run`; reads its launch message
     /// from stdin, reports events on stdout).
     #[command(hide = true)]
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             init_logging();
             runtime()?.block_on(tandem_agent::agent::local::serve(args))
         }
+        Command::FirewallRules(args) => tandem_agent::agent::firewall::main(args),
         Command::Download(args) => {
             init_logging();
             let dir = runtime()?.block_on(tandem_agent::agent::models::download_command(args))?;

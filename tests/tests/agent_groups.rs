@@ -89,6 +89,32 @@ async fn form_and_serve(world: usize) -> anyhow::Result<()> {
         metrics.contains("tandem_generated_tokens_total"),
         "{metrics}"
     );
+
+    // Each agent's firewall rules open its rank's ring port, on the ring
+    // address only, to the group's hosts and drop the rest.
+    for (rank, agent) in agents.iter().enumerate() {
+        let out = std::process::Command::new(agent_binary())
+            .args(["firewall-rules", "--format", "nft", "--state-dir"])
+            .arg(&agent.state_dir)
+            .output()?;
+        let rules = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = group.ring_ports[rank];
+        assert!(
+            rules.contains(&format!(
+                "# {}/{} epoch 1 rank {rank}",
+                ns.name(),
+                group.shard_name(rank)
+            )) && rules.contains(&format!(
+                "ip daddr 127.0.0.1 tcp dport {port} ip saddr {{ 127.0.0.1 }} accept"
+            )) && rules.contains(&format!("ip daddr 127.0.0.1 tcp dport {port} drop")),
+            "{rules}"
+        );
+    }
     Ok(())
 }
 

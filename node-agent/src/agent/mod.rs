@@ -15,6 +15,7 @@
 //! marks the node not Ready before it exits.
 
 pub mod config;
+pub mod firewall;
 pub mod hardware;
 pub mod local;
 pub mod metrics;

@@ -42,6 +42,7 @@ use tandem_crds::{Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKe
 use tokio::sync::{mpsc, watch};
 
 use super::config::AgentConfig;
+use super::firewall;
 use super::hardware::ComputeBackend;
 use super::metrics::AgentMetrics;
 use super::models::{self, Download};
@@ -1017,6 +1018,22 @@ async fn attempt(
             }
         };
     ctx.metrics.worker_started();
+    // What `tandem-agent firewall-rules` opens this rank's ring port to,
+    // for as long as its worker runs.
+    let ring_peers = (spec.backend == Backend::Ring).then(|| {
+        firewall::write(
+            &dir,
+            &firewall::RingPeers {
+                shard: format!("{namespace}/{name}"),
+                epoch: spec.epoch,
+                rank: spec.rank,
+                addresses: addresses.clone(),
+            },
+        )
+    });
+    if let Some(Err(e)) = &ring_peers {
+        tracing::warn!(shard = %name, error = %e, "cannot write the ring's firewall facts");
+    }
     tracked
         .phase(
             ShardPhase::Pending,
@@ -1033,6 +1050,9 @@ async fn attempt(
     let result = supervise(tracked, &mut worker, events, stop, updates).await;
     ctx.metrics.worker_stopped();
     drop(gpu);
+    if let Some(Ok(path)) = ring_peers {
+        let _ = std::fs::remove_file(path);
+    }
     result
 }
 
