@@ -16,11 +16,13 @@
 
 mod common;
 mod deployment;
+mod names;
 mod node;
 mod shard;
 
 pub use common::*;
 pub use deployment::*;
+pub use names::*;
 pub use node::*;
 pub use shard::*;
 

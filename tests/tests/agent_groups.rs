@@ -127,3 +127,32 @@ async fn a_group_of_two_forms_and_serves() -> anyhow::Result<()> {
 async fn a_group_of_four_forms_and_serves() -> anyhow::Result<()> {
     form_and_serve(4).await
 }
+
+/// A Mac's full host name can be longer than a label value (63
+/// characters): the operator shortens it with a hash in the shard's
+/// `tandem.dev/node` label, and the agent must select its shards by that
+/// same value, not by its raw name (which the API server refuses as a
+/// selector).
+#[tokio::test]
+async fn an_agent_whose_node_name_is_longer_than_a_label_value_runs_its_shard() -> anyhow::Result<()>
+{
+    let cluster = cluster();
+    let admin = admin(cluster).await;
+    let ns = TestNamespace::new(cluster, "agent-long-name").await?;
+    let name = format!(
+        "mac-studio-of-the-inference-team.{}",
+        unique_name("lab-building-2.corp.example")
+    );
+    assert!(name.len() > 63, "{name}");
+    let agent = Agent::start(cluster, &name, AgentOptions::tiny_model());
+    let group = Group::new("long", 1, std::slice::from_ref(&agent.name));
+    group.create(&admin, ns.name(), "token-long").await?;
+    group.wait_ready(&admin, ns.name()).await?;
+    let done = post(
+        group.serving_port,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+    )?;
+    assert_eq!(done.status, 200, "{}", done.body);
+    Ok(())
+}

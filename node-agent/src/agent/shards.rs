@@ -38,7 +38,9 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tandem_crds::{Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef, ShardPhase};
+use tandem_crds::{
+    Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef, ShardPhase, label_value,
+};
 use tokio::sync::{mpsc, watch};
 
 use super::config::AgentConfig;
@@ -199,7 +201,8 @@ struct Runner {
 /// then stops every worker and releases every shard.
 pub async fn run(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let api: Api<LlamaShard> = Api::all(ctx.client.clone());
-    let selector = format!("{LABEL_NODE}={}", ctx.config.node_name);
+    // The operator shortens long node names into a valid label value.
+    let selector = format!("{LABEL_NODE}={}", label_value(&ctx.config.node_name));
     let mut events = watcher(api, watcher::Config::default().labels(&selector))
         .default_backoff()
         .boxed();

@@ -485,7 +485,7 @@ impl Group {
         shard.metadata.namespace = Some(namespace.to_owned());
         shard.metadata.labels = Some(BTreeMap::from([
             (LABEL_DEPLOYMENT.to_owned(), self.deployment.clone()),
-            (LABEL_NODE.to_owned(), self.nodes[rank].clone()),
+            (LABEL_NODE.to_owned(), label_value(&self.nodes[rank])),
             (LABEL_EPOCH.to_owned(), self.epoch.to_string()),
         ]));
         shard
