@@ -571,12 +571,9 @@ fn phase_name(phase: Option<ShardPhase>) -> String {
     phase.map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"))
 }
 
+/// At most four items, then how many more.
 fn short(items: &[String]) -> String {
-    let mut text: Vec<String> = items.iter().take(4).cloned().collect();
-    if items.len() > 4 {
-        text.push(format!("and {} more", items.len() - 4));
-    }
-    text.join("; ")
+    tandem_planner::text::short_list(items, 4)
 }
 
 /// ShardsLoaded, GroupFormed and Ready from progress, with the phase they imply.
