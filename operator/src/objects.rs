@@ -30,38 +30,7 @@ pub const LABEL_GROUP_TOKEN: &str = "tandem.dev/group-token";
 /// Revision loaded when the spec names none.
 pub const DEFAULT_REVISION: &str = "main";
 
-/// Longest object name (a DNS subdomain).
-const MAX_NAME: usize = 253;
-/// Longest label value.
-const MAX_LABEL_VALUE: usize = 63;
-
-/// 32-bit FNV-1a: a stable hash (unlike `std`'s) for shortening names.
-fn fnv1a(text: &str) -> u32 {
-    text.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
-/// `base + suffix`, or when that is longer than `max`, `base` cut short and
-/// followed by `-` and eight hex digits of its hash, then `suffix`. The cut
-/// never leaves a `-` or `.` before the hash, so the result stays a valid name.
-pub fn fit_name(base: &str, suffix: &str, max: usize) -> String {
-    if base.len() + suffix.len() <= max {
-        return format!("{base}{suffix}");
-    }
-    let hash = format!("{:08x}", fnv1a(base));
-    let keep = max.saturating_sub(suffix.len() + hash.len() + 1);
-    let cut: String = base.chars().take(keep).collect();
-    let cut = cut.trim_end_matches(['-', '.']);
-    format!("{cut}-{hash}{suffix}")
-}
-
-/// A name as a label value: unchanged when it has at most 63 characters,
-/// else shortened with a hash (see [`fit_name`]). Agents select their shards
-/// with `tandem.dev/node=<label_value(node name)>`.
-pub fn label_value(name: &str) -> String {
-    fit_name(name, "", MAX_LABEL_VALUE)
-}
+pub use tandem_crds::{MAX_NAME, fit_name, label_value};
 
 /// Name of rank `rank`'s shard in epoch `epoch`: `<deployment>-e<epoch>-r<rank>`.
 pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
@@ -70,7 +39,7 @@ pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
 
 /// Name of the deployment's group-token Secret: `<deployment>-group-token`.
 pub fn secret_name(deployment: &str) -> String {
-    fit_name(deployment, "-group-token", MAX_NAME)
+    tandem_crds::group_token_secret_name(deployment)
 }
 
 /// The controller owner reference children carry: garbage collection removes
