@@ -23,7 +23,8 @@ pub const LABEL_NODE_ACCESS: &str = "tandem.dev/node-access";
 /// Prefix of a node's ServiceAccount, in the release namespace.
 pub const NODE_SERVICE_ACCOUNT_PREFIX: &str = "tandem-node-";
 /// The chart's ClusterRole holding what every agent may do whatever its
-/// node: read LlamaShards (it selects its own by label).
+/// node: watch LlamaShards (it selects its own by label). The chart names it
+/// `<release>-agent`; this is its name for the release `tandem`.
 pub const AGENT_CLUSTER_ROLE: &str = "tandem-agent";
 /// Key under which a group-token Secret holds the token.
 pub const GROUP_TOKEN_KEY: &str = "token";
@@ -129,7 +130,8 @@ pub struct NodeIdentity {
     pub cluster_role: ClusterRole,
     /// Binds [`NodeIdentity::cluster_role`] to the node's ServiceAccount.
     pub cluster_role_binding: ClusterRoleBinding,
-    /// Binds the chart's [`AGENT_CLUSTER_ROLE`] to the node's ServiceAccount.
+    /// Binds the chart's agent ClusterRole (see [`AGENT_CLUSTER_ROLE`]) to
+    /// the node's ServiceAccount.
     pub agent_binding: ClusterRoleBinding,
     /// Update (never create) its own Lease, in the Lease namespace.
     pub lease_role: Role,
@@ -138,8 +140,14 @@ pub struct NodeIdentity {
 }
 
 /// The fixed rights of `node`, whose ServiceAccount lives in
-/// `identity_namespace` and whose Lease lives in `lease_namespace`.
-pub fn node_identity(node: &str, identity_namespace: &str, lease_namespace: &str) -> NodeIdentity {
+/// `identity_namespace` and whose Lease lives in `lease_namespace`, with the
+/// chart's agent ClusterRole `agent_cluster_role`.
+pub fn node_identity(
+    node: &str,
+    identity_namespace: &str,
+    lease_namespace: &str,
+    agent_cluster_role: &str,
+) -> NodeIdentity {
     let name = node_role_name(node);
     let meta = |namespace: Option<&str>| ObjectMeta {
         name: Some(name.clone()),
@@ -183,7 +191,7 @@ pub fn node_identity(node: &str, identity_namespace: &str, lease_namespace: &str
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
-            name: AGENT_CLUSTER_ROLE.into(),
+            name: agent_cluster_role.into(),
         },
         subjects: Some(vec![subject.clone()]),
     };
@@ -364,7 +372,12 @@ mod tests {
 
     #[test]
     fn the_fixed_rights_name_only_the_node_itself() {
-        let id = node_identity("mac-1", "tandem-system", "tandem-system");
+        let id = node_identity(
+            "mac-1",
+            "tandem-system",
+            "tandem-system",
+            AGENT_CLUSTER_ROLE,
+        );
         for rule in id.cluster_role.rules.iter().flatten() {
             assert_eq!(
                 rule.resource_names.as_deref(),

@@ -28,8 +28,8 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_crds::{
-    DEFAULT_LEASE_NAMESPACE, LABEL_NODE, LABEL_NODE_ACCESS, LlamaNode, LlamaNodeSpec, label_value,
-    node_identity, node_service_account,
+    AGENT_CLUSTER_ROLE, DEFAULT_LEASE_NAMESPACE, LABEL_NODE, LABEL_NODE_ACCESS, LlamaNode,
+    LlamaNodeSpec, label_value, node_identity, node_service_account,
 };
 
 /// Field manager of what `join` applies.
@@ -58,6 +58,9 @@ pub struct JoinArgs {
     /// the admin kubeconfig uses).
     #[arg(long)]
     pub server: Option<String>,
+    /// The chart's agent ClusterRole (`<release>-agent`), bound to the node.
+    #[arg(long, default_value = AGENT_CLUSTER_ROLE)]
+    pub agent_cluster_role: String,
     /// How long to wait for the token controller to issue the token.
     #[arg(long, default_value_t = 60)]
     pub timeout_seconds: u64,
@@ -157,7 +160,7 @@ pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let identity = node_identity(node, ns, ns);
+    let identity = node_identity(node, ns, ns, &args.agent_cluster_role);
     apply(
         &Api::<ClusterRole>::all(client.clone()),
         &identity.cluster_role,
