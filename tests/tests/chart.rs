@@ -49,10 +49,37 @@ fn helm_template_matches_the_snapshot() {
         "kind: Role",
         "kind: ServiceAccount",
         "kind: Service",
-        "type: kubernetes.io/service-account-token",
+        "kind: RoleBinding",
     ] {
         assert!(rendered.contains(kind), "chart renders {kind}");
     }
+    assert!(
+        !rendered.contains("kubernetes.io/service-account-token"),
+        "the chart makes no shared agent token"
+    );
+
+    // Installed for one namespace, the operator's Secret rights are a Role
+    // there; its ClusterRole only reads LlamaNodes.
+    let namespaced = cluster()
+        .helm_template(&["--set", "operator.watchNamespace=team-a"])
+        .unwrap();
+    let docs: Vec<&str> = namespaced.split("\n---\n").collect();
+    let cluster_role = docs
+        .iter()
+        .find(|d| d.contains("kind: ClusterRole\n") && d.contains("name: tandem-operator\n"))
+        .expect("the operator's ClusterRole");
+    assert!(
+        !cluster_role.contains("secrets") && cluster_role.contains("llamanodes"),
+        "{cluster_role}"
+    );
+    let role = docs
+        .iter()
+        .find(|d| d.contains("kind: Role\n") && d.contains("name: tandem-operator-watch\n"))
+        .expect("the operator's Role in the watched namespace");
+    assert!(
+        role.contains("namespace: team-a") && role.contains("secrets"),
+        "{role}"
+    );
     assert!(
         rendered.contains("TANDEM_LEADER_ELECT"),
         "operator runs with leader election"
