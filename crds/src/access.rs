@@ -28,6 +28,20 @@ pub const NODE_SERVICE_ACCOUNT_PREFIX: &str = "tandem-node-";
 pub const AGENT_CLUSTER_ROLE: &str = "tandem-agent";
 /// Key under which a group-token Secret holds the token.
 pub const GROUP_TOKEN_KEY: &str = "token";
+/// Key under which a group-token Secret holds [`api_key_digest`] of the
+/// deployment's API key, when it has one. Agents never read the API-key
+/// Secret itself: rank 0 checks the key clients present against this digest.
+pub const API_KEY_DIGEST_KEY: &str = "api-key-sha256";
+
+/// The lower-case hex SHA-256 of an API key, as stored under
+/// [`API_KEY_DIGEST_KEY`].
+pub fn api_key_digest(key: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, key.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Longest object name (a DNS subdomain).
 pub const MAX_NAME: usize = 253;
@@ -320,6 +334,14 @@ pub fn node_accesses<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_key_digests_are_sha256_in_hex() {
+        assert_eq!(
+            api_key_digest("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn names_stay_valid_and_apart() {

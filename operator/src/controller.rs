@@ -315,8 +315,10 @@ impl Context {
                 return Ok(());
             }
         }
+        let digest = self.api_key_digest(d).await?;
         self.may_write("Secret", &ns, &name)?;
-        let secret = objects::build_secret(d, owner, epoch, &objects::random_token());
+        let secret =
+            objects::build_secret(d, owner, epoch, &objects::random_token(), digest.as_deref());
         if existing.is_some() {
             api.patch(
                 &name,
@@ -338,6 +340,42 @@ impl Context {
         }
         self.ledger.record_token(&owner.uid, epoch, now);
         Ok(())
+    }
+
+    /// The digest of the deployment's API key, read from its
+    /// `spec.serving.apiKeySecretRef`; `None` without one. Agents never get
+    /// the key itself: it goes into the group-token Secret as this digest.
+    async fn api_key_digest(&self, d: &LlamaDeployment) -> Result<Option<String>, Error> {
+        let Some(reference) = d
+            .spec
+            .serving
+            .as_ref()
+            .and_then(|s| s.api_key_secret_ref.as_ref())
+        else {
+            return Ok(None);
+        };
+        let ns = d.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let secret = api.get(&reference.name).await.map_err(api_error(
+            "get",
+            "Secret",
+            &ns,
+            &reference.name,
+        ))?;
+        let key = reference.key.as_deref().unwrap_or(DEFAULT_API_KEY_KEY);
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|data| data.get(key))
+            .and_then(|v| std::str::from_utf8(&v.0).ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::MissingField {
+                kind: "Secret",
+                name: format!("{ns}/{}", reference.name),
+                field: "the API key (spec.serving.apiKeySecretRef.key, default api-key)",
+            })?;
+        Ok(Some(tandem_crds::api_key_digest(value)))
     }
 
     /// Keeps one Role and RoleBinding per node holding shards of `d` (see
@@ -437,6 +475,9 @@ impl Context {
         Ok(())
     }
 }
+
+/// Key of the API key in its Secret when `apiKeySecretRef.key` is not set.
+const DEFAULT_API_KEY_KEY: &str = "api-key";
 
 /// How often a deployment whose Secret name is taken looks again: the
 /// Secret in the way carries no label the operator watches.

@@ -126,7 +126,13 @@ async fn an_agent_may_touch_only_its_own_node_and_the_shards_placed_on_it() {
         .get("on-a-group-token")
         .await
         .expect("A reads the token of a deployment placed on it");
-    assert!(token.data.is_some_and(|d| d.contains_key("token")));
+    let data = token.data.unwrap_or_default();
+    assert!(data.contains_key("token"));
+    // Rank 0 checks API keys against their digest, never the key itself.
+    assert_eq!(
+        data.get(API_KEY_DIGEST_KEY).map(|v| v.0.clone()),
+        Some(api_key_digest("k").into_bytes())
+    );
     match a_secrets.get("on-a-tls").await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => {}

@@ -413,6 +413,9 @@ pub struct Group {
     pub token_secret: String,
     /// API key Secret, if any.
     pub api_key_secret: Option<String>,
+    /// The API key in it, whose digest goes into the group-token Secret as
+    /// the operator puts it there.
+    pub api_key: Option<String>,
     /// Context limit.
     pub max_context_tokens: u32,
     /// Batch limits written on every shard; `None` leaves them to the
@@ -436,6 +439,7 @@ impl Group {
             model: MODEL.to_owned(),
             token_secret: format!("{deployment}-group-token"),
             api_key_secret: None,
+            api_key: None,
             max_context_tokens: 512,
             batching: None,
         }
@@ -499,7 +503,11 @@ impl Group {
     /// Creates the token Secret, each node's rights to its shards and
     /// the Secret, and every shard, as the operator would.
     pub async fn create(&self, admin: &Client, namespace: &str, token: &str) -> anyhow::Result<()> {
-        create_secret(admin, namespace, &self.token_secret, "token", token).await?;
+        let mut data = vec![("token", token.to_owned())];
+        if let Some(key) = &self.api_key {
+            data.push((API_KEY_DIGEST_KEY, api_key_digest(key)));
+        }
+        create_secret_with(admin, namespace, &self.token_secret, &data).await?;
         self.grant(admin, namespace).await?;
         let api: Api<LlamaShard> = Api::namespaced(admin.clone(), namespace);
         for rank in 0..self.nodes.len() {
@@ -582,15 +590,26 @@ pub async fn create_secret(
     key: &str,
     value: &str,
 ) -> anyhow::Result<()> {
+    create_secret_with(admin, namespace, name, &[(key, value.to_owned())]).await
+}
+
+/// Creates a Secret with these keys.
+pub async fn create_secret_with(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    data: &[(&str, String)],
+) -> anyhow::Result<()> {
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             ..ObjectMeta::default()
         },
-        data: Some(BTreeMap::from([(
-            key.to_owned(),
-            ByteString(value.as_bytes().to_vec()),
-        )])),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
         ..Secret::default()
     };
     Api::<Secret>::namespaced(admin.clone(), namespace)
