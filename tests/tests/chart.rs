@@ -206,3 +206,45 @@ async fn a_joined_node_gets_a_kubeconfig_of_its_own_and_only_its_own_rights() {
     );
     c.forget_node(&name);
 }
+
+#[tokio::test]
+async fn joining_under_the_name_of_someone_elses_lease_is_refused() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    let c = cluster();
+    let name = unique_name("leader-like");
+    let leases: Api<Lease> =
+        Api::namespaced(c.client(Identity::Admin).await.unwrap(), SYSTEM_NAMESPACE);
+    let lease = Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("tandem-operator-7d9f".into()),
+            ..Default::default()
+        }),
+    };
+    leases
+        .create(&kube::api::PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let err = c
+        .join_node(&name, "127.0.0.1")
+        .expect_err("a node may not take over a Lease another holds");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains(&format!(
+            "Lease {SYSTEM_NAMESPACE}/{name} exists and is held by \"tandem-operator-7d9f\""
+        )),
+        "{message}"
+    );
+    let account = tandem_crds::node_service_account(&name);
+    let out = c
+        .kubectl(
+            Identity::Admin,
+            &["get", "serviceaccount", &account, "-n", SYSTEM_NAMESPACE],
+        )
+        .unwrap();
+    assert!(!out.status.success(), "no identity was made");
+    c.delete_leases(&[name]);
+}

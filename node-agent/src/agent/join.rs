@@ -123,6 +123,21 @@ pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
         (LABEL_NODE.to_owned(), label_value(node)),
     ]);
 
+    // A Lease of that name held by someone else (the operator's leader
+    // election Lease, say) must not become this node's to renew.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    if let Some(lease) = leases.get_opt(node).await? {
+        let holder = lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default();
+        if !holder.is_empty() && holder != *node {
+            bail!(
+                "Lease {ns}/{node} exists and is held by {holder:?}, not by a node of that name; \
+                 join this machine under another node name"
+            );
+        }
+    }
     apply(
         &Api::<ServiceAccount>::namespaced(client.clone(), ns),
         &ServiceAccount {
@@ -199,7 +214,7 @@ pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
     )
     .await?;
     create_absent(
-        &Api::<Lease>::namespaced(client.clone(), ns),
+        &leases,
         &Lease {
             metadata: ObjectMeta {
                 name: Some(node.clone()),
