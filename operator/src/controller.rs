@@ -1,10 +1,10 @@
 //! The kube-runtime `Controller` for LlamaDeployments and the I/O ends of the
 //! reconcile pipeline: observe (watch caches plus the [`Ledger`]), then the
-//! pure [`decide`] step, then apply (Secret, shards, deletions, one status
-//! write, Events).
+//! pure [`decide`] step, then apply (Secret, per-node Roles, shards,
+//! deletions, one status write, Events).
 //!
-//! Triggers: the deployments themselves; their shards (owner references);
-//! their group-token Secrets; LlamaNodes whose labels, spec, capacity or
+//! Triggers: the deployments themselves; their shards, group-token Secrets
+//! and per-node Roles (owner references); LlamaNodes whose labels, spec, capacity or
 //! Ready condition change; and node Leases whose liveness flips (see
 //! [`liveness`]). Reconcile waits until the watch caches have listed once,
 //! so a restarted operator never mistakes an empty cache for a missing group.
