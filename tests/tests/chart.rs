@@ -247,4 +247,16 @@ async fn joining_under_the_name_of_someone_elses_lease_is_refused() {
         .unwrap();
     assert!(!out.status.success(), "no identity was made");
     c.delete_leases(&[name]);
+
+    // Nor the operator's leader-election Lease, made or not yet made.
+    let err = c
+        .join_node("tandem-operator", "127.0.0.1")
+        .expect_err("no node may be named after the leader-election Lease");
+    assert!(
+        format!("{err:#}").contains(
+            "tandem-operator is the name of the operator's leader-election Lease; join this \
+             machine under another node name"
+        ),
+        "{err:#}"
+    );
 }

@@ -34,6 +34,9 @@ use tandem_crds::{
 
 /// Field manager of what `join` applies.
 const MANAGER: &str = "tandem-join";
+/// The operator's leader-election Lease as the chart names it, in the same
+/// namespace as node Leases.
+const LEADER_ELECTION_LEASE: &str = "tandem-operator";
 
 /// Arguments of `tandem-agent join`.
 #[derive(Debug, clap::Args)]
@@ -124,7 +127,15 @@ pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
     ]);
 
     // A Lease of that name held by someone else (the operator's leader
-    // election Lease, say) must not become this node's to renew.
+    // election Lease, say) must not become this node's to renew, nor may a
+    // node take the leader-election Lease's default name before the
+    // operator has made it.
+    if node == LEADER_ELECTION_LEASE {
+        bail!(
+            "{node} is the name of the operator's leader-election Lease; join this machine under \
+             another node name"
+        );
+    }
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     if let Some(lease) = leases.get_opt(node).await? {
         let holder = lease

@@ -500,14 +500,34 @@ impl Group {
         shard
     }
 
-    /// Creates the token Secret, each node's rights to its shards and
+    /// Writes the token Secret (a new epoch of the same deployment gets a
+    /// new token in the same Secret), each node's rights to its shards and
     /// the Secret, and every shard, as the operator would.
     pub async fn create(&self, admin: &Client, namespace: &str, token: &str) -> anyhow::Result<()> {
-        let mut data = vec![("token", token.to_owned())];
+        let mut data =
+            BTreeMap::from([("token".to_owned(), ByteString(token.as_bytes().to_vec()))]);
         if let Some(key) = &self.api_key {
-            data.push((API_KEY_DIGEST_KEY, api_key_digest(key)));
+            data.insert(
+                API_KEY_DIGEST_KEY.to_owned(),
+                ByteString(api_key_digest(key).into_bytes()),
+            );
         }
-        create_secret_with(admin, namespace, &self.token_secret, &data).await?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.token_secret.clone()),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            ..Secret::default()
+        };
+        Api::<Secret>::namespaced(admin.clone(), namespace)
+            .patch(
+                &self.token_secret,
+                &PatchParams::apply("tandem-tests").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .with_context(|| format!("applying Secret {}", self.token_secret))?;
         self.grant(admin, namespace).await?;
         let api: Api<LlamaShard> = Api::namespaced(admin.clone(), namespace);
         for rank in 0..self.nodes.len() {
@@ -590,26 +610,15 @@ pub async fn create_secret(
     key: &str,
     value: &str,
 ) -> anyhow::Result<()> {
-    create_secret_with(admin, namespace, name, &[(key, value.to_owned())]).await
-}
-
-/// Creates a Secret with these keys.
-pub async fn create_secret_with(
-    admin: &Client,
-    namespace: &str,
-    name: &str,
-    data: &[(&str, String)],
-) -> anyhow::Result<()> {
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             ..ObjectMeta::default()
         },
-        data: Some(
-            data.iter()
-                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
-                .collect(),
-        ),
+        data: Some(BTreeMap::from([(
+            key.to_owned(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
         ..Secret::default()
     };
     Api::<Secret>::namespaced(admin.clone(), namespace)
