@@ -8,6 +8,7 @@
 //! - `serve` serves a model from this machine as a local group (no
 //!   Kubernetes).
 //! - `download` fetches a model the way the agent does, ahead of time.
+//! - `join` gives a node its own identity in the cluster (run by an admin).
 //! - `run` is the node agent daemon; `worker` (hidden) is one rank worker,
 //!   started by `run`.
 
@@ -38,6 +39,9 @@ enum Command {
         #[arg(long, default_value = "ring")]
         backend: Backend,
     },
+    /// Give a node its own identity (ServiceAccount, rights to its own
+    /// LlamaNode and Lease) and write its agent's kubeconfig; run by an admin.
+    Join(tandem_agent::agent::join::JoinArgs),
     /// Run the node agent: register this node, keep its Lease, and run the
     /// LlamaShards assigned to it.
     Run(tandem_agent::agent::config::RunArgs),
@@ -61,6 +65,10 @@ fn main() -> anyhow::Result<()> {
         Command::MakeModel(args) => Ok(cli::make_model(args)?),
         Command::Generate(args) => Ok(cli::generate(args)?),
         Command::RingSelftest { backend } => ring_selftest(backend),
+        Command::Join(args) => {
+            init_logging();
+            runtime()?.block_on(tandem_agent::agent::join::join(args))
+        }
         Command::Run(args) => {
             init_logging();
             runtime()?.block_on(tandem_agent::agent::run(args))?;

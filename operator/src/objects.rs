@@ -39,7 +39,7 @@ pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
 
 /// Name of the deployment's group-token Secret: `<deployment>-group-token`.
 pub fn secret_name(deployment: &str) -> String {
-    fit_name(deployment, "-group-token", MAX_NAME)
+    tandem_crds::group_token_secret_name(deployment)
 }
 
 /// The controller owner reference children carry: garbage collection removes
@@ -145,15 +145,25 @@ pub fn build_shards(
         .collect()
 }
 
-/// The group-token Secret for `epoch`, holding `token`. A new epoch gets a new
-/// token, so that ranks of an older group cannot join the new one.
+/// The group-token Secret for `epoch`, holding `token`, and the digest of
+/// the deployment's API key when it has one (rank 0 checks keys against it;
+/// agents never read the API-key Secret). A new epoch gets a new token, so
+/// that ranks of an older group cannot join the new one.
 pub fn build_secret(
     d: &LlamaDeployment,
     owner: &OwnerReference,
     epoch: i64,
     token: &str,
+    api_key_digest: Option<&str>,
 ) -> Secret {
     let name = d.name_any();
+    let mut data = BTreeMap::from([(TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))]);
+    if let Some(digest) = api_key_digest {
+        data.insert(
+            tandem_crds::API_KEY_DIGEST_KEY.to_owned(),
+            ByteString(digest.as_bytes().to_vec()),
+        );
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(secret_name(&name)),
@@ -170,7 +180,7 @@ pub fn build_secret(
             ..Default::default()
         },
         type_: Some("Opaque".to_owned()),
-        data: Some([(TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))].into()),
+        data: Some(data),
         ..Default::default()
     }
 }
@@ -293,7 +303,7 @@ mod tests {
     fn secret_holds_the_token_and_its_epoch() {
         let d = deployment("llama", MODEL_1B, 2);
         let owner = owner_reference(&d).expect("uid");
-        let s = build_secret(&d, &owner, 7, "abc");
+        let s = build_secret(&d, &owner, 7, "abc", None);
         assert_eq!(s.name_any(), "llama-group-token");
         assert_eq!(secret_epoch(&s), Some(7));
         assert_eq!(
@@ -301,8 +311,24 @@ mod tests {
             Some(b"abc".to_vec())
         );
         assert_eq!(s.labels()[LABEL_GROUP_TOKEN], "true");
+        assert!(
+            !s.data
+                .as_ref()
+                .is_some_and(|m| m.contains_key(tandem_crds::API_KEY_DIGEST_KEY))
+        );
         let (a, b) = (random_token(), random_token());
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn secret_holds_the_api_keys_digest_never_the_key() {
+        let d = deployment("llama", MODEL_1B, 2);
+        let owner = owner_reference(&d).expect("uid");
+        let digest = tandem_crds::api_key_digest("sk-secret");
+        let s = build_secret(&d, &owner, 7, "abc", Some(&digest));
+        let data = s.data.unwrap_or_default();
+        assert_eq!(data[tandem_crds::API_KEY_DIGEST_KEY].0, digest.as_bytes());
+        assert!(data.values().all(|v| v.0 != b"sk-secret"));
     }
 }

@@ -39,7 +39,8 @@ use kube::runtime::watcher::{self, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tandem_crds::{
-    Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef, ShardPhase, label_value,
+    API_KEY_DIGEST_KEY, Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef,
+    ShardPhase, label_value,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -54,8 +55,6 @@ use crate::worker::protocol::{Event, FailureReason, Launch};
 
 /// Key of the group token when the reference names none.
 pub const DEFAULT_TOKEN_KEY: &str = "token";
-/// Key of the API key when the reference names none.
-pub const DEFAULT_API_KEY_KEY: &str = "api-key";
 /// How long a worker gets to stop after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A worker that stayed Ready this long resets the restart backoff.
@@ -956,9 +955,16 @@ async fn attempt(
         Ok(t) => t,
         Err(a) => return a,
     };
+    // Rank 0 of a deployment with an API key checks clients against the
+    // key's digest, which the operator keeps beside the group token; the
+    // API-key Secret itself is not readable by agents.
     let api_key = match (&spec.api_key_secret_ref, spec.rank) {
-        (Some(reference), 0) => {
-            match wait_secret(tracked, reference, DEFAULT_API_KEY_KEY, stop, updates).await {
+        (Some(_), 0) => {
+            let digest = SecretKeyRef {
+                name: spec.group_token_secret_ref.name.clone(),
+                key: Some(API_KEY_DIGEST_KEY.to_owned()),
+            };
+            match wait_secret(tracked, &digest, API_KEY_DIGEST_KEY, stop, updates).await {
                 Ok(k) => Some(k),
                 Err(a) => return a,
             }
@@ -983,7 +989,7 @@ async fn attempt(
         spec: spec.clone(),
         model_dir: model_dir.clone(),
         group_token: token,
-        api_key,
+        api_key_sha256: api_key,
         max_queue: ctx.config.max_queue,
         barrier_timeout_ms: u64::try_from(ctx.config.barrier_timeout.as_millis())
             .unwrap_or(u64::MAX),

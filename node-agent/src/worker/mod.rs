@@ -909,7 +909,7 @@ async fn lead(
         aliases: vec![spec.deployment.clone()],
         max_context_tokens: spec.max_context_tokens as usize,
         vocab_size: loaded.vocab_size,
-        api_key: launch.api_key.clone(),
+        api_key_sha256: launch.api_key_sha256.clone(),
         max_completion_tokens: usize::try_from(launch.batching.max_completion_tokens).ok(),
         limits: launch.api_limits,
     };
