@@ -32,7 +32,10 @@ environment:
 kubeconfigs written to $TANDEM_CLUSTER_DIR:
   admin.kubeconfig     system:masters
   operator.kubeconfig  the chart's operator ServiceAccount (tandem-system/tandem-operator)
-  agent.kubeconfig     the chart's agent ServiceAccount (tandem-system/tandem-agent)
+
+agents have no kubeconfig here: each joins as a node of its own with
+`tandem-agent join NODE --address IP --out FILE` (docs/macos.md), which the
+token controller below makes possible.
 EOF
 }
 
@@ -175,11 +178,11 @@ gen_tokens() {
   {
     echo "$(tok),admin,admin,system:masters"
     echo "$(tok),system:kube-controller-manager,kcm,system:masters"
-    # Static tokens whose user names are the chart's ServiceAccounts: RBAC
-    # matches ServiceAccount subjects by user name, so the chart's bindings
-    # govern these identities exactly as they would in a cluster.
+    # A static token whose user name is the chart's operator ServiceAccount:
+    # RBAC matches ServiceAccount subjects by user name, so the chart's
+    # bindings govern this identity exactly as they would in a cluster.
+    # Agents get real ServiceAccount tokens, one per node (tandem-agent join).
     echo "$(tok),system:serviceaccount:$ns:tandem-operator,tandem-operator,\"system:serviceaccounts,system:serviceaccounts:$ns,system:authenticated\""
-    echo "$(tok),system:serviceaccount:$ns:tandem-agent,tandem-agent,\"system:serviceaccounts,system:serviceaccounts:$ns,system:authenticated\""
   } >"$f.tmp"
   mv "$f.tmp" "$f"
   chmod 600 "$f"
@@ -260,8 +263,8 @@ start_controller_manager() {
   pid_alive controller-manager && return 0
   mkdir -p "$STATE/logs"
   # Only the controllers Tandem relies on: ownerReference cascades,
-  # namespace deletion, and the tokens of ServiceAccount token Secrets (the
-  # chart's off-cluster agent token). Nothing is served, so no port can collide.
+  # namespace deletion, and the tokens of ServiceAccount token Secrets (each
+  # node's identity, made by `tandem-agent join`). Nothing is served, so no port can collide.
   nohup "$BIN_DIR/kube-controller-manager" \
     --kubeconfig="$STATE/controller-manager.kubeconfig" \
     --controllers=garbagecollector,namespace,serviceaccount-token \
@@ -332,8 +335,6 @@ cmd_up() {
     "$(token_for system:kube-controller-manager)" "$APISERVER_PORT"
   write_kubeconfig "$STATE/operator.kubeconfig" "tandem-operator" \
     "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-operator")" "$APISERVER_PORT"
-  write_kubeconfig "$STATE/agent.kubeconfig" "tandem-agent" \
-    "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-agent")" "$APISERVER_PORT"
   log "starting kube-controller-manager (garbagecollector, namespace, serviceaccount-token)"
   start_controller_manager
   "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" get namespace "$SYSTEM_NAMESPACE" >/dev/null 2>&1 ||

@@ -91,7 +91,7 @@ kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
 "$HELM" upgrade --install tandem charts/tandem -n tandem-system --kubeconfig "$KUBECONFIG" >/dev/null
 note "API server: $(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
-note "chart installed: the operator and agents run as its ServiceAccounts"
+note "chart installed: the operator runs as its ServiceAccount; each agent joins as a node of its own"
 
 bold "starting the operator (identity: tandem-system/tandem-operator)"
 "$OPERATOR" --kubeconfig "$TANDEM_CLUSTER_DIR/operator.kubeconfig" \
@@ -103,10 +103,20 @@ note "log: $DEMO/logs/operator.log"
 bold "the model: SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV heads), 4-bit"
 note "$MODELS/$MODEL_ID -> $(readlink "$MODELS/$MODEL_ID")"
 
+# One identity per node, as a user joins a Mac: `tandem-agent join` (with the
+# admin kubeconfig) makes tandem-system/tandem-node-NODE, allowed to update
+# only its own LlamaNode and Lease, and writes that node's kubeconfig.
+join_agent() {
+  local a=$1
+  "$AGENT" join "$a" --address 127.0.0.1 --namespace tandem-system \
+    --kubeconfig "$KUBECONFIG" --out "$DEMO/kubeconfig-$a" 2>>"$DEMO/logs/join.log" ||
+    fail "tandem-agent join $a failed; see $DEMO/logs/join.log"
+}
+
 start_agent() {
   local i=$1 a=${AGENTS[$1]}
   local first=$((47000 + i * 100))
-  "$AGENT" run --kubeconfig "$TANDEM_CLUSTER_DIR/agent.kubeconfig" \
+  "$AGENT" run --kubeconfig "$DEMO/kubeconfig-$a" \
     --node-name "$a" --advertise-address 127.0.0.1 \
     --label "demo.tandem.dev/family=${FAMILY[$i]}" \
     --model-dir "$MODELS" --offline \
@@ -118,7 +128,9 @@ start_agent() {
   disown  # the demo kills one on purpose; no "Killed" notice from bash
 }
 
-bold "starting 4 agents as 4 nodes (identity: tandem-system/tandem-agent)"
+bold "joining 4 nodes (identities: tandem-system/tandem-node-demo-a ... -d)"
+for a in "${AGENTS[@]}"; do join_agent "$a"; done
+bold "starting 4 agents as 4 nodes"
 for i in "${!AGENTS[@]}"; do start_agent "$i"; done
 deadline=$((SECONDS + 60))
 until [ "$(kubectl get lnode -l demo.tandem.dev/family -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null | grep -c True)" -ge 4 ]; do

@@ -14,13 +14,17 @@
 // which clippy's `duplicated_attributes` takes for a repeated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+mod access;
 mod common;
 mod deployment;
+mod names;
 mod node;
 mod shard;
 
+pub use access::*;
 pub use common::*;
 pub use deployment::*;
+pub use names::*;
 pub use node::*;
 pub use shard::*;
 

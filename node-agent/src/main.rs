@@ -8,6 +8,7 @@
 //! - `serve` serves a model from this machine as a local group (no
 //!   Kubernetes).
 //! - `download` fetches a model the way the agent does, ahead of time.
+//! - `join` gives a node its own identity in the cluster (run by an admin).
 //! - `run` is the node agent daemon; `worker` (hidden) is one rank worker,
 //!   started by `run`.
 
@@ -38,6 +39,9 @@ enum Command {
         #[arg(long, default_value = "ring")]
         backend: Backend,
     },
+    /// Give a node its own identity (ServiceAccount, rights to its own
+    /// LlamaNode and Lease) and write its agent's kubeconfig; run by an admin.
+    Join(tandem_agent::agent::join::JoinArgs),
     /// Run the node agent: register this node, keep its Lease, and run the
     /// LlamaShards assigned to it.
     Run(tandem_agent::agent::config::RunArgs),
@@ -47,6 +51,9 @@ enum Command {
     /// Download a model into a directory (Hugging Face cache layout),
     /// verified, the way the agent does for a shard; prints its directory.
     Download(tandem_agent::agent::models::DownloadArgs),
+    /// Print firewall rules (nftables or pf) that open the MLX ring ports
+    /// of the ranks running on this node to their groups' peers only.
+    FirewallRules(tandem_agent::agent::firewall::FirewallArgs),
     /// Run one rank of a shard (started by `run`; reads its launch message
     /// from stdin, reports events on stdout).
     #[command(hide = true)]
@@ -58,6 +65,10 @@ fn main() -> anyhow::Result<()> {
         Command::MakeModel(args) => Ok(cli::make_model(args)?),
         Command::Generate(args) => Ok(cli::generate(args)?),
         Command::RingSelftest { backend } => ring_selftest(backend),
+        Command::Join(args) => {
+            init_logging();
+            runtime()?.block_on(tandem_agent::agent::join::join(args))
+        }
         Command::Run(args) => {
             init_logging();
             runtime()?.block_on(tandem_agent::agent::run(args))?;
@@ -67,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             init_logging();
             runtime()?.block_on(tandem_agent::agent::local::serve(args))
         }
+        Command::FirewallRules(args) => tandem_agent::agent::firewall::main(args),
         Command::Download(args) => {
             init_logging();
             let dir = runtime()?.block_on(tandem_agent::agent::models::download_command(args))?;

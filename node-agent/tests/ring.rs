@@ -28,6 +28,76 @@ fn four_ranks_sum_over_the_ring() {
     check_world(4);
 }
 
+/// A rank listens for its peers on its own hostfile address (the node's
+/// advertised address, in a real group) and on no other interface: the ring
+/// has no authentication, so it must not be reachable from every network
+/// the machine is on (docs/agent.md, "The ring network").
+#[test]
+fn a_rank_listens_on_its_own_ring_address_only() {
+    let _turn = ONE_GROUP_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = scratch_dir(0);
+    let hostfile = dir.join("hostfile.json");
+    let ports = free_ports(2);
+    // Rank 1 never comes, so rank 0 keeps listening while the test looks.
+    let hosts = vec![
+        vec![format!("127.0.0.1:{}", ports[0])],
+        vec![format!("127.0.0.2:{}", ports[1])],
+    ];
+    std::fs::write(&hostfile, serde_json::to_vec(&hosts).expect("json")).expect("hostfile");
+    let mut rank = Rank::start(0, &hostfile);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listening = loop {
+        let found = listeners(ports[0]);
+        if !found.is_empty() || Instant::now() > deadline {
+            break found;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let _ = rank.child.kill();
+    let _ = rank.child.wait();
+    assert_eq!(
+        listening,
+        vec!["127.0.0.1".to_owned()],
+        "rank 0's ring listeners"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The local addresses with a listening TCP socket on `port`, from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (`0.0.0.0` or `::` for every
+/// interface).
+fn listeners(port: u16) -> Vec<String> {
+    let mut found = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let Some((ip, p)) = local.split_once(':') else {
+                continue;
+            };
+            if *state != "0A" || u16::from_str_radix(p, 16).ok() != Some(port) {
+                continue;
+            }
+            found.push(if v6 {
+                if ip.chars().all(|c| c == '0') {
+                    "::".into()
+                } else {
+                    ip.to_owned()
+                }
+            } else {
+                let n = u32::from_str_radix(ip, 16).unwrap_or(0);
+                std::net::Ipv4Addr::from(n.to_le_bytes()).to_string()
+            });
+        }
+    }
+    found
+}
+
 fn check_world(world: usize) {
     let _turn = ONE_GROUP_AT_A_TIME
         .lock()

@@ -9,6 +9,9 @@
 //! - A rank stopped with SIGSTOP mid-generation: the streaming client gets
 //!   an error naming the stall within the watchdog's bound, and the group
 //!   goes down saying why, instead of hanging.
+//! - Limits whose KV cache the memory cannot hold: the group fails at load
+//!   with `OutOfMemory` and what would fit, instead of the request that
+//!   fills the cache failing mid-step.
 
 mod engine_support;
 
@@ -18,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use engine_support::serve::Serve;
-use engine_support::{model, tied_spec};
+use engine_support::{agent, model, scratch, tied_spec};
 use serde_json::{Value, json};
 use tandem_agent::engine::make_model::WeightFormat;
 
@@ -295,4 +298,31 @@ fn a_stopped_rank_fails_the_stream_within_the_watchdog_bound() {
     assert!(!exited.success());
     let logs = serve.logs();
     assert!(logs.contains("GroupStalled"), "{logs}");
+}
+
+#[test]
+fn limits_the_memory_cannot_hold_fail_at_load_saying_what_fits() {
+    let dir = model("guards-oom-q4", &tied_spec(WeightFormat::Quantized(4)), 1);
+    let state = scratch("guards-oom-state");
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("a private state directory");
+    let port = tandem_agent::engine::launch::free_ports(1).expect("a port")[0];
+    // Four billion positions of KV: no machine holds that.
+    let out = Command::new(agent())
+        .args(["serve", "--world-size", "1", "--port", &port.to_string()])
+        .arg("--model")
+        .arg(&dir)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--max-batch-tokens", "4000000000"])
+        .output()
+        .expect("run serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rank 0 failed (OutOfMemory): serving within the deployment's limits")
+            && stderr.contains("the KV cache for 4000000000 positions")
+            && stderr.contains("positions fit beside the prefix cache"),
+        "{stderr}"
+    );
 }

@@ -1,10 +1,10 @@
 //! The kube-runtime `Controller` for LlamaDeployments and the I/O ends of the
 //! reconcile pipeline: observe (watch caches plus the [`Ledger`]), then the
-//! pure [`decide`] step, then apply (Secret, shards, deletions, one status
-//! write, Events).
+//! pure [`decide`] step, then apply (Secret, per-node Roles, shards,
+//! deletions, one status write, Events).
 //!
-//! Triggers: the deployments themselves; their shards (owner references);
-//! their group-token Secrets; LlamaNodes whose labels, spec, capacity or
+//! Triggers: the deployments themselves; their shards, group-token Secrets
+//! and per-node Roles (owner references); LlamaNodes whose labels, spec, capacity or
 //! Ready condition change; and node Leases whose liveness flips (see
 //! [`liveness`]). Reconcile waits until the watch caches have listed once,
 //! so a restarted operator never mistakes an empty cache for a missing group.
@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, future};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::jiff::tz::TimeZone;
-use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -27,7 +28,10 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tandem_crds::{Backend, LlamaDeployment, LlamaDeploymentStatus, LlamaNode, LlamaShard};
+use tandem_crds::{
+    Backend, LABEL_NODE_ACCESS, LlamaDeployment, LlamaDeploymentStatus, LlamaNode, LlamaShard,
+    NodeAccess, node_accesses,
+};
 use tandem_planner::{NodeInfo, PortRange};
 use tokio::sync::{mpsc, watch};
 
@@ -88,7 +92,9 @@ pub struct Context {
     /// this process, its renewal day and when, by deployment uid: for a
     /// minute the cache may not show the write yet.
     tls_issued: Mutex<HashMap<String, (String, String, Instant)>>,
-    /// Turns true once the shard, node, Lease and Secret caches have listed.
+    /// The per-node Roles the operator keeps (label `tandem.dev/node-access`).
+    node_roles: Store<Role>,
+    /// Turns true once the shard, node, Lease, Secret and Role caches have listed.
     caches_ready: watch::Receiver<bool>,
     /// Consecutive failures per deployment, for error backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -272,6 +278,12 @@ impl Context {
     /// Makes the group-token Secret hold a token of `epoch`, minting a new
     /// token when it is missing or belongs to another epoch. What it holds is
     /// known from this process's own writes, else from the Secret cache.
+    ///
+    /// The cache holds only Secrets with the group-token label, so before
+    /// writing, the real object is read: a Secret of that name the
+    /// deployment does not own is never written ([`Error::ForeignSecret`]),
+    /// and a missing one is created, never applied over, so one made in
+    /// between is not adopted either.
     async fn ensure_token(
         &self,
         d: &LlamaDeployment,
@@ -284,27 +296,57 @@ impl Context {
         if self.ledger.token_written(&owner.uid, epoch, now) {
             return Ok(());
         }
+        let owned = |s: &PartialObjectMeta<Secret>| {
+            s.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == owner.uid)
+        };
         let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
-        if let Some(s) = cached {
-            if !s.owner_references().iter().any(|o| o.uid == owner.uid) {
+        if let Some(s) = &cached
+            && owned(s)
+            && objects::secret_epoch(s.as_ref()) == Some(epoch)
+        {
+            return Ok(());
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let existing = api
+            .get_metadata_opt(&name)
+            .await
+            .map_err(api_error("get", "Secret", &ns, &name))?;
+        if let Some(s) = &existing {
+            if !owned(s) {
                 return Err(Error::ForeignSecret {
                     name: format!("{ns}/{name}"),
                 });
             }
-            if objects::secret_epoch(s.as_ref()) == Some(epoch) {
+            if objects::secret_epoch(s) == Some(epoch) {
+                self.ledger.record_token(&owner.uid, epoch, now);
                 return Ok(());
             }
         }
+        let digest = self.api_key_digest(d).await?;
         self.may_write("Secret", &ns, &name)?;
-        let secret = objects::build_secret(d, owner, epoch, &objects::random_token());
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .map_err(api_error("apply", "Secret", &ns, &name))?;
+        let secret =
+            objects::build_secret(d, owner, epoch, &objects::random_token(), digest.as_deref());
+        if existing.is_some() {
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(api_error("apply", "Secret", &ns, &name))?;
+        } else {
+            api.create(
+                &PostParams {
+                    field_manager: Some(MANAGER.to_owned()),
+                    ..PostParams::default()
+                },
+                &secret,
+            )
+            .await
+            .map_err(api_error("create", "Secret", &ns, &name))?;
+        }
         self.ledger.record_token(&owner.uid, epoch, now);
         Ok(())
     }
@@ -335,14 +377,35 @@ impl Context {
         {
             return Ok(());
         }
+        let owned = |s: &PartialObjectMeta<Secret>| {
+            s.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == owner.uid)
+        };
         let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
-        if let Some(s) = cached {
-            if !s.owner_references().iter().any(|o| o.uid == owner.uid) {
+        if let Some(s) = &cached
+            && owned(s)
+        {
+            let (issued, renewal) = objects::tls_annotations(s.as_ref());
+            if tls::still_fits(issued, renewal, &wanted, today) {
+                return Ok(());
+            }
+        }
+        // As for the token: the real object decides, never the labelled
+        // cache, so a Secret of that name the deployment does not own is
+        // left alone.
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let existing = api
+            .get_metadata_opt(&name)
+            .await
+            .map_err(api_error("get", "Secret", &ns, &name))?;
+        if let Some(s) = &existing {
+            if !owned(s) {
                 return Err(Error::ForeignSecret {
                     name: format!("{ns}/{name}"),
                 });
             }
-            let (issued, renewal) = objects::tls_annotations(s.as_ref());
+            let (issued, renewal) = objects::tls_annotations(s);
             if tls::still_fits(issued, renewal, &wanted, today) {
                 return Ok(());
             }
@@ -364,19 +427,147 @@ impl Context {
             &renewal,
             tls::secret_data(&issued, self.config.ca.cert_pem()),
         );
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .map_err(api_error("apply", "Secret", &ns, &name))?;
+        if existing.is_some() {
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(api_error("apply", "Secret", &ns, &name))?;
+        } else {
+            api.create(
+                &PostParams {
+                    field_manager: Some(MANAGER.to_owned()),
+                    ..PostParams::default()
+                },
+                &secret,
+            )
+            .await
+            .map_err(api_error("create", "Secret", &ns, &name))?;
+        }
         tracing::info!(secret = %format!("{ns}/{name}"), addresses = %wanted, renew_after = %renewal, "issued a serving certificate");
         self.tls_issued
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(owner.uid.clone(), (wanted, renewal, Instant::now()));
+        Ok(())
+    }
+
+    /// The digest of the deployment's API key, read from its
+    /// `spec.serving.apiKeySecretRef`; `None` without one. Agents never get
+    /// the key itself: it goes into the group-token Secret as this digest.
+    async fn api_key_digest(&self, d: &LlamaDeployment) -> Result<Option<String>, Error> {
+        let Some(reference) = d
+            .spec
+            .serving
+            .as_ref()
+            .and_then(|s| s.api_key_secret_ref.as_ref())
+        else {
+            return Ok(None);
+        };
+        let ns = d.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let secret = api.get(&reference.name).await.map_err(api_error(
+            "get",
+            "Secret",
+            &ns,
+            &reference.name,
+        ))?;
+        let key = reference.key.as_deref().unwrap_or(DEFAULT_API_KEY_KEY);
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|data| data.get(key))
+            .and_then(|v| std::str::from_utf8(&v.0).ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::MissingField {
+                kind: "Secret",
+                name: format!("{ns}/{}", reference.name),
+                field: "the API key (spec.serving.apiKeySecretRef.key, default api-key)",
+            })?;
+        Ok(Some(tandem_crds::api_key_digest(value)))
+    }
+
+    /// Keeps one Role and RoleBinding per node holding shards of `d` (see
+    /// [`tandem_crds::NodeAccess`]): exactly those shards' status and the
+    /// deployment's token and TLS Secrets, for that node's identity. Roles
+    /// of nodes that no longer hold a shard of `d` are deleted.
+    async fn ensure_node_access(
+        &self,
+        d: &LlamaDeployment,
+        owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+        placed: &[(String, String)],
+    ) -> Result<(), Error> {
+        let ns = d.namespace().unwrap_or_default();
+        let deployment = d.name_any();
+        let own_tls = d.spec.tls_user_secret().map(str::to_owned);
+        let wanted: Vec<_> = node_accesses(
+            &ns,
+            &deployment,
+            placed.iter().map(|(s, n)| (s.as_str(), n.as_str())),
+        )
+        .into_iter()
+        .map(|access| NodeAccess {
+            tls_secret: own_tls.clone(),
+            ..access
+        })
+        .collect();
+        let roles: Api<Role> = Api::namespaced(self.client.clone(), &ns);
+        let bindings: Api<RoleBinding> = Api::namespaced(self.client.clone(), &ns);
+        let params = PatchParams::apply(MANAGER).force();
+        let identity_ns = &self.config.lease_namespace;
+        let mut keep = BTreeSet::new();
+        for access in &wanted {
+            let role = access.role(Some(owner));
+            let name = role.name_any();
+            keep.insert(name.clone());
+            let cached = self.node_roles.get(&ObjectRef::new(&name).within(&ns));
+            if cached.is_some_and(|c| c.rules == role.rules) {
+                continue;
+            }
+            self.may_write("Role", &ns, &name)?;
+            // The binding first would be harmless too; the Role first keeps
+            // the binding from ever pointing at nothing.
+            roles
+                .patch(&name, &params, &Patch::Apply(&role))
+                .await
+                .map_err(api_error("apply", "Role", &ns, &name))?;
+            let binding = access.role_binding(identity_ns, Some(owner));
+            bindings
+                .patch(&name, &params, &Patch::Apply(&binding))
+                .await
+                .map_err(api_error("apply", "RoleBinding", &ns, &name))?;
+        }
+        let stale: Vec<String> = self
+            .node_roles
+            .state()
+            .iter()
+            .filter(|r| r.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|r| r.owner_references().iter().any(|o| o.uid == owner.uid))
+            .map(|r| r.name_any())
+            .filter(|name| !keep.contains(name))
+            .collect();
+        for name in stale {
+            self.may_write("Role deletion", &ns, &name)?;
+            for result in [
+                bindings
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                    .map(|_| ()),
+                roles
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                    .map(|_| ()),
+            ] {
+                match result {
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(api_error("delete", "Role", &ns, &name)(e)),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -402,6 +593,35 @@ impl Context {
         .await?;
         Ok(())
     }
+}
+
+/// Key of the API key in its Secret when `apiKeySecretRef.key` is not set.
+const DEFAULT_API_KEY_KEY: &str = "api-key";
+
+/// How often a deployment whose Secret name is taken looks again: the
+/// Secret in the way carries no label the operator watches.
+const SECRET_CONFLICT_RECHECK: Duration = Duration::from_secs(10);
+
+/// `(shard, node)` of every shard of the epoch `decided` settles on: the
+/// shards it writes, else the current epoch's existing ones, without those
+/// it deletes.
+fn placed_shards(own: &[&LlamaShard], decided: &decide::Outcome) -> Vec<(String, String)> {
+    if decided.token_epoch.is_none() {
+        return Vec::new();
+    }
+    if !decided.apply.is_empty() {
+        return decided
+            .apply
+            .iter()
+            .map(|s| (s.name_any(), s.spec.node_name.clone()))
+            .collect();
+    }
+    own.iter()
+        .filter(|s| s.spec.epoch == decided.status.epoch)
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .map(|s| (s.name_any(), s.spec.node_name.clone()))
+        .filter(|(name, _)| !decided.delete.contains(name))
+        .collect()
 }
 
 /// Cuts a note to the Events API's limit, on a character boundary.
@@ -452,7 +672,7 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         let nodes = ctx.node_view(&all, (&ns, &name), now);
         let mismatched = ctx.backend_mismatches(&all, (&ns, &name), d.spec.backend);
         let own: Vec<&LlamaShard> = own.iter().map(AsRef::as_ref).collect();
-        let outcome = decide::reconcile(
+        let decided = decide::reconcile(
             &ReconcileInput {
                 deployment: &d,
                 owner: &owner,
@@ -464,9 +684,11 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
             },
             &ctx.config.settings,
         );
-        ctx.ledger.record_written(&outcome.apply, Instant::now());
-        outcome
+        ctx.ledger.record_written(&decided.apply, Instant::now());
+        let placed = placed_shards(&own, &decided);
+        (decided, placed)
     };
+    let (outcome, placed) = outcome;
 
     // The certificate names the current epoch's nodes: those of the shards
     // this pass writes, else of the shards already there.
@@ -491,6 +713,10 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         if let Some(epoch) = outcome.token_epoch {
             ctx.ensure_token(&d, &owner, epoch).await?;
         }
+        // Each node's rights before its shards, so an agent that sees its
+        // shard can read the token; an agent that is faster than the RBAC
+        // cache retries (docs/agent.md).
+        ctx.ensure_node_access(&d, &owner, &placed).await?;
         if let Some(addresses) = &tls_addresses {
             ctx.ensure_tls(&d, &owner, addresses).await?;
         }
@@ -514,6 +740,16 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
     .await;
     if let Err(e) = written {
         ctx.ledger.forget_written(&outcome.apply);
+        if let Error::ForeignSecret { name: secret } = &e {
+            // Nothing of the epoch was written: say why on the deployment,
+            // and look again (the Secret is outside the watched set).
+            let (status, notices) = decide::secret_conflict(&d, &prior, secret, Timestamp::now());
+            ctx.write_status(&d, &prior, &status).await?;
+            ctx.metrics.set_phase(&uid, status.phase);
+            ctx.publish(&d, notices);
+            tracing::warn!(deployment = %format!("{ns}/{name}"), error = %e, "not placing");
+            return Ok(Action::requeue(SECRET_CONFLICT_RECHECK));
+        }
         return Err(e);
     }
     if let Some(cause) = &outcome.new_epoch {
@@ -706,6 +942,10 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let roles_api: Api<Role> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let nodes_api: Api<LlamaNode> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &config.lease_namespace);
 
@@ -729,6 +969,15 @@ pub async fn run(
     )
     .default_backoff()
     .reflect(token_writer)
+    .touched_objects();
+    let (role_store, role_writer) = reflector::store::<Role>();
+    let role_events = watcher(
+        roles_api,
+        watcher::Config::default().labels(&format!("{LABEL_NODE_ACCESS}=true")),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(role_writer)
     .touched_objects();
     let (lease_store, lease_writer) = reflector::store::<Lease>();
     let lease_watch = Arc::new(LeaseWatch::new(Timestamp::now()));
@@ -776,12 +1025,15 @@ pub async fn run(
     let readiness_task = {
         let watched = watched.clone();
         let tokens = token_store.clone();
+        let roles = role_store.clone();
         tokio::spawn(async move {
             let shards = watched.shards.wait_until_ready().await;
             let nodes = watched.nodes.wait_until_ready().await;
             let leases = watched.leases.wait_until_ready().await;
             let tokens = tokens.wait_until_ready().await;
-            if shards.is_ok() && nodes.is_ok() && leases.is_ok() && tokens.is_ok() {
+            let roles = roles.wait_until_ready().await;
+            if shards.is_ok() && nodes.is_ok() && leases.is_ok() && tokens.is_ok() && roles.is_ok()
+            {
                 tracing::info!("watch caches are filled");
                 let _ = ready_tx.send(true);
             }
@@ -829,6 +1081,7 @@ pub async fn run(
         lease_watch,
         token_secrets: token_store,
         tls_issued: Mutex::new(HashMap::new()),
+        node_roles: role_store,
         caches_ready,
         failures: Mutex::new(HashMap::new()),
         fence,
@@ -837,6 +1090,7 @@ pub async fn run(
     controller
         .owns_stream(shard_events)
         .owns_stream(token_events)
+        .owns_stream(role_events)
         .watches_stream(node_events, node_mapper)
         .reconcile_on(liveness_triggers)
         .graceful_shutdown_on(shutdown)

@@ -36,38 +36,7 @@ pub const ANNOTATION_TLS_RENEW_AFTER: &str = "tandem.dev/tls-renew-after";
 /// Revision loaded when the spec names none.
 pub const DEFAULT_REVISION: &str = "main";
 
-/// Longest object name (a DNS subdomain).
-const MAX_NAME: usize = 253;
-/// Longest label value.
-const MAX_LABEL_VALUE: usize = 63;
-
-/// 32-bit FNV-1a: a stable hash (unlike `std`'s) for shortening names.
-fn fnv1a(text: &str) -> u32 {
-    text.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
-/// `base + suffix`, or when that is longer than `max`, `base` cut short and
-/// followed by `-` and eight hex digits of its hash, then `suffix`. The cut
-/// never leaves a `-` or `.` before the hash, so the result stays a valid name.
-pub fn fit_name(base: &str, suffix: &str, max: usize) -> String {
-    if base.len() + suffix.len() <= max {
-        return format!("{base}{suffix}");
-    }
-    let hash = format!("{:08x}", fnv1a(base));
-    let keep = max.saturating_sub(suffix.len() + hash.len() + 1);
-    let cut: String = base.chars().take(keep).collect();
-    let cut = cut.trim_end_matches(['-', '.']);
-    format!("{cut}-{hash}{suffix}")
-}
-
-/// A name as a label value: unchanged when it has at most 63 characters,
-/// else shortened with a hash (see [`fit_name`]). Agents select their shards
-/// with `tandem.dev/node=<label_value(node name)>`.
-pub fn label_value(name: &str) -> String {
-    fit_name(name, "", MAX_LABEL_VALUE)
-}
+pub use tandem_crds::{MAX_NAME, fit_name, label_value};
 
 /// Name of rank `rank`'s shard in epoch `epoch`: `<deployment>-e<epoch>-r<rank>`.
 pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
@@ -76,12 +45,12 @@ pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
 
 /// Name of the deployment's group-token Secret: `<deployment>-group-token`.
 pub fn secret_name(deployment: &str) -> String {
-    fit_name(deployment, "-group-token", MAX_NAME)
+    tandem_crds::group_token_secret_name(deployment)
 }
 
 /// Name of the deployment's issued TLS Secret: `<deployment>-tls`.
 pub fn tls_secret_name(deployment: &str) -> String {
-    fit_name(deployment, "-tls", MAX_NAME)
+    tandem_crds::tls_secret_name(deployment)
 }
 
 /// The TLS Secret rank 0 serves with: the user's own (`spec.tls.secretName`)
@@ -202,15 +171,25 @@ pub fn build_shards(
         .collect()
 }
 
-/// The group-token Secret for `epoch`, holding `token`. A new epoch gets a new
-/// token, so that ranks of an older group cannot join the new one.
+/// The group-token Secret for `epoch`, holding `token`, and the digest of
+/// the deployment's API key when it has one (rank 0 checks keys against it;
+/// agents never read the API-key Secret). A new epoch gets a new token, so
+/// that ranks of an older group cannot join the new one.
 pub fn build_secret(
     d: &LlamaDeployment,
     owner: &OwnerReference,
     epoch: i64,
     token: &str,
+    api_key_digest: Option<&str>,
 ) -> Secret {
     let name = d.name_any();
+    let mut data = BTreeMap::from([(TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))]);
+    if let Some(digest) = api_key_digest {
+        data.insert(
+            tandem_crds::API_KEY_DIGEST_KEY.to_owned(),
+            ByteString(digest.as_bytes().to_vec()),
+        );
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(secret_name(&name)),
@@ -227,7 +206,7 @@ pub fn build_secret(
             ..Default::default()
         },
         type_: Some("Opaque".to_owned()),
-        data: Some([(TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))].into()),
+        data: Some(data),
         ..Default::default()
     }
 }
@@ -338,22 +317,6 @@ mod tests {
             shard_name(&long, 12, 7),
             shard_name(&format!("{long}x"), 12, 7)
         );
-        let label = label_value(&"n".repeat(70));
-        assert_eq!(label.len(), 63);
-        assert!(
-            label
-                .chars()
-                .last()
-                .is_some_and(|c| c.is_ascii_alphanumeric())
-        );
-        assert_eq!(label_value("node-1"), "node-1");
-        // A cut that would end in '-' or '.' is trimmed.
-        let dashy = format!("{}-{}", "a".repeat(53), "b".repeat(20));
-        assert!(
-            !label_value(&dashy).contains("--"),
-            "{}",
-            label_value(&dashy)
-        );
     }
 
     #[test]
@@ -418,7 +381,7 @@ mod tests {
     fn secret_holds_the_token_and_its_epoch() {
         let d = deployment("llama", MODEL_1B, 2);
         let owner = owner_reference(&d).expect("uid");
-        let s = build_secret(&d, &owner, 7, "abc");
+        let s = build_secret(&d, &owner, 7, "abc", None);
         assert_eq!(s.name_any(), "llama-group-token");
         assert_eq!(secret_epoch(&s), Some(7));
         assert_eq!(
@@ -426,8 +389,24 @@ mod tests {
             Some(b"abc".to_vec())
         );
         assert_eq!(s.labels()[LABEL_GROUP_TOKEN], "true");
+        assert!(
+            !s.data
+                .as_ref()
+                .is_some_and(|m| m.contains_key(tandem_crds::API_KEY_DIGEST_KEY))
+        );
         let (a, b) = (random_token(), random_token());
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn secret_holds_the_api_keys_digest_never_the_key() {
+        let d = deployment("llama", MODEL_1B, 2);
+        let owner = owner_reference(&d).expect("uid");
+        let digest = tandem_crds::api_key_digest("sk-secret");
+        let s = build_secret(&d, &owner, 7, "abc", Some(&digest));
+        let data = s.data.unwrap_or_default();
+        assert_eq!(data[tandem_crds::API_KEY_DIGEST_KEY].0, digest.as_bytes());
+        assert!(data.values().all(|v| v.0 != b"sk-secret"));
     }
 }

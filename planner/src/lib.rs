@@ -6,7 +6,9 @@
 //!   ([`valid_world_sizes`]) and the memory a rank needs ([`memory_per_rank`]).
 //! - [`catalog`]: the bundled mlx-community models and [`resolve_model`].
 //! - [`selector`]: Kubernetes label selectors over LlamaNode labels.
-//! - [`placement`]: [`plan_placement`], which picks a node and ports per rank.
+//! - [`text`]: wording shared by the planner's and the operator's messages.
+//! - [`placement`]: [`plan_placement`], which picks a node and ports per rank
+//!   (`assign`), and explains in words why none exists (`diagnose`).
 //! - [`error`]: [`PlanError`], whose [`reason`](PlanError::reason) is the
 //!   CamelCase reason the operator puts on conditions and Events.
 //!
@@ -18,6 +20,7 @@ pub mod error;
 pub mod model;
 pub mod placement;
 pub mod selector;
+pub mod text;
 
 pub use catalog::{CATALOG, CatalogEntry, lookup_model, resolve_model};
 pub use error::PlanError;

@@ -3,8 +3,9 @@
 //! [`cluster`] starts the local control plane (`dev/cluster.sh up`: etcd,
 //! kube-apiserver and kube-controller-manager built from source) once per
 //! test process, or reuses the one already running, then installs the CRDs
-//! and the Helm chart (`helm upgrade --install`), whose ServiceAccounts and
-//! RBAC are the operator's and agents' identities in every suite. [`TestNamespace`] gives each test a namespace of its
+//! and the Helm chart (`helm upgrade --install`), whose ServiceAccount and
+//! RBAC are the operator's identity in every suite; agents join as nodes of
+//! their own ([`Cluster::join_node`], `tandem-agent join`). [`TestNamespace`] gives each test a namespace of its
 //! own that is deleted when the test ends, passed or failed; namespaces left
 //! behind by a killed test process are swept the next time a run starts.
 //!
@@ -32,8 +33,6 @@ pub enum Identity {
     Admin,
     /// The chart's `tandem-operator` ServiceAccount, bound by the chart's RBAC.
     Operator,
-    /// The chart's `tandem-agent` ServiceAccount, bound by the chart's RBAC.
-    Agent,
 }
 
 impl Identity {
@@ -41,7 +40,6 @@ impl Identity {
         match self {
             Identity::Admin => "admin.kubeconfig",
             Identity::Operator => "operator.kubeconfig",
-            Identity::Agent => "agent.kubeconfig",
         }
     }
 }
@@ -210,6 +208,92 @@ impl Cluster {
         self.state_dir.join(identity.kubeconfig_file())
     }
 
+    /// Gives `node` its own identity the way a user joins a Mac:
+    /// `tandem-agent join NODE --address ADDRESS` as the admin. Returns the
+    /// path of the agent kubeconfig it wrote (one per node, reused by a
+    /// second join of the same node).
+    pub fn join_node(&self, node: &str, address: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.state_dir.join("nodes");
+        std::fs::create_dir_all(&dir)?;
+        let out = dir.join(format!("{node}.kubeconfig"));
+        let mut cmd = Command::new(workspace_binary("tandem-agent"));
+        cmd.args([
+            "join",
+            node,
+            "--address",
+            address,
+            "--namespace",
+            SYSTEM_NAMESPACE,
+        ])
+        .arg("--kubeconfig")
+        .arg(self.kubeconfig(Identity::Admin))
+        .arg("--out")
+        .arg(&out);
+        run_checked(&mut cmd, &format!("tandem-agent join {node}"))?;
+        Ok(out)
+    }
+
+    /// A client acting as `node`'s agent, joined first (see [`Cluster::join_node`]).
+    pub async fn node_client(&self, node: &str, address: &str) -> anyhow::Result<kube::Client> {
+        let path = self.join_node(node, address)?;
+        client_from(&path).await
+    }
+
+    /// Removes what [`Cluster::join_node`] made for `node` (its identity,
+    /// its rights, its LlamaNode and Lease), as the admin; for clean-up, so
+    /// errors are ignored.
+    pub fn forget_node(&self, node: &str) {
+        let account = tandem_crds::node_service_account(node);
+        let role = tandem_crds::node_role_name(node);
+        let agent_binding = tandem_crds::node_identity(
+            node,
+            SYSTEM_NAMESPACE,
+            SYSTEM_NAMESPACE,
+            tandem_crds::AGENT_CLUSTER_ROLE,
+        )
+        .agent_binding
+        .metadata
+        .name
+        .unwrap_or_default();
+        let token = format!("{account}-token");
+        let token_arg = format!("secret/{token}");
+        let account_arg = format!("serviceaccount/{account}");
+        let role_arg = format!("role/{role}");
+        let binding_arg = format!("rolebinding/{role}");
+        let lease_arg = format!("lease/{node}");
+        let _ = self.kubectl(
+            Identity::Admin,
+            &[
+                "delete",
+                "-n",
+                SYSTEM_NAMESPACE,
+                "--ignore-not-found",
+                "--wait=false",
+                &account_arg,
+                &token_arg,
+                &role_arg,
+                &binding_arg,
+                &lease_arg,
+            ],
+        );
+        let cluster_role_arg = format!("clusterrole/{role}");
+        let cluster_binding_arg = format!("clusterrolebinding/{role}");
+        let agent_binding_arg = format!("clusterrolebinding/{agent_binding}");
+        let node_arg = format!("llamanode/{node}");
+        let _ = self.kubectl(
+            Identity::Admin,
+            &[
+                "delete",
+                "--ignore-not-found",
+                "--wait=false",
+                &cluster_role_arg,
+                &cluster_binding_arg,
+                &agent_binding_arg,
+                &node_arg,
+            ],
+        );
+    }
+
     /// Directory with the kube-apiserver, kube-controller-manager and kubectl binaries.
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
@@ -222,12 +306,7 @@ impl Cluster {
 
     /// A client acting as `identity`.
     pub async fn client(&self, identity: Identity) -> anyhow::Result<kube::Client> {
-        let path = self.kubeconfig(identity);
-        let kubeconfig =
-            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(kube::Client::try_from(config)?)
+        client_from(&self.kubeconfig(identity)).await
     }
 
     /// A `kubectl` command acting as `identity`, not yet run.
@@ -357,6 +436,15 @@ impl Cluster {
         )?;
         Ok(())
     }
+}
+
+/// A client from the kubeconfig at `path`.
+pub async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
+    let kubeconfig =
+        Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// A namespace of a test's own, deleted (without waiting) when dropped, so

@@ -89,6 +89,32 @@ async fn form_and_serve(world: usize) -> anyhow::Result<()> {
         metrics.contains("tandem_generated_tokens_total"),
         "{metrics}"
     );
+
+    // Each agent's firewall rules open its rank's ring port, on the ring
+    // address only, to the group's hosts and drop the rest.
+    for (rank, agent) in agents.iter().enumerate() {
+        let out = std::process::Command::new(agent_binary())
+            .args(["firewall-rules", "--format", "nft", "--state-dir"])
+            .arg(&agent.state_dir)
+            .output()?;
+        let rules = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = group.ring_ports[rank];
+        assert!(
+            rules.contains(&format!(
+                "# {}/{} epoch 1 rank {rank}",
+                ns.name(),
+                group.shard_name(rank)
+            )) && rules.contains(&format!(
+                "ip daddr 127.0.0.1 tcp dport {port} ip saddr {{ 127.0.0.1 }} accept"
+            )) && rules.contains(&format!("ip daddr 127.0.0.1 tcp dport {port} drop")),
+            "{rules}"
+        );
+    }
     Ok(())
 }
 
@@ -100,4 +126,33 @@ async fn a_group_of_two_forms_and_serves() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_group_of_four_forms_and_serves() -> anyhow::Result<()> {
     form_and_serve(4).await
+}
+
+/// A Mac's full host name can be longer than a label value (63
+/// characters): the operator shortens it with a hash in the shard's
+/// `tandem.dev/node` label, and the agent must select its shards by that
+/// same value, not by its raw name (which the API server refuses as a
+/// selector).
+#[tokio::test]
+async fn an_agent_whose_node_name_is_longer_than_a_label_value_runs_its_shard() -> anyhow::Result<()>
+{
+    let cluster = cluster();
+    let admin = admin(cluster).await;
+    let ns = TestNamespace::new(cluster, "agent-long-name").await?;
+    let name = format!(
+        "mac-studio-of-the-inference-team.{}",
+        unique_name("lab-building-2.corp.example")
+    );
+    assert!(name.len() > 63, "{name}");
+    let agent = Agent::start(cluster, &name, AgentOptions::tiny_model());
+    let group = Group::new("long", 1, std::slice::from_ref(&agent.name));
+    group.create(&admin, ns.name(), "token-long").await?;
+    group.wait_ready(&admin, ns.name()).await?;
+    let done = post(
+        group.serving_port,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+    )?;
+    assert_eq!(done.status, 200, "{}", done.body);
+    Ok(())
 }

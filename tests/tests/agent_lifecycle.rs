@@ -293,8 +293,9 @@ async fn a_newer_epoch_replaces_the_stale_one() -> anyhow::Result<()> {
     first.wait_ready(&admin, ns.name()).await?;
     let old_workers = agent.workers();
 
-    let mut second = Group::new("llama", 2, std::slice::from_ref(&node_name));
-    second.token_secret = "llama-group-token-2".into();
+    // The same deployment's next epoch: a new token in the same Secret, the
+    // only one the node's Role names, as the operator does it.
+    let second = Group::new("llama", 2, std::slice::from_ref(&node_name));
     second.create(&admin, ns.name(), "epoch-2").await?;
     second.wait_ready(&admin, ns.name()).await?;
     let old = shard_status(&admin, ns.name(), &first.shard_name(0))

@@ -337,6 +337,7 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
     );
     let mut group = Group::new("errors", 1, std::slice::from_ref(&node_name));
     group.api_key_secret = Some("errors-api-key".into());
+    group.api_key = Some("sk-test-key".into());
     group.max_context_tokens = 4096;
     create_secret(
         &admin,

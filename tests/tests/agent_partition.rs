@@ -352,12 +352,12 @@ struct ApiBridge {
 
 impl ApiBridge {
     fn new(cluster: &Cluster, lab: &Lab) -> anyhow::Result<ApiBridge> {
-        let kubeconfig = std::fs::read_to_string(cluster.kubeconfig(Identity::Agent))?;
+        let kubeconfig = std::fs::read_to_string(cluster.kubeconfig(Identity::Admin))?;
         let port: u16 = kubeconfig
             .lines()
             .find_map(|l| l.trim().strip_prefix("server: https://127.0.0.1:"))
             .and_then(|p| p.trim().parse().ok())
-            .context("no https://127.0.0.1:PORT server in the agent's kubeconfig")?;
+            .context("no https://127.0.0.1:PORT server in the admin kubeconfig")?;
         let socket = scratch(&format!("api-bridge-{}", lab.netns)).join("api.sock");
         let listener = UnixListener::bind(&socket)?;
         // The test's side: each connection from the namespace becomes one to

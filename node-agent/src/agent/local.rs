@@ -211,7 +211,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
             if key.is_empty() {
                 bail!("{} is empty; it must hold the API key", path.display());
             }
-            Some(key)
+            Some(tandem_crds::api_key_digest(&key))
         }
         None => None,
     };
@@ -269,7 +269,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
             model_dir: args.model.clone(),
             group_token: token.clone(),
             tls: tls.clone(),
-            api_key: if rank == 0 { api_key.clone() } else { None },
+            api_key_sha256: if rank == 0 { api_key.clone() } else { None },
             max_queue: args.max_queue,
             barrier_timeout_ms: 120_000,
             hostfile: hostfile.clone(),

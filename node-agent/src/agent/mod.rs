@@ -7,6 +7,7 @@
 //! - [`supervisor`]: rank-worker child processes and their restarts.
 //! - [`models`]: finding models locally, downloading them from the hub.
 //! - [`metrics`]: the agent's metrics and health endpoints.
+//! - [`join`]: `tandem-agent join`, a node's own identity (run by an admin).
 //! - [`local`]: `tandem-agent serve`, the same workers as a local group
 //!   without Kubernetes.
 //!
@@ -15,7 +16,9 @@
 //! marks the node not Ready before it exits.
 
 pub mod config;
+pub mod firewall;
 pub mod hardware;
+pub mod join;
 pub mod local;
 pub mod metrics;
 pub mod models;

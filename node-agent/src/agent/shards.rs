@@ -39,12 +39,13 @@ use kube::runtime::watcher::{self, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tandem_crds::{
-    Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef, SecretRef, ShardPhase,
-    TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY,
+    API_KEY_DIGEST_KEY, Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef,
+    SecretRef, ShardPhase, TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY, label_value,
 };
 use tokio::sync::{mpsc, watch};
 
 use super::config::AgentConfig;
+use super::firewall;
 use super::hardware::ComputeBackend;
 use super::metrics::AgentMetrics;
 use super::models::{self, Download};
@@ -55,8 +56,6 @@ use crate::worker::protocol::{Event, FailureReason, Launch};
 
 /// Key of the group token when the reference names none.
 pub const DEFAULT_TOKEN_KEY: &str = "token";
-/// Key of the API key when the reference names none.
-pub const DEFAULT_API_KEY_KEY: &str = "api-key";
 /// How long a worker gets to stop after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A worker that stayed Ready this long resets the restart backoff.
@@ -202,7 +201,8 @@ struct Runner {
 /// then stops every worker and releases every shard.
 pub async fn run(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let api: Api<LlamaShard> = Api::all(ctx.client.clone());
-    let selector = format!("{LABEL_NODE}={}", ctx.config.node_name);
+    // The operator shortens long node names into a valid label value.
+    let selector = format!("{LABEL_NODE}={}", label_value(&ctx.config.node_name));
     let mut events = watcher(api, watcher::Config::default().labels(&selector))
         .default_backoff()
         .boxed();
@@ -987,9 +987,16 @@ async fn attempt(
         Ok(t) => t,
         Err(a) => return a,
     };
+    // Rank 0 of a deployment with an API key checks clients against the
+    // key's digest, which the operator keeps beside the group token; the
+    // API-key Secret itself is not readable by agents.
     let api_key = match (&spec.api_key_secret_ref, spec.rank) {
-        (Some(reference), 0) => {
-            match wait_secret(tracked, reference, DEFAULT_API_KEY_KEY, stop, updates).await {
+        (Some(_), 0) => {
+            let digest = SecretKeyRef {
+                name: spec.group_token_secret_ref.name.clone(),
+                key: Some(API_KEY_DIGEST_KEY.to_owned()),
+            };
+            match wait_secret(tracked, &digest, API_KEY_DIGEST_KEY, stop, updates).await {
                 Ok(k) => Some(k),
                 Err(a) => return a,
             }
@@ -1022,7 +1029,7 @@ async fn attempt(
         model_dir: model_dir.clone(),
         group_token: token,
         tls,
-        api_key,
+        api_key_sha256: api_key,
         max_queue: ctx.config.max_queue,
         barrier_timeout_ms: u64::try_from(ctx.config.barrier_timeout.as_millis())
             .unwrap_or(u64::MAX),
@@ -1060,6 +1067,22 @@ async fn attempt(
             }
         };
     ctx.metrics.worker_started();
+    // What `tandem-agent firewall-rules` opens this rank's ring port to,
+    // for as long as its worker runs.
+    let ring_peers = (spec.backend == Backend::Ring).then(|| {
+        firewall::write(
+            &dir,
+            &firewall::RingPeers {
+                shard: format!("{namespace}/{name}"),
+                epoch: spec.epoch,
+                rank: spec.rank,
+                addresses: addresses.clone(),
+            },
+        )
+    });
+    if let Some(Err(e)) = &ring_peers {
+        tracing::warn!(shard = %name, error = %e, "cannot write the ring's firewall facts");
+    }
     tracked
         .phase(
             ShardPhase::Pending,
@@ -1076,6 +1099,9 @@ async fn attempt(
     let result = supervise(tracked, &mut worker, events, stop, updates).await;
     ctx.metrics.worker_stopped();
     drop(gpu);
+    if let Some(Ok(path)) = ring_peers {
+        let _ = std::fs::remove_file(path);
+    }
     result
 }
 

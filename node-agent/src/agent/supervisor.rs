@@ -415,7 +415,7 @@ mod tests {
             model_dir: "/models/m".into(),
             group_token: "token".into(),
             tls: None,
-            api_key: None,
+            api_key_sha256: None,
             max_queue: 8,
             barrier_timeout_ms: 1000,
             hostfile: "/state/hostfile.json".into(),

@@ -126,18 +126,7 @@ pub struct GenerateArgs {
 pub fn make_model(args: MakeModelArgs) -> Result<()> {
     let mut spec = match &args.preset {
         Some(name) => make_model::preset(name)?,
-        None => ModelSpec {
-            layers: 4,
-            hidden: 256,
-            heads: 8,
-            kv_heads: 4,
-            head_dim: 32,
-            intermediate: 512,
-            vocab: 512,
-            tied: true,
-            format: WeightFormat::Quantized(4),
-            rope_factor: 32.0,
-        },
+        None => ModelSpec::tiny(),
     };
     let explicit_head_dim = args.head_dim;
     spec.layers = args.layers.unwrap_or(spec.layers);

@@ -11,6 +11,8 @@
 
 use std::path::Path;
 
+use minijinja::machinery::{Token, tokenize};
+use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Kwargs, Value as JinjaValue};
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value;
@@ -313,14 +315,16 @@ impl ChatTemplate {
         let fail = |e: JinjaError| EngineError::Template {
             message: describe(&e),
         };
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(fail)?;
         let mut env = Environment::new();
-        env.set_syntax(
-            minijinja::syntax::SyntaxConfig::builder()
-                .trim_blocks(true)
-                .lstrip_blocks(true)
-                .build()
-                .map_err(fail)?,
-        );
+        env.set_syntax(syntax.clone());
+        // Quadratic in a value's depth (each level indents all below it),
+        // and no chat template prints a value for people to read.
+        env.remove_filter("pprint");
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -330,8 +334,9 @@ impl ChatTemplate {
         );
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source)
+        env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(fail)?;
+        check_namespaces(&source, syntax).map_err(|message| EngineError::Template { message })?;
         Ok(ChatTemplate { env })
     }
 
@@ -376,6 +381,7 @@ impl ChatTemplate {
                 describe(&e)
             },
         };
+        let fuel = fuel.min(MAX_TEMPLATE_FUEL);
         // The environment is shared, compiled template included (its
         // parts are reference-counted); only the fuel is per render.
         let mut env = self.env.clone();
@@ -397,8 +403,121 @@ impl ChatTemplate {
             context.insert(k.clone(), v.clone());
         }
         let ctx = JinjaValue::from(minijinja::value::Serde(Value::Object(context)));
-        tmpl.render(ctx).map_err(fail)
+        // On a thread whose stack holds the deepest value this fuel can
+        // build: printing, comparing, serializing and dropping a value
+        // recurse once per level of nesting (see `RENDER_STACK_PER_FUEL`).
+        let stack = usize::try_from(fuel)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(RENDER_STACK_PER_FUEL)
+            .max(RENDER_STACK_MIN);
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("chat-template".into())
+                .stack_size(stack)
+                .spawn_scoped(scope, move || tmpl.render(ctx).map_err(fail))
+                .map_err(|e| EngineError::Template {
+                    message: format!("starting the template renderer: {e}"),
+                })?
+                .join()
+                .map_err(|_| EngineError::Template {
+                    message: "the template renderer panicked".into(),
+                })?
+        })
     }
+}
+
+/// Stack a render gets per unit of its fuel. Lists and maps nest one
+/// level per unit of fuel at best (a literal `[[[ … x … ]]]` in a loop),
+/// and minijinja prints, compares, serializes and drops a value by
+/// recursion, one or two frames per level, with no depth limit. Measured in
+/// a debug build, turning a list nested 100 000 deep into text used
+/// between 64 and 256 MiB of stack; release frames are smaller. The
+/// thread's stack is reserved address space, and only what a render
+/// touches becomes memory.
+const RENDER_STACK_PER_FUEL: usize = 4096;
+
+/// The smallest render stack, whatever the fuel.
+const RENDER_STACK_MIN: usize = 64 << 20;
+
+/// The most fuel any one render gets, so that its stack reservation stays
+/// within 8 GiB of address space: four times what the real templates use
+/// on a 400-turn chat.
+pub const MAX_TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Refuses a template that uses a `namespace()` other than in place.
+///
+/// A namespace is the one value a template can change after making it, so
+/// it is the one way a value can come to contain itself (`{% set ns.a = ns
+/// %}`). minijinja prints, compares and serializes values by recursion
+/// with no cycle check, so rendering such a value recurses until the stack
+/// overflows, and that aborts the process: rank 0's worker, on every chat
+/// request. The fuzzer found it.
+///
+/// Allowed: `{% set NAME = namespace(...) %}`, and `NAME` afterwards only
+/// through its attributes (`NAME.x`, `NAME['x']`, `{% set NAME.x = ... %}`)
+/// or as a keyword argument's name. Then no expression ever yields a
+/// namespace except that binding, no namespace is stored in another value,
+/// and no value can contain itself. The check reads the template's tokens
+/// and is conservative: it refuses some templates that would render (one
+/// printing a namespace, passing one to a macro or looping over one).
+fn check_namespaces(source: &str, syntax: SyntaxConfig) -> std::result::Result<(), String> {
+    // A template the lexer refuses was already refused by the compiler.
+    let Ok(tokens) = tokenize(source, false, syntax).collect::<std::result::Result<Vec<_>, _>>()
+    else {
+        return Ok(());
+    };
+    let token = |i: usize| tokens.get(i).map(|(t, _)| t);
+    let ident = |i: usize| match token(i) {
+        Some(Token::Ident(name)) => Some(*name),
+        _ => None,
+    };
+    let before = |i: usize| i.checked_sub(1).and_then(token);
+    // `{% set NAME = namespace(`, with `i` at NAME.
+    let binds = |i: usize| {
+        i.checked_sub(2)
+            .is_some_and(|j| matches!(token(j), Some(Token::BlockStart)))
+            && before(i).is_some_and(|t| matches!(t, Token::Ident("set")))
+            && matches!(token(i + 1), Some(Token::Assign))
+            && ident(i + 2) == Some("namespace")
+            && matches!(token(i + 3), Some(Token::ParenOpen))
+    };
+    let names: std::collections::HashSet<&str> = (0..tokens.len())
+        .filter(|&i| binds(i))
+        .filter_map(ident)
+        .collect();
+    for (i, (_, span)) in tokens.iter().enumerate() {
+        let Some(name) = ident(i) else { continue };
+        if matches!(before(i), Some(Token::Dot)) {
+            continue; // an attribute's name, not a variable
+        }
+        let line = span.start_line;
+        if name == "namespace" {
+            if i.checked_sub(2).is_some_and(binds) {
+                continue;
+            }
+            return Err(format!(
+                "the chat template calls `namespace` other than as `{{% set NAME = \
+                 namespace(...) %}}` (line {line}), which Tandem refuses: a namespace stored \
+                 in another value can come to contain itself, and rendering that never ends"
+            ));
+        }
+        if !names.contains(name) {
+            continue;
+        }
+        let in_place = matches!(token(i + 1), Some(Token::Dot | Token::BracketOpen));
+        let keyword = matches!(token(i + 1), Some(Token::Assign))
+            && matches!(before(i), Some(Token::ParenOpen | Token::Comma));
+        if in_place || keyword || binds(i) {
+            continue;
+        }
+        return Err(format!(
+            "the chat template uses the namespace `{name}` other than through its attributes \
+             (line {line}; only `{name}.x`, `{name}['x']` and `{{% set {name}.x = ... %}}` are \
+             allowed), which Tandem refuses: a namespace stored in another value can come to \
+             contain itself, and rendering that never ends"
+        ));
+    }
+    Ok(())
 }
 
 /// Renders a Hugging Face chat template once: [`ChatTemplate::compile`]
@@ -456,16 +575,39 @@ fn tojson(value: JinjaValue, kwargs: Kwargs) -> Result<String, JinjaError> {
     let json = serde_json::to_value(&value)
         .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = String::new();
-    python_json(&json, indent, sort_keys.unwrap_or(false), 0, &mut out);
+    python_json(&json, indent, sort_keys.unwrap_or(false), 0, &mut out).map_err(|()| {
+        JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: the text would be over {MAX_TOJSON_BYTES} bytes"),
+        )
+    })?;
     Ok(out)
 }
 
-fn python_json(value: &Value, indent: Option<usize>, sort: bool, depth: usize, out: &mut String) {
+/// The longest text `tojson` writes. Indentation grows with depth, so a
+/// deep value with a wide indent would otherwise be quadratic in its size,
+/// beyond what the render's fuel counts.
+const MAX_TOJSON_BYTES: usize = 16 << 20;
+
+/// Writes `value` as Python's `json.dumps` does; `Err` once the text
+/// would pass [`MAX_TOJSON_BYTES`].
+fn python_json(
+    value: &Value,
+    indent: Option<usize>,
+    sort: bool,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), ()> {
     let newline = |out: &mut String, depth: usize| {
         if let Some(width) = indent {
+            let spaces = width.saturating_mul(depth);
+            if out.len().saturating_add(spaces) >= MAX_TOJSON_BYTES {
+                return Err(());
+            }
             out.push('\n');
-            out.push_str(&" ".repeat(width * depth));
+            out.push_str(&" ".repeat(spaces));
         }
+        Ok(())
     };
     let item_sep = if indent.is_some() { "," } else { ", " };
     match value {
@@ -475,10 +617,10 @@ fn python_json(value: &Value, indent: Option<usize>, sort: bool, depth: usize, o
                 if i > 0 {
                     out.push_str(item_sep);
                 }
-                newline(out, depth + 1);
-                python_json(item, indent, sort, depth + 1, out);
+                newline(out, depth + 1)?;
+                python_json(item, indent, sort, depth + 1, out)?;
             }
-            newline(out, depth);
+            newline(out, depth)?;
             out.push(']');
         }
         Value::Object(map) if !map.is_empty() => {
@@ -491,18 +633,22 @@ fn python_json(value: &Value, indent: Option<usize>, sort: bool, depth: usize, o
                 if i > 0 {
                     out.push_str(item_sep);
                 }
-                newline(out, depth + 1);
+                newline(out, depth + 1)?;
                 out.push_str(&Value::String((*key).clone()).to_string());
                 out.push_str(": ");
                 if let Some(v) = map.get(*key) {
-                    python_json(v, indent, sort, depth + 1, out);
+                    python_json(v, indent, sort, depth + 1, out)?;
                 }
             }
-            newline(out, depth);
+            newline(out, depth)?;
             out.push('}');
         }
         other => out.push_str(&other.to_string()),
     }
+    if out.len() > MAX_TOJSON_BYTES {
+        return Err(());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -580,6 +726,17 @@ mod tests {
                 .expect("renders within a tenth of its fuel");
             assert_eq!(full, tenth);
             assert!(full.len() > 400 * 1000, "{}", full.len());
+            // The ceiling on any render's fuel leaves room four times over.
+            template
+                .render_with_fuel(
+                    MAX_TEMPLATE_FUEL / 4,
+                    &messages,
+                    true,
+                    Some("<s>"),
+                    None,
+                    &none,
+                )
+                .expect("renders within a quarter of the most fuel a render gets");
             // A short chat needs far less than the fixed allowance.
             template
                 .render_with_fuel(
@@ -739,5 +896,106 @@ mod tests {
         .expect("render");
         // Keys come out sorted (the context passes through serde_json maps).
         assert_eq!(text, r#"[{"args": [1, 2], "name": "f"}]|x|4"#);
+    }
+
+    fn render_alone(source: &str, fuel: u64) -> Result<String> {
+        ChatTemplate::compile(source.to_owned())?.render_with_fuel(
+            fuel,
+            &[user("hi")],
+            true,
+            None,
+            None,
+            &serde_json::Map::new(),
+        )
+    }
+
+    #[test]
+    fn namespaces_are_used_in_place_or_the_template_is_refused() {
+        // Found by the fuzzer: a namespace stored in itself made printing
+        // it recurse until the stack overflowed and the process aborted.
+        for (source, needle) in [
+            (
+                "{% set ns = namespace() %}{% set ns.a = ns %}{{ ns }}",
+                "namespace `ns` other than through its attributes (line 1",
+            ),
+            ("{% set ns = namespace() %}\n{{ ns }}", "(line 2;"),
+            (
+                "{% set ns = namespace() %}{% set x = [ns] %}",
+                "namespace `ns`",
+            ),
+            (
+                "{% set ns = namespace() %}{% for n in [1] %}{% set ns.a = ns.b ~ ns %}{% endfor %}",
+                "namespace `ns`",
+            ),
+            (
+                "{% macro m(ns) %}{% endmacro %}{% set ns = namespace() %}",
+                "namespace `ns`",
+            ),
+            ("{% set f = namespace %}", "calls `namespace` other than as"),
+            (
+                "{% set ns = namespace() %}{% set ns.inner = namespace() %}",
+                "calls `namespace` other than as",
+            ),
+            (
+                "{% set ns = namespace(a=namespace()) %}",
+                "calls `namespace` other than as",
+            ),
+            ("{{ namespace() }}", "calls `namespace` other than as"),
+        ] {
+            match ChatTemplate::compile(source.to_owned()) {
+                Err(EngineError::Template { message }) => {
+                    assert!(message.contains(needle), "{source}: {message}")
+                }
+                other => panic!("{source}: {other:?}"),
+            }
+        }
+        // In place, as real templates use them: reads, writes, item
+        // access, keyword arguments, and a second binding.
+        let source = "{%- set ns = namespace(found=false, n=0, text='') %}\
+            {%- for m in messages %}{% set ns.n = ns.n + 1 %}{% set ns.text = ns['text'] ~ m.content %}\
+            {%- if m.role == 'user' %}{% set ns.found = true %}{% endif %}{% endfor %}\
+            {%- set ns = namespace(ns=1) %}{{ ns.ns }}{{ ns.missing is undefined }}";
+        let out = render_alone(source, 10_000).expect("renders");
+        assert_eq!(out, "1True");
+        // Attribute names and strings that spell a namespace's name.
+        let source = "{% set ns = namespace(x=1) %}{{ {'ns': 2}.ns }}{{ 'ns' }}{{ ns.x }}";
+        assert_eq!(render_alone(source, 10_000).expect("renders"), "2ns1");
+    }
+
+    #[test]
+    fn a_value_nested_as_deep_as_the_fuel_allows_renders_without_overflowing() {
+        // Forty levels of list per loop turn, one unit of fuel each or so:
+        // a list nested 100 000 deep, then printed, serialized, compared
+        // and dropped. Each of those recurses once per level; on a thread
+        // of the default stack this aborted the process.
+        let source = format!(
+            "{{% set ns = namespace(x=1) %}}{{% for i in range(100000) %}}\
+             {{% set ns.x = {}ns.x{} %}}{{% if loop.index * 40 >= 100000 %}}{{% break %}}{{% endif %}}\
+             {{% endfor %}}{{{{ ns.x|tojson|length }}}} {{{{ ns.x == [ns.x] }}}} {{{{ (ns.x ~ '')|length }}}}",
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let out = render_alone(&source, 1_000_000).expect("renders");
+        assert_eq!(out, "200001 False 200001");
+        // Out of fuel half way: the error, and the half-built value dropped.
+        let err = render_alone(&source, 50_000).expect_err("runs out of fuel");
+        assert!(err.to_string().contains("fuel"), "{err}");
+    }
+
+    #[test]
+    fn output_bombs_are_refused() {
+        // `pprint` indents each level below the last: quadratic in depth.
+        let err = render_alone("{{ [1]|pprint }}", 10_000).expect_err("no pprint");
+        assert!(err.to_string().contains("pprint"), "{err}");
+        let err = render_alone("{{ [[1, 2]]|tojson(indent=1000000000) }}", 10_000)
+            .expect_err("too much indentation");
+        assert!(
+            err.to_string().contains("tojson: the text would be over"),
+            "{err}"
+        );
+        assert_eq!(
+            render_alone("{{ {'a': [1]}|tojson(indent=2) }}", 10_000).expect("renders"),
+            "{\n  \"a\": [\n    1\n  ]\n}"
+        );
     }
 }

@@ -43,6 +43,7 @@ use axum::routing::{get, post};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tandem_crds::api_key_digest;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -67,8 +68,8 @@ pub struct ServeConfig {
     pub max_context_tokens: usize,
     /// Vocabulary size; token-id prompts must stay below it.
     pub vocab_size: usize,
-    /// Bearer key required on `/v1/*`, if any.
-    pub api_key: Option<String>,
+    /// Hex SHA-256 of the bearer key required on `/v1/*`, if any.
+    pub api_key_sha256: Option<String>,
     /// Most tokens one request may generate: the default when it names no
     /// `max_tokens`, and the largest it may name. `None`: the context left
     /// after the prompt.
@@ -179,7 +180,7 @@ impl AppState {
     }
 
     fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = &self.0.config.api_key else {
+        let Some(expected) = &self.0.config.api_key_sha256 else {
             return Ok(());
         };
         let presented = headers
@@ -187,7 +188,7 @@ impl AppState {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented {
-            Some(key) if same_secret(key.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(key) if same_secret(api_key_digest(key).as_bytes(), expected.as_bytes()) => Ok(()),
             Some(_) => Err(ApiError::unauthorized("Incorrect API key provided.")),
             None => Err(ApiError::unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",

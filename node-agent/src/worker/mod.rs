@@ -260,6 +260,53 @@ fn available_memory() -> Option<u64> {
     })
 }
 
+/// Refuses to serve limits this rank's memory cannot hold, once its slice
+/// is loaded: the batch's KV cache for every position the limits allow
+/// (`maxBatchTokens`, never fewer than `maxContextTokens`) plus the prefix
+/// cache, against what the OS can still give (`available`; `None` skips
+/// the check). The planner sized the placement from the node's memory;
+/// this catches memory other processes took since. Without it, the request
+/// that first filled the cache would fail mid-step: on a group of several
+/// ranks that breaks the group, and MLX's CPU backend does not even raise
+/// on a failed allocation (the process is killed). With it, no request
+/// within the limits can run this rank out of memory for its KV, and the
+/// shard fails at load with `OutOfMemory` and what would fit. Activations
+/// are not counted (bounded by `prefillChunkTokens`); on a GPU the KV
+/// lives in device memory, which this does not measure.
+fn check_serving_memory(
+    limits: BatchLimits,
+    max_context_tokens: usize,
+    kv_bytes_per_token: u64,
+    available: Option<u64>,
+) -> Result<(), Failure> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let positions = limits.max_tokens.max(max_context_tokens) as u64;
+    let kv = positions.saturating_mul(kv_bytes_per_token);
+    let needed = kv.saturating_add(limits.prefix_cache_bytes);
+    if needed <= available {
+        return Ok(());
+    }
+    let mib = |b: u64| b >> 20;
+    let fit = available.saturating_sub(limits.prefix_cache_bytes) / kv_bytes_per_token.max(1);
+    Err(Failure::new(
+        FailureReason::OutOfMemory,
+        format!(
+            "serving within the deployment's limits needs about {} MiB beyond this rank's weights \
+             (the KV cache for {positions} positions at {kv_bytes_per_token} bytes each, {} MiB, \
+             and a {} MiB prefix cache) but only {} MiB of memory is available; lower \
+             spec.serving.maxBatchTokens or `--max-batch-tokens` (about {fit} positions fit beside \
+             the prefix cache, and it may not go below the context length) or the prefix cache \
+             (spec.serving.prefixCacheBytes), or run the rank on a node with more free memory",
+            mib(needed),
+            mib(kv),
+            mib(limits.prefix_cache_bytes),
+            mib(available),
+        ),
+    ))
+}
+
 /// The port of an `ip:port` address.
 fn port_of(address: &str) -> Result<u16, Failure> {
     address
@@ -566,6 +613,18 @@ async fn run(launch: Launch) -> Result<(), Failure> {
     } else {
         None
     };
+    let on_gpu = matches!(
+        mlx_rs::Device::default().get_type(),
+        Ok(mlx_rs::DeviceType::Gpu)
+    );
+    if !on_gpu {
+        check_serving_memory(
+            batch_limits(&launch.batching),
+            spec.max_context_tokens as usize,
+            loaded.kv_bytes_per_token,
+            available_memory(),
+        )?;
+    }
     let bytes_read = i64::try_from(loaded.bytes_read).unwrap_or(i64::MAX);
     emit(&Event::Phase {
         phase: ShardPhase::Loaded,
@@ -858,7 +917,7 @@ async fn lead(
         aliases: vec![spec.deployment.clone()],
         max_context_tokens: spec.max_context_tokens as usize,
         vocab_size: loaded.vocab_size,
-        api_key: launch.api_key.clone(),
+        api_key_sha256: launch.api_key_sha256.clone(),
         max_completion_tokens: usize::try_from(launch.batching.max_completion_tokens).ok(),
         limits: launch.api_limits,
     };
@@ -921,4 +980,42 @@ async fn lead(
     };
     let _ = stop_tx.send(());
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_limits_the_memory_cannot_hold_fail_the_load_with_what_fits() {
+        let limits = BatchLimits {
+            max_tokens: 32_768,
+            prefix_cache_bytes: 512 << 20,
+            ..BatchLimits::default()
+        };
+        // 32 768 positions of 24 KiB: 768 MiB, plus the 512 MiB cache.
+        let kv = 24 << 10;
+        assert!(check_serving_memory(limits, 8192, kv, Some(2 << 30)).is_ok());
+        assert!(check_serving_memory(limits, 8192, kv, None).is_ok());
+        let err = check_serving_memory(limits, 8192, kv, Some(1 << 30)).expect_err("short");
+        assert_eq!(err.reason, FailureReason::OutOfMemory);
+        assert!(
+            err.message.contains("needs about 1280 MiB")
+                && err
+                    .message
+                    .contains("32768 positions at 24576 bytes each, 768 MiB")
+                && err.message.contains("only 1024 MiB")
+                && err.message.contains("about 21845 positions fit"),
+            "{}",
+            err.message
+        );
+        // The context counts when it exceeds the batch budget.
+        let small = BatchLimits {
+            max_tokens: 1024,
+            prefix_cache_bytes: 0,
+            ..limits
+        };
+        let err = check_serving_memory(small, 65_536, kv, Some(1 << 30)).expect_err("context");
+        assert!(err.message.contains("65536 positions"), "{}", err.message);
+    }
 }

@@ -30,9 +30,10 @@ pub struct Launch {
     /// only when the deployment turned TLS off (or `serve --plain-http`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::TlsMaterial>,
-    /// Bearer key HTTP clients must present (rank 0), if any.
+    /// Hex SHA-256 of the bearer key HTTP clients must present (rank 0), if
+    /// any; the key itself never reaches the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
+    pub api_key_sha256: Option<String>,
     /// Requests rank 0 queues before answering 429.
     pub max_queue: usize,
     /// How long to wait at (and for) rank 0's barrier, and for the MLX

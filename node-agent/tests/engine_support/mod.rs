@@ -61,20 +61,12 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Shape A: tied embeddings, GQA 8/4 heads of 32, four layers. Splits over
-/// 1, 2 and 4 ranks (quantized slices of 64 and 128 columns).
+/// Shape A: the tiny model ([`ModelSpec::tiny`]: tied embeddings, GQA 8/4
+/// heads of 32, four layers) in `format`. Splits over 1, 2 and 4 ranks.
 pub fn tied_spec(format: WeightFormat) -> ModelSpec {
     ModelSpec {
-        layers: 4,
-        hidden: 256,
-        heads: 8,
-        kv_heads: 4,
-        head_dim: 32,
-        intermediate: 512,
-        vocab: 512,
-        tied: true,
         format,
-        rope_factor: 32.0,
+        ..ModelSpec::tiny()
     }
 }
 

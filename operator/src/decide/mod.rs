@@ -576,12 +576,9 @@ fn phase_name(phase: Option<ShardPhase>) -> String {
     phase.map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"))
 }
 
+/// At most four items, then how many more.
 fn short(items: &[String]) -> String {
-    let mut text: Vec<String> = items.iter().take(4).cloned().collect();
-    if items.len() > 4 {
-        text.push(format!("and {} more", items.len() - 4));
-    }
-    text.join("; ")
+    tandem_planner::text::short_list(items, 4)
 }
 
 /// ShardsLoaded, GroupFormed and Ready from progress, with the phase they imply.
@@ -1187,6 +1184,53 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
         requeue_after,
         new_epoch,
     }
+}
+
+/// Reason of the conditions set when the group-token Secret's name is taken.
+pub const SECRET_CONFLICT: &str = "SecretConflict";
+
+/// The status when the group-token Secret's name (`secret`, as
+/// `namespace/name`) is taken by a Secret this deployment did not create:
+/// nothing of the new epoch was written, so the epoch and ranks stay as
+/// `prior` has them, `Placed` and `Ready` turn False with reason
+/// [`SECRET_CONFLICT`], and the phase is Failed until the Secret goes away.
+/// Returns the status and the Events the change deserves.
+pub fn secret_conflict(
+    deployment: &LlamaDeployment,
+    prior: &LlamaDeploymentStatus,
+    secret: &str,
+    now: Timestamp,
+) -> (LlamaDeploymentStatus, Vec<Notice>) {
+    let message = format!(
+        "Secret {secret} already exists and was not created by this deployment (it has no \
+         controller reference to it); Tandem never overwrites, adopts or deletes a Secret it did \
+         not create, so no rank is started: delete or rename that Secret, or give the \
+         deployment another name"
+    );
+    let generation = deployment.metadata.generation;
+    let mut status = prior.clone();
+    status.observed_generation = generation;
+    status.phase = Some(DeploymentPhase::Failed);
+    let mut verdicts: Vec<Verdict> = prior
+        .conditions
+        .iter()
+        .filter_map(|c| {
+            let type_ = [SHARDS_LOADED, GROUP_FORMED]
+                .into_iter()
+                .find(|t| *t == c.type_)?;
+            Some(Verdict {
+                type_,
+                ok: c.status == "True",
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+            })
+        })
+        .collect();
+    verdicts.push(Verdict::no(PLACED, SECRET_CONFLICT, message.clone()));
+    verdicts.push(Verdict::no(READY, SECRET_CONFLICT, message));
+    status.conditions = conditions::merge(&prior.conditions, &verdicts, generation, now);
+    let notices = transition_notices(prior, &status);
+    (status, notices)
 }
 
 /// Events for what changed between two statuses: a Placed condition that

@@ -1232,3 +1232,33 @@ fn a_loaded_group_that_never_turns_ready_is_a_formation_timeout_and_spends_the_b
     assert_eq!(why, "RestartBudgetExhausted");
     assert!(text.contains("no progress for 60s"), "{text}");
 }
+
+#[test]
+fn a_taken_secret_name_fails_the_deployment_and_keeps_the_epoch() {
+    let d = deployment("llama", MODEL_1B, 2);
+    let prior = LlamaDeploymentStatus {
+        epoch: 3,
+        ..LlamaDeploymentStatus::default()
+    };
+    let (status, notices) = secret_conflict(&d, &prior, "ns/llama-group-token", ts(1000));
+    assert_eq!(status.epoch, 3, "no epoch was written");
+    assert_eq!(status.phase, Some(DeploymentPhase::Failed));
+    for type_ in [PLACED, READY] {
+        let c = crate::conditions::find(&status.conditions, type_).expect("condition");
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason, SECRET_CONFLICT);
+        assert!(
+            c.message.starts_with(
+                "Secret ns/llama-group-token already exists and was not created by this deployment"
+            ),
+            "{}",
+            c.message
+        );
+    }
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.reason == SECRET_CONFLICT && n.severity == Severity::Warning),
+        "{notices:?}"
+    );
+}

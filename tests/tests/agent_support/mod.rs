@@ -1,5 +1,5 @@
-//! Shared by the agent suites: real `tandem-agent run` processes with the
-//! chart's agent identity, the tiny test models `tandem-agent make-model`
+//! Shared by the agent suites: real `tandem-agent run` processes, each with
+//! an identity of its own (`tandem-agent join`), the tiny test models `tandem-agent make-model`
 //! writes, LlamaShards and group-token Secrets written the way the operator
 //! writes them, a plain HTTP client, and a local Hugging Face hub.
 //!
@@ -22,7 +22,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use tandem_crds::*;
 use tandem_tests::{Cluster, Identity, eventually, repo_root, workspace_binary};
@@ -213,7 +214,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent named `name` with the chart's agent identity.
+    /// Starts an agent named `name` with an identity of its own
+    /// (`tandem-agent join`, see [`Cluster::join_node`]).
     pub fn start(cluster: &Cluster, name: &str, options: AgentOptions) -> Agent {
         let bin = agent_binary();
         let metrics_port = free_port();
@@ -241,10 +243,13 @@ impl Agent {
             None => Command::new(&bin),
         };
         let advertise = options.advertise_address.as_deref().unwrap_or("127.0.0.1");
+        let kubeconfig = cluster
+            .join_node(name, advertise)
+            .unwrap_or_else(|e| panic!("joining node {name}: {e:#}"));
         let barrier = options.barrier_timeout_seconds.unwrap_or(60).to_string();
         cmd.arg("run")
             .arg("--kubeconfig")
-            .arg(cluster.kubeconfig(Identity::Agent))
+            .arg(&kubeconfig)
             .args(["--node-name", name])
             .args(["--advertise-address", advertise])
             .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
@@ -408,6 +413,9 @@ pub struct Group {
     pub token_secret: String,
     /// API key Secret, if any.
     pub api_key_secret: Option<String>,
+    /// The API key in it, whose digest goes into the group-token Secret as
+    /// the operator puts it there.
+    pub api_key: Option<String>,
     /// Context limit.
     pub max_context_tokens: u32,
     /// Batch limits written on every shard; `None` leaves them to the
@@ -431,6 +439,7 @@ impl Group {
             model: MODEL.to_owned(),
             token_secret: format!("{deployment}-group-token"),
             api_key_secret: None,
+            api_key: None,
             max_context_tokens: 512,
             batching: None,
         }
@@ -488,20 +497,94 @@ impl Group {
         shard.metadata.namespace = Some(namespace.to_owned());
         shard.metadata.labels = Some(BTreeMap::from([
             (LABEL_DEPLOYMENT.to_owned(), self.deployment.clone()),
-            (LABEL_NODE.to_owned(), self.nodes[rank].clone()),
+            (LABEL_NODE.to_owned(), label_value(&self.nodes[rank])),
             (LABEL_EPOCH.to_owned(), self.epoch.to_string()),
         ]));
         shard
     }
 
-    /// Creates the token Secret and every shard, as the operator would.
+    /// Writes the token Secret (a new epoch of the same deployment gets a
+    /// new token in the same Secret), each node's rights to its shards and
+    /// the Secret, and every shard, as the operator would.
     pub async fn create(&self, admin: &Client, namespace: &str, token: &str) -> anyhow::Result<()> {
-        create_secret(admin, namespace, &self.token_secret, "token", token).await?;
+        let mut data =
+            BTreeMap::from([("token".to_owned(), ByteString(token.as_bytes().to_vec()))]);
+        if let Some(key) = &self.api_key {
+            data.insert(
+                API_KEY_DIGEST_KEY.to_owned(),
+                ByteString(api_key_digest(key).into_bytes()),
+            );
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.token_secret.clone()),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            ..Secret::default()
+        };
+        Api::<Secret>::namespaced(admin.clone(), namespace)
+            .patch(
+                &self.token_secret,
+                &PatchParams::apply("tandem-tests").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .with_context(|| format!("applying Secret {}", self.token_secret))?;
+        self.grant(admin, namespace).await?;
         let api: Api<LlamaShard> = Api::namespaced(admin.clone(), namespace);
         for rank in 0..self.nodes.len() {
             api.create(&PostParams::default(), &self.shard(namespace, rank))
                 .await
                 .with_context(|| format!("creating shard {}", self.shard_name(rank)))?;
+        }
+        Ok(())
+    }
+
+    /// Gives each node the per-node Role the operator keeps: its shards'
+    /// status and the deployment's Secrets ([`tandem_crds::NodeAccess`]).
+    /// Unlike the operator, which deletes an older epoch's shards as it
+    /// writes a new one, tests keep several epochs alive at once, so the
+    /// shards already granted stay granted.
+    pub async fn grant(&self, admin: &Client, namespace: &str) -> anyhow::Result<()> {
+        let names: Vec<String> = (0..self.nodes.len()).map(|r| self.shard_name(r)).collect();
+        let mut accesses = node_accesses(
+            namespace,
+            &self.deployment,
+            names
+                .iter()
+                .map(String::as_str)
+                .zip(self.nodes.iter().map(String::as_str)),
+        );
+        let roles: Api<Role> = Api::namespaced(admin.clone(), namespace);
+        let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), namespace);
+        let params = PatchParams::apply("tandem-tests").force();
+        for access in &mut accesses {
+            let existing = roles
+                .get_opt(&node_access_name(&access.node, &access.deployment))
+                .await?;
+            let granted = existing
+                .and_then(|r| r.rules)
+                .and_then(|rules| rules.into_iter().next())
+                .and_then(|rule| rule.resource_names)
+                .unwrap_or_default();
+            access.shards.extend(granted);
+            access.shards.sort();
+            access.shards.dedup();
+            let role = access.role(None);
+            let name = role.name_any();
+            roles
+                .patch(&name, &params, &Patch::Apply(&role))
+                .await
+                .with_context(|| format!("applying Role {name}"))?;
+            bindings
+                .patch(
+                    &name,
+                    &params,
+                    &Patch::Apply(&access.role_binding(tandem_tests::SYSTEM_NAMESPACE, None)),
+                )
+                .await
+                .with_context(|| format!("applying RoleBinding {name}"))?;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Shared by the operator suites: the operator as a real child process, and
 //! test code playing the agents (LlamaNodes with status, renewed Leases,
-//! shard statuses) with the chart's agent identity.
+//! shard statuses), each node with its own identity (`tandem-agent join`)
+//! and so only the rights the operator grants it.
 //!
 //! The operator binary is `$TANDEM_OPERATOR_BIN` when set; otherwise it is
 //! built with `cargo build -p tandem-operator` into the same target directory
@@ -27,7 +28,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tandem_crds::*;
@@ -204,8 +205,11 @@ impl Drop for Operator {
 /// Test code acting as the agents of a few nodes.
 #[derive(Clone)]
 pub struct Agents {
-    /// The agent identity's client.
-    pub client: Client,
+    cluster: &'static Cluster,
+    /// The admin's client, for looking things up (never for an agent's writes).
+    admin: Client,
+    /// Each registered node's own client.
+    clients: Arc<std::sync::Mutex<BTreeMap<String, Client>>>,
     /// Label every node of this test carries, as `key=value`.
     pub label: (String, String),
     renewing: Arc<std::sync::Mutex<BTreeMap<String, Arc<AtomicBool>>>>,
@@ -228,9 +232,11 @@ pub struct NodeSpec {
 
 impl Agents {
     /// Agents for a test; its nodes get the label `tandem.test/<test>=<run>`.
-    pub async fn new(cluster: &Cluster, test: &str, run: &str) -> Agents {
+    pub async fn new(cluster: &'static Cluster, test: &str, run: &str) -> Agents {
         Agents {
-            client: cluster.client(Identity::Agent).await.expect("agent client"),
+            cluster,
+            admin: cluster.client(Identity::Admin).await.expect("admin client"),
+            clients: Arc::default(),
             label: (format!("tandem.test/{test}"), run.to_owned()),
             renewing: Arc::default(),
             renew_every: Duration::from_secs(1),
@@ -250,23 +256,27 @@ impl Agents {
     /// Registers a node: the LlamaNode with its status (capacity, Ready), and
     /// a Lease renewed every second until [`Agents::stop_renewing`].
     pub async fn register(&self, node: &NodeSpec) -> anyhow::Result<()> {
-        let nodes: Api<LlamaNode> = Api::all(self.client.clone());
-        let mut n = LlamaNode::new(
-            &node.name,
-            LlamaNodeSpec {
-                address: node.address.clone(),
-                unschedulable: false,
-            },
-        );
-        n.metadata.labels = Some(
-            [
-                self.label.clone(),
-                (LABEL_BACKEND.to_owned(), "cpu".to_owned()),
-                (LABEL_MEMORY_GIB.to_owned(), node.memory_gib.to_string()),
-            ]
-            .into(),
-        );
-        nodes.create(&PostParams::default(), &n).await?;
+        // `join` creates the LlamaNode and the Lease; the node's own client
+        // then fills them in, as an agent does.
+        let client = self.cluster.node_client(&node.name, &node.address).await?;
+        self.clients
+            .lock()
+            .expect("clients map")
+            .insert(node.name.clone(), client.clone());
+        let nodes: Api<LlamaNode> = Api::all(client.clone());
+        let labels: BTreeMap<String, String> = [
+            self.label.clone(),
+            (LABEL_BACKEND.to_owned(), "cpu".to_owned()),
+            (LABEL_MEMORY_GIB.to_owned(), node.memory_gib.to_string()),
+        ]
+        .into();
+        nodes
+            .patch(
+                &node.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": labels } })),
+            )
+            .await?;
         let status = LlamaNodeStatus {
             capacity: Some(NodeCapacity {
                 memory_bytes: node.memory_gib << 30,
@@ -294,21 +304,20 @@ impl Agents {
                 &Patch::Merge(json!({ "status": status })),
             )
             .await?;
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
-        let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(node.name.clone()),
-                namespace: Some(SYSTEM_NAMESPACE.into()),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(node.name.clone()),
-                lease_duration_seconds: Some(node.lease_seconds),
-                renew_time: Some(MicroTime(Timestamp::now())),
-                ..Default::default()
-            }),
+        let leases: Api<Lease> = Api::namespaced(client, SYSTEM_NAMESPACE);
+        let spec = LeaseSpec {
+            holder_identity: Some(node.name.clone()),
+            lease_duration_seconds: Some(node.lease_seconds),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..Default::default()
         };
-        leases.create(&PostParams::default(), &lease).await?;
+        leases
+            .patch(
+                &node.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await?;
         let flag = Arc::new(AtomicBool::new(true));
         self.renewing
             .lock()
@@ -376,22 +385,55 @@ impl Agents {
         shard: &str,
         status: serde_json::Value,
     ) -> anyhow::Result<()> {
-        let api: Api<LlamaShard> = Api::namespaced(self.client.clone(), ns);
-        api.patch_status(
-            shard,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .with_context(|| format!("setting the status of shard {ns}/{shard}"))?;
-        Ok(())
+        let node = Api::<LlamaShard>::namespaced(self.admin.clone(), ns)
+            .get(shard)
+            .await
+            .with_context(|| format!("reading shard {ns}/{shard}"))?
+            .spec
+            .node_name;
+        let api: Api<LlamaShard> = Api::namespaced(self.client(&node)?, ns);
+        // As the agent's status writer does, a refusal is retried for a
+        // while: the API server's RBAC cache may lag the operator's Role.
+        let started = std::time::Instant::now();
+        loop {
+            let result = api
+                .patch_status(
+                    shard,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "status": status })),
+                )
+                .await;
+            match result {
+                Err(kube::Error::Api(e))
+                    if e.code == 403 && started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => {
+                    other.with_context(|| {
+                        format!("setting the status of shard {ns}/{shard} as node {node}")
+                    })?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The client of a registered node.
+    pub fn client(&self, node: &str) -> anyhow::Result<Client> {
+        self.clients
+            .lock()
+            .expect("clients map")
+            .get(node)
+            .cloned()
+            .with_context(|| format!("node {node} was not registered"))
     }
 
     /// Walks every shard of `epoch` through a start, in the agents' order
     /// (docs/design.md): Downloading (with progress), Connecting, Loading,
     /// Loaded and Ready.
     pub async fn load_all(&self, ns: &str, epoch: i64) -> anyhow::Result<()> {
-        let shards = shards_of_epoch(&self.client, ns, epoch).await?;
+        let shards = shards_of_epoch(&self.admin, ns, epoch).await?;
         for s in &shards {
             let name = s.name_any();
             self.set_status(
@@ -416,7 +458,7 @@ impl Agents {
 
     /// Sets `status.shards` of a node (the shards its agent runs).
     pub async fn report_running(&self, node: &str, shards: &[NodeShard]) -> anyhow::Result<()> {
-        let nodes: Api<LlamaNode> = Api::all(self.client.clone());
+        let nodes: Api<LlamaNode> = Api::all(self.client(node)?);
         nodes
             .patch_status(
                 node,
@@ -427,8 +469,8 @@ impl Agents {
         Ok(())
     }
 
-    /// Stops renewing, and deletes this test's nodes and their Leases with
-    /// kubectl as the admin (agents may not delete; Drop cannot await).
+    /// Stops renewing, and deletes this test's nodes, their Leases and
+    /// identities with kubectl as the admin (agents may not delete; Drop cannot await).
     pub fn remove_nodes(&self, cluster: &Cluster) {
         let names: Vec<String> = {
             let map = self.renewing.lock().unwrap_or_else(|e| e.into_inner());
@@ -442,7 +484,9 @@ impl Agents {
             Identity::Admin,
             &["delete", "lnode", "-l", &selector, "--wait=false"],
         );
-        cluster.delete_leases(&names);
+        for name in &names {
+            cluster.forget_node(name);
+        }
     }
 }
 
