@@ -231,6 +231,30 @@ async fn tls_off_or_a_users_own_secret_is_what_the_shards_get() {
             shard.spec.deployment
         );
     }
+    // The node of the deployment with its own Secret may read that Secret.
+    let own_shard = shards
+        .iter()
+        .find(|sh| sh.spec.deployment == "own")
+        .expect("own's shard");
+    let role: k8s_openapi::api::rbac::v1::Role = Api::namespaced(s.admin.clone(), s.ns())
+        .get(&node_access_name(&own_shard.spec.node_name, "own"))
+        .await
+        .expect("the node's Role for own");
+    let readable: Vec<String> = role
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            r.resources
+                .as_ref()
+                .is_some_and(|x| x.contains(&"secrets".to_owned()))
+        })
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        readable,
+        vec!["own-group-token".to_owned(), "my-cert".to_owned()]
+    );
     for name in ["plain", "own"] {
         let st = s
             .status(name, "Loading", |st| {
