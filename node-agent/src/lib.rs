@@ -10,10 +10,12 @@
 //!   group, loads its slice, runs jobs; rank 0 also serves HTTP.
 //! - [`control`]: rank 0's gRPC control service (barriers, job fan-out).
 //! - [`serve`]: rank 0's OpenAI-compatible HTTP API.
+//! - [`shutdown`]: stopping on SIGTERM and SIGINT, for the agent and workers.
 
 pub mod agent;
 pub mod control;
 pub mod engine;
 pub mod mlx;
 pub mod serve;
+pub mod shutdown;
 pub mod worker;

@@ -87,23 +87,6 @@ pub fn configure(args: &RunArgs) -> Result<AgentConfig, AgentError> {
     Ok(config::resolve(args, file, &Environment::detect())?)
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub(crate) async fn termination() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let config = Arc::new(configure(&args)?);
@@ -146,7 +129,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     // Register, retrying: the API server may not be up yet.
     let registration = Registration::new(client.clone(), config.clone(), hardware);
     let mut delay = Duration::from_millis(500);
-    let mut terminated = std::pin::pin!(termination());
+    let mut terminated = std::pin::pin!(crate::shutdown::termination());
     loop {
         match registration.register().await {
             Ok(()) => break,
