@@ -128,18 +128,19 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
 
     // Register, retrying: the API server may not be up yet.
     let registration = Registration::new(client.clone(), config.clone(), hardware);
-    let mut delay = Duration::from_millis(500);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut terminated = std::pin::pin!(crate::shutdown::termination());
     loop {
         match registration.register().await {
             Ok(()) => break,
             Err(e) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "registering the LlamaNode failed");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut terminated => return Ok(()),
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
