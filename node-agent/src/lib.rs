@@ -10,13 +10,17 @@
 //!   group, loads its slice, runs jobs; rank 0 also serves HTTP.
 //! - [`control`]: rank 0's gRPC control service (barriers, job fan-out).
 //! - [`serve`]: rank 0's OpenAI-compatible HTTP API.
+//! - [`backoff`]: the capped doubling pause every retry loop uses.
+//! - [`shutdown`]: stopping on SIGTERM and SIGINT, for the agent and workers.
 //! - [`tls`]: the certificate rank 0 serves both with, and the CA the
 //!   other ranks check it against.
 
 pub mod agent;
+pub mod backoff;
 pub mod control;
 pub mod engine;
 pub mod mlx;
 pub mod serve;
+pub mod shutdown;
 pub mod tls;
 pub mod worker;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tandem_crds::{BatchLimits, LlamaShardSpec};
 
+pub use super::hardware::BackendChoice;
 use crate::serve::ApiLimits;
 
 /// Flags of `tandem-agent run`. Every flag can also come from its
@@ -345,20 +346,6 @@ impl<'de> Deserialize<'de> for PortRange {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
     }
-}
-
-/// Which MLX compute backend to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    /// Whatever this build of MLX runs on this machine.
-    Auto,
-    /// MLX's CPU backend.
-    Cpu,
-    /// Apple GPUs through Metal.
-    Metal,
-    /// NVIDIA GPUs through CUDA.
-    Cuda,
 }
 
 /// The YAML configuration file.

@@ -9,9 +9,22 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, UdpSocket};
 use std::process::Command;
 
+use serde::Deserialize;
 use tandem_crds::{LABEL_BACKEND, LABEL_CHIP, LABEL_MEMORY_GIB, LABEL_OS, NodeCapacity};
 
-use super::config::BackendChoice;
+/// Which MLX compute backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Whatever this build of MLX runs on this machine.
+    Auto,
+    /// MLX's CPU backend.
+    Cpu,
+    /// Apple GPUs through Metal.
+    Metal,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+}
 
 /// Version of libmlx this binary links, read from its headers at build time.
 pub const MLX_VERSION: Option<&str> = option_env!("TANDEM_MLX_VERSION");

@@ -356,7 +356,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     break Err(format!("rank {rank} {}", exited[rank].as_deref().unwrap_or("exited")));
                 }
             }
-            _ = super::termination() => break Ok(()),
+            _ = crate::shutdown::termination() => break Ok(()),
         }
     };
     if let Err(first) = outcome {

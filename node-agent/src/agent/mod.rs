@@ -87,23 +87,6 @@ pub fn configure(args: &RunArgs) -> Result<AgentConfig, AgentError> {
     Ok(config::resolve(args, file, &Environment::detect())?)
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub(crate) async fn termination() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let config = Arc::new(configure(&args)?);
@@ -145,18 +128,19 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
 
     // Register, retrying: the API server may not be up yet.
     let registration = Registration::new(client.clone(), config.clone(), hardware);
-    let mut delay = Duration::from_millis(500);
-    let mut terminated = std::pin::pin!(termination());
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut terminated = std::pin::pin!(crate::shutdown::termination());
     loop {
         match registration.register().await {
             Ok(()) => break,
             Err(e) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "registering the LlamaNode failed");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut terminated => return Ok(()),
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }

@@ -494,12 +494,13 @@ async fn fetch_with_retries(
     dest: &Path,
     flight: &Flight,
 ) -> Result<PathBuf, DownloadError> {
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut failures = 0u32;
     loop {
         match fetch(model, revision, dest, flight).await {
             Err(e) if e.is_transient() => {
                 failures += 1;
+                let delay = backoff.next_delay();
                 tracing::warn!(%model, %revision, error = %e, "download interrupted; retrying in {}s", delay.as_secs());
                 let (done, total) = flight.progress.get();
                 flight.state.send_replace(FlightState::Running(Some(format!(
@@ -509,7 +510,6 @@ async fn fetch_with_retries(
                     delay.as_secs()
                 ))));
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
             other => return other,
         }

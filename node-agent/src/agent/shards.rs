@@ -50,7 +50,8 @@ use super::hardware::ComputeBackend;
 use super::metrics::AgentMetrics;
 use super::models::{self, Download};
 use super::node::NodeShards;
-use super::supervisor::{self, Backoff, Worker};
+use super::supervisor::{self, Worker};
+use crate::backoff::Backoff;
 use crate::tls::TlsMaterial;
 use crate::worker::protocol::{Event, FailureReason, Launch};
 

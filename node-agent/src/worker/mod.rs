@@ -368,21 +368,7 @@ pub async fn main() -> ! {
         });
         exit_now(2);
     }
-    let terminate = async {
-        #[cfg(unix)]
-        {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                return;
-            }
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let terminate = crate::shutdown::termination();
     let result = tokio::select! {
         r = run(launch) => r,
         _ = terminate => {

@@ -12,6 +12,7 @@ use tandem_crds::{
 };
 use tandem_planner::{NodeInfo, PortRange, ServingBudget, lookup_model, memory_per_rank};
 
+use super::failures::{LATE, Mention, STOPPED, clip, mentions, rank_list, without_retry_note};
 use super::*;
 use crate::conditions::{GROUP_FORMED, PLACED, READY, SHARDS_LOADED};
 use crate::convert::HeldShard;
