@@ -221,7 +221,7 @@ bench_tandem() { # world
   logfile=$LOG_DIR/$TAG-$name.log
   log "$name: tandem-agent serve --world-size $world on port $port (log: $logfile)"
   # shellcheck disable=SC2086
-  "$AGENT" serve --model "$MODEL" --world-size "$world" --port "$port" --state-dir "$STATE_DIR" \
+  "$AGENT" serve --plain-http --model "$MODEL" --world-size "$world" --port "$port" --state-dir "$STATE_DIR" \
     --max-queue $((4 * MAX_CLIENTS > 64 ? 4 * MAX_CLIENTS : 64)) $SERVE_ARGS >"$logfile" 2>&1 &
   SERVER_PID=$!
   if wait_ready "http://127.0.0.1:$port" "$logfile" "serving "; then

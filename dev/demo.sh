@@ -187,10 +187,12 @@ serving_after() {
 ask() {
   local endpoint question=$1 expected=$2
   endpoint=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.endpoint}')
+  # TLS is on: trust the CA the operator publishes in status.caBundle.
+  kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.caBundle}' >"$DEMO/ca.crt"
   printf '    POST %s/v1/chat/completions (streamed, greedy)\n    user: %s\n    assistant: ' "$endpoint" "$question"
   local body out answer
   body=$(printf '{"model":"%s","stream":true,"max_tokens":32,"temperature":0,"messages":[{"role":"user","content":"%s"}]}' "$MODEL_ID" "$question")
-  out=$(curl -sS -N --max-time 60 -H 'Content-Type: application/json' -d "$body" "$endpoint/v1/chat/completions") ||
+  out=$(curl -sS -N --max-time 60 --cacert "$DEMO/ca.crt" -H 'Content-Type: application/json' -d "$body" "$endpoint/v1/chat/completions") ||
     fail "chat request failed"
   printf '%s\n' "$out" | grep -q '^data: \[DONE\]' || fail "the stream did not finish: $out"
   answer=$(printf '%s\n' "$out" | sed -n 's/^data: //p' | grep -v '^\[DONE\]$' |
@@ -266,7 +268,7 @@ endpoint=$(kubectl -n "$NS" get llama "$NAME" -o jsonpath='{.status.endpoint}')
 bold "every step worked"
 cat <<EOF
     Keep talking to it:
-      curl -N $endpoint/v1/chat/completions -H 'Content-Type: application/json' \\
+      curl -N --cacert $DEMO/ca.crt $endpoint/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model":"$MODEL_ID","stream":true,"messages":[{"role":"user","content":"Name three primary colors."}]}'
     Look around:
       eval "\$(TANDEM_CLUSTER_DIR=$TANDEM_CLUSTER_DIR bash dev/cluster.sh env)"

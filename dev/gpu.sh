@@ -328,7 +328,7 @@ EOF
 serve_until_ready() {
   local log=$1 started=$SECONDS i
   shift
-  "$AGENT" serve "$@" >"$log" 2>"$log.err" &
+  "$AGENT" serve --plain-http "$@" >"$log" 2>"$log.err" &
   SERVE_PID=$!
   for i in $(seq 1 600); do
     if grep -q '^serving ' "$log" 2>/dev/null; then READY_SECONDS=$((SECONDS - started)); return 0; fi

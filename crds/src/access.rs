@@ -215,12 +215,16 @@ pub struct NodeAccess {
     pub node: String,
     /// The deployment's shards placed on the node, sorted.
     pub shards: Vec<String>,
+    /// The TLS Secret the deployment names itself (`spec.tls.secretName`);
+    /// `None` for the operator's `<deployment>-tls`.
+    pub tls_secret: Option<String>,
 }
 
 impl NodeAccess {
     /// The Role: status of exactly these shards, and the deployment's
-    /// group-token and TLS Secrets (whether or not they exist yet). Never
-    /// the API-key Secret.
+    /// group-token and TLS Secrets (whether or not they exist yet; the TLS
+    /// Secret is the user's own when the deployment names one). Never the
+    /// API-key Secret.
     pub fn role(&self, owner: Option<&OwnerReference>) -> Role {
         Role {
             metadata: self.meta(owner),
@@ -237,7 +241,9 @@ impl NodeAccess {
                     &["get"],
                     vec![
                         group_token_secret_name(&self.deployment),
-                        tls_secret_name(&self.deployment),
+                        self.tls_secret
+                            .clone()
+                            .unwrap_or_else(|| tls_secret_name(&self.deployment)),
                     ],
                 ),
             ]),
@@ -294,6 +300,7 @@ pub fn node_accesses<'a>(
                 deployment: deployment.to_owned(),
                 node: node.to_owned(),
                 shards,
+                tls_secret: None,
             }
         })
         .collect()

@@ -25,6 +25,14 @@ pub const LABEL_OS: &str = "tandem.dev/os";
 /// operator allocates ring and control ports from it.
 pub const ANNOTATION_PORT_RANGE: &str = "tandem.dev/port-range";
 
+/// Key of a TLS Secret holding the PEM certificate chain rank 0 serves.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Key of a TLS Secret holding the PEM private key of that certificate.
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// Key of a TLS Secret holding the PEM CA certificate that issued it; ranks
+/// 1..N verify rank 0's control service against it, and clients may too.
+pub const TLS_CA_KEY: &str = "ca.crt";
+
 /// Default namespace for node Leases.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "tandem-system";
 
@@ -55,6 +63,15 @@ pub struct SecretKeyRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub key: Option<String>,
+}
+
+/// A reference to a whole Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret, in the namespace of the referring object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// The shape of a Llama 3.x model, as found in its `config.json`. Needed for

@@ -86,6 +86,46 @@ pub struct LlamaDeploymentSpec {
     /// catalog model, it overrides the catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<Architecture>,
+    /// TLS for rank 0's API and for the group's control stream. On when
+    /// left out: the operator issues a certificate from its own CA and
+    /// publishes that CA in `status.caBundle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// TLS for rank 0's OpenAI-compatible API and the ranks' control stream.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    /// `false` serves the API and the control stream in plain text (HTTP and
+    /// gRPC without TLS): anyone on the network path reads prompts, answers
+    /// and the group token. Defaults to `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// A Secret of your own in the deployment's namespace with `tls.crt`
+    /// (PEM chain), `tls.key` (PEM key) and `ca.crt` (the PEM CA that issued
+    /// `tls.crt`; the other ranks verify rank 0 against it). The certificate
+    /// must name the address of every node a rank may be placed on, as IP
+    /// subject alternative names. When left out, the operator issues the
+    /// certificate into `<deployment>-tls` from its own CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+}
+
+impl LlamaDeploymentSpec {
+    /// Whether rank 0 serves TLS: unless `spec.tls.enabled` is `false`.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.as_ref().and_then(|t| t.enabled).unwrap_or(true)
+    }
+
+    /// The user's own TLS Secret, when TLS is on and one is named.
+    pub fn tls_user_secret(&self) -> Option<&str> {
+        if !self.tls_enabled() {
+            return None;
+        }
+        self.tls.as_ref().and_then(|t| t.secret_name.as_deref())
+    }
 }
 
 /// Default for `spec.maxContextTokens`.
@@ -270,9 +310,15 @@ pub struct LlamaDeploymentStatus {
     /// One entry per rank of the current epoch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranks: Vec<RankStatus>,
-    /// URL of the OpenAI-compatible API on rank 0, once the group serves.
+    /// URL of the OpenAI-compatible API on rank 0, once the group serves:
+    /// `https://` unless `spec.tls.enabled` is `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// PEM of the CA that issued rank 0's certificate, when the operator
+    /// issued it (no `spec.tls.secretName`): give it to clients to verify
+    /// `endpoint`, for example `openai.OpenAI(http_client=httpx.Client(verify=PATH))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
     /// World sizes this model can be split into.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub valid_world_sizes: Vec<i32>,

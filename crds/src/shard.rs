@@ -4,7 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Architecture, Backend, BatchLimits, SecretKeyRef};
+use crate::common::{Architecture, Backend, BatchLimits, SecretKeyRef, SecretRef};
 
 /// The rank to run, written by the operator. The agent on `nodeName` runs it
 /// and reports in the status.
@@ -71,6 +71,13 @@ pub struct LlamaShardSpec {
     /// Secret holding the group token every rank presents to rank 0. The key
     /// defaults to `token`.
     pub group_token_secret_ref: SecretKeyRef,
+    /// Secret with rank 0's certificate (`tls.crt`, `tls.key`) and the CA
+    /// that issued it (`ca.crt`). Rank 0 serves its API and its control
+    /// service over TLS with it, and the other ranks verify rank 0 against
+    /// `ca.crt`. Absent only when the deployment turned TLS off
+    /// (`spec.tls.enabled: false`): then both are plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_ref: Option<SecretRef>,
     /// Secret holding the serving API key (rank 0 only). The key defaults to `api-key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,

@@ -12,6 +12,8 @@
 //! - [`serve`]: rank 0's OpenAI-compatible HTTP API.
 //! - [`backoff`]: the capped doubling pause every retry loop uses.
 //! - [`shutdown`]: stopping on SIGTERM and SIGINT, for the agent and workers.
+//! - [`tls`]: the certificate rank 0 serves both with, and the CA the
+//!   other ranks check it against.
 
 pub mod agent;
 pub mod backoff;
@@ -20,4 +22,5 @@ pub mod engine;
 pub mod mlx;
 pub mod serve;
 pub mod shutdown;
+pub mod tls;
 pub mod worker;

@@ -2,7 +2,8 @@
 //! backend and rank 0's control service on loopback, rank 0's HTTP API),
 //! checked through real HTTP requests: answers equal to `generate` alone
 //! and the same alone as in a batch at world size 2, and a dead rank taking
-//! the group down.
+//! the group down; over TLS, the control stream and the API with the
+//! certificate given on the command line.
 
 mod engine_support;
 
@@ -190,4 +191,107 @@ fn a_chat_template_that_never_ends_fails_its_request_and_the_group_serves_on() {
         &json!({"model": "tiny", "prompt": "hello", "max_tokens": 2}),
     );
     assert_eq!(status, 200, "{answer}\n{}", serve.logs());
+}
+
+/// A CA and a certificate it issued for 127.0.0.1, as files in `dir`:
+/// (`tls.crt`, `tls.key`, `ca.crt`).
+fn certificate_files(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    std::fs::create_dir_all(dir).expect("dir");
+    let files = [dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt")];
+    for (path, pem) in files
+        .iter()
+        .zip([cert.pem(), key.serialize_pem(), ca.pem()])
+    {
+        std::fs::write(path, pem).expect("write");
+    }
+    files
+}
+
+/// One HTTP/1.1 exchange over TLS with 127.0.0.1:`port`, trusting only
+/// `ca_pem`; the raw answer.
+fn https_exchange(port: u16, ca_pem: &str, request: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("ca")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    raw
+}
+
+#[test]
+fn a_local_group_of_two_serves_https_and_meets_over_tls() {
+    let dir = model("serve-tied-q4", &tied_spec(WeightFormat::Quantized(4)), 1);
+    let tls_dir = engine_support::scratch("serve-tls-certs");
+    let [cert, key, ca] = certificate_files(&tls_dir);
+    let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_owned();
+    let (cert, key, ca_file) = (path(&cert), path(&key), path(&ca));
+    // Rank 1 reaches rank 0's control service over TLS, or the group never
+    // serves.
+    let serve = Serve::start(
+        "serve-tls",
+        &dir,
+        "tiny",
+        2,
+        &["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_file],
+    );
+    let ca_pem = std::fs::read_to_string(&ca).expect("ca");
+    let body = json!({"model": "tiny", "prompt": "hello world", "max_tokens": 4}).to_string();
+    let answer = https_exchange(
+        serve.port,
+        &ca_pem,
+        &format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        serve.logs()
+    );
+    assert!(answer.contains("\"completion_tokens\":4"), "{answer}");
+
+    // Plain HTTP to the same port is never answered.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", serve.port)).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut raw = Vec::new();
+    let _ = plain.read_to_end(&mut raw);
+    assert!(
+        !raw.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
 }

@@ -117,6 +117,13 @@ pub struct Cli {
     /// Deployments reconciled at once.
     #[arg(long, env = "TANDEM_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// Namespace of the Secret that keeps the operator's CA, which issues
+    /// every deployment's serving certificate.
+    #[arg(long, env = "TANDEM_CA_SECRET_NAMESPACE", default_value = DEFAULT_LEASE_NAMESPACE)]
+    pub ca_secret_namespace: String,
+    /// Name of that Secret; created (with a new CA) when missing.
+    #[arg(long, env = "TANDEM_CA_SECRET_NAME", default_value = "tandem-ca")]
+    pub ca_secret_name: String,
 }
 
 impl Cli {

@@ -19,6 +19,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::tz::TimeZone;
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -29,7 +30,7 @@ use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tandem_crds::{
     Backend, LABEL_NODE_ACCESS, LlamaDeployment, LlamaDeploymentStatus, LlamaNode, LlamaShard,
-    node_accesses,
+    NodeAccess, node_accesses,
 };
 use tandem_planner::{NodeInfo, PortRange};
 use tokio::sync::{mpsc, watch};
@@ -42,6 +43,7 @@ use crate::ledger::Ledger;
 use crate::liveness::{self, LeaseWatch, Watched};
 use crate::metrics::Metrics;
 use crate::objects::{self, FINALIZER, LABEL_GROUP_TOKEN, MANAGER};
+use crate::tls::{self, CertificateAuthority};
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -60,6 +62,8 @@ pub struct RunConfig {
     pub concurrency: u16,
     /// This replica's identity, for Events.
     pub identity: String,
+    /// The CA that issues deployments' serving certificates.
+    pub ca: Arc<CertificateAuthority>,
 }
 
 /// What `reconcile` is handed.
@@ -81,8 +85,13 @@ pub struct Context {
     pub placement: Mutex<()>,
     /// When the node Lease watch last listed.
     pub lease_watch: Arc<LeaseWatch>,
-    /// Group-token Secrets, metadata only (the operator never reads tokens back).
+    /// Group-token and TLS Secrets, metadata only (the operator never reads
+    /// tokens or keys back).
     token_secrets: Store<PartialObjectMeta<Secret>>,
+    /// The addresses each deployment's TLS Secret was last issued for by
+    /// this process, its renewal day and when, by deployment uid: for a
+    /// minute the cache may not show the write yet.
+    tls_issued: Mutex<HashMap<String, (String, String, Instant)>>,
     /// The per-node Roles the operator keeps (label `tandem.dev/node-access`).
     node_roles: Store<Role>,
     /// Turns true once the shard, node, Lease, Secret and Role caches have listed.
@@ -342,6 +351,109 @@ impl Context {
         Ok(())
     }
 
+    /// Makes the deployment's TLS Secret hold a certificate of the
+    /// operator's CA naming `addresses`, issuing a new one when the Secret
+    /// is missing, names other addresses (the placement moved) or is due
+    /// for renewal.
+    async fn ensure_tls(
+        &self,
+        d: &LlamaDeployment,
+        owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+        addresses: &[std::net::IpAddr],
+    ) -> Result<(), Error> {
+        let ns = d.namespace().unwrap_or_default();
+        let name = objects::tls_secret_name(&d.name_any());
+        let wanted = tls::addresses_annotation(addresses);
+        let today = Timestamp::now().to_zoned(TimeZone::UTC).date();
+        let issued_here = self
+            .tls_issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&owner.uid)
+            .cloned();
+        if let Some((issued, renewal, at)) = &issued_here
+            && at.elapsed() < Duration::from_secs(60)
+            && tls::still_fits(Some(issued), Some(renewal), &wanted, today)
+        {
+            return Ok(());
+        }
+        let owned = |s: &PartialObjectMeta<Secret>| {
+            s.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == owner.uid)
+        };
+        let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
+        if let Some(s) = &cached
+            && owned(s)
+        {
+            let (issued, renewal) = objects::tls_annotations(s.as_ref());
+            if tls::still_fits(issued, renewal, &wanted, today) {
+                return Ok(());
+            }
+        }
+        // As for the token: the real object decides, never the labelled
+        // cache, so a Secret of that name the deployment does not own is
+        // left alone.
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let existing = api
+            .get_metadata_opt(&name)
+            .await
+            .map_err(api_error("get", "Secret", &ns, &name))?;
+        if let Some(s) = &existing {
+            if !owned(s) {
+                return Err(Error::ForeignSecret {
+                    name: format!("{ns}/{name}"),
+                });
+            }
+            let (issued, renewal) = objects::tls_annotations(s);
+            if tls::still_fits(issued, renewal, &wanted, today) {
+                return Ok(());
+            }
+        }
+        self.may_write("Secret", &ns, &name)?;
+        let issued = self
+            .config
+            .ca
+            .issue(&d.name_any(), addresses, today)
+            .map_err(|e| Error::Certificate {
+                name: format!("{ns}/{name}"),
+                message: e.to_string(),
+            })?;
+        let renewal = issued.renew_after.to_string();
+        let secret = objects::build_tls_secret(
+            d,
+            owner,
+            &wanted,
+            &renewal,
+            tls::secret_data(&issued, self.config.ca.cert_pem()),
+        );
+        if existing.is_some() {
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(api_error("apply", "Secret", &ns, &name))?;
+        } else {
+            api.create(
+                &PostParams {
+                    field_manager: Some(MANAGER.to_owned()),
+                    ..PostParams::default()
+                },
+                &secret,
+            )
+            .await
+            .map_err(api_error("create", "Secret", &ns, &name))?;
+        }
+        tracing::info!(secret = %format!("{ns}/{name}"), addresses = %wanted, renew_after = %renewal, "issued a serving certificate");
+        self.tls_issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(owner.uid.clone(), (wanted, renewal, Instant::now()));
+        Ok(())
+    }
+
     /// The digest of the deployment's API key, read from its
     /// `spec.serving.apiKeySecretRef`; `None` without one. Agents never get
     /// the key itself: it goes into the group-token Secret as this digest.
@@ -390,11 +502,18 @@ impl Context {
     ) -> Result<(), Error> {
         let ns = d.namespace().unwrap_or_default();
         let deployment = d.name_any();
-        let wanted = node_accesses(
+        let own_tls = d.spec.tls_user_secret().map(str::to_owned);
+        let wanted: Vec<_> = node_accesses(
             &ns,
             &deployment,
             placed.iter().map(|(s, n)| (s.as_str(), n.as_str())),
-        );
+        )
+        .into_iter()
+        .map(|access| NodeAccess {
+            tls_secret: own_tls.clone(),
+            ..access
+        })
+        .collect();
         let roles: Api<Role> = Api::namespaced(self.client.clone(), &ns);
         let bindings: Api<RoleBinding> = Api::namespaced(self.client.clone(), &ns);
         let params = PatchParams::apply(MANAGER).force();
@@ -571,6 +690,25 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
     };
     let (outcome, placed) = outcome;
 
+    // The certificate names the current epoch's nodes: those of the shards
+    // this pass writes, else of the shards already there.
+    let issued_tls = d.spec.tls_enabled() && d.spec.tls_user_secret().is_none();
+    let tls_addresses = issued_tls
+        .then(|| {
+            outcome
+                .apply
+                .first()
+                .map(|s| s.spec.clone())
+                .or_else(|| {
+                    let (_, own) = shard_views(ctx, &uid);
+                    own.iter()
+                        .filter(|s| s.spec.epoch == outcome.status.epoch)
+                        .map(|s| s.spec.clone())
+                        .next()
+                })
+                .map(|spec| tls::certificate_addresses(&spec))
+        })
+        .flatten();
     let written = async {
         if let Some(epoch) = outcome.token_epoch {
             ctx.ensure_token(&d, &owner, epoch).await?;
@@ -579,6 +717,9 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         // shard can read the token; an agent that is faster than the RBAC
         // cache retries (docs/agent.md).
         ctx.ensure_node_access(&d, &owner, &placed).await?;
+        if let Some(addresses) = &tls_addresses {
+            ctx.ensure_tls(&d, &owner, addresses).await?;
+        }
         // The token first (ranks read it as they start), then every shard
         // of the epoch at once.
         let api: Api<LlamaShard> = Api::namespaced(ctx.client.clone(), &ns);
@@ -616,8 +757,10 @@ async fn apply(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error> 
         tracing::info!(deployment = %format!("{ns}/{name}"), epoch = outcome.status.epoch, cause = cause.label(), "started a new epoch");
     }
     ctx.delete_shards(&ns, &outcome.delete).await?;
-    ctx.write_status(&d, &prior, &outcome.status).await?;
-    ctx.metrics.set_phase(&uid, outcome.status.phase);
+    let mut status = outcome.status;
+    status.ca_bundle = issued_tls.then(|| ctx.config.ca.cert_pem().to_owned());
+    ctx.write_status(&d, &prior, &status).await?;
+    ctx.metrics.set_phase(&uid, status.phase);
     ctx.publish(&d, outcome.notices);
     Ok(Action::requeue(outcome.requeue_after))
 }
@@ -937,6 +1080,7 @@ pub async fn run(
         placement: Mutex::new(()),
         lease_watch,
         token_secrets: token_store,
+        tls_issued: Mutex::new(HashMap::new()),
         node_roles: role_store,
         caches_ready,
         failures: Mutex::new(HashMap::new()),

@@ -663,6 +663,7 @@ pub(crate) mod tests {
                 max_context_tokens: 8192,
                 serving: None,
                 architecture: None,
+                tls: None,
             },
         );
         d.metadata.namespace = Some("ns".into());
@@ -755,6 +756,9 @@ pub(crate) mod tests {
                     key: Some("token".into()),
                 },
                 api_key_secret_ref: None,
+                tls_secret_ref: Some(tandem_crds::SecretRef {
+                    name: format!("{deployment}-tls"),
+                }),
                 max_context_tokens: 8192,
                 batching: Some(BatchLimits::default()),
             },

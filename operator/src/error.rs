@@ -61,6 +61,14 @@ pub enum Error {
         /// `namespace/name` of the object.
         name: String,
     },
+    /// Issuing a deployment's serving certificate failed.
+    #[error("failed to issue the certificate for Secret {name}: {message}")]
+    Certificate {
+        /// `namespace/name` of the TLS Secret.
+        name: String,
+        /// What the issuer said.
+        message: String,
+    },
     /// Serializing an object for server-side apply failed.
     #[error("failed to serialize {what}: {source}")]
     Serialize {
@@ -73,7 +81,7 @@ pub enum Error {
 }
 
 /// Every value [`Error::category`] can return.
-pub const CATEGORIES: [&str; 11] = [
+pub const CATEGORIES: [&str; 12] = [
     "conflict",
     "forbidden",
     "not_found",
@@ -85,12 +93,13 @@ pub const CATEGORIES: [&str; 11] = [
     "finalizer",
     "serialize",
     "not_leading",
+    "certificate",
 ];
 
 impl Error {
     /// A bounded label: `conflict`, `forbidden`, `not_found`, `invalid`,
     /// `unavailable`, `api`, `missing_field`, `release_pending`, `finalizer`,
-    /// `serialize` or `not_leading`.
+    /// `serialize`, `not_leading` or `certificate`.
     pub fn category(&self) -> &'static str {
         match self {
             Error::Api { source, .. } => api_category(source),
@@ -106,6 +115,7 @@ impl Error {
             },
             Error::Serialize { .. } => "serialize",
             Error::NotLeading { .. } => "not_leading",
+            Error::Certificate { .. } => "certificate",
         }
     }
 

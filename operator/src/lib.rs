@@ -19,6 +19,7 @@
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`cli`], [`telemetry`]: flags and environment, tracing setup.
+//! - [`tls`]: the operator's CA and the serving certificates it issues.
 //! - [`error`]: the error type of each layer, with a bounded `category()`.
 
 pub mod cli;
@@ -36,6 +37,7 @@ pub mod objects;
 pub mod restart;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -110,6 +112,30 @@ async fn finish(mut term: tokio::task::JoinHandle<()>, drain: std::time::Duratio
     }
 }
 
+/// The operator's CA (`--ca-secret-namespace`/`--ca-secret-name`), created
+/// on first start. A failure (the API server away, no rights yet) is
+/// retried every few seconds; `None` when `stop` turns true first.
+async fn load_ca(
+    client: &Client,
+    cli: &Cli,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tls::CertificateAuthority> {
+    let (namespace, name) = (&cli.ca_secret_namespace, &cli.ca_secret_name);
+    loop {
+        let today = k8s_openapi::jiff::Timestamp::now()
+            .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
+            .date();
+        match tls::CertificateAuthority::load_or_create(client, namespace, name, today).await {
+            Ok(ca) => return Some(ca),
+            Err(e) => tracing::warn!(error = %e, "loading the CA failed; retrying in 5s"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+    }
+}
+
 /// The whole operator: HTTP endpoints, then (with leader election) a loop of
 /// campaigning and leading terms, until SIGTERM or SIGINT. On shutdown the
 /// controller finishes its in-flight reconciles and the leader Lease is released.
@@ -139,7 +165,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    let ca = match load_ca(&client, &cli, stop.clone()).await {
+        Some(ca) => Arc::new(ca),
+        None => {
+            signal_task.abort();
+            http_task.abort();
+            return Ok(());
+        }
+    };
     let run_config = RunConfig {
+        ca,
         namespace: cli.namespace.clone(),
         lease_namespace: cli.lease_namespace.clone(),
         port_range: cli.port_range,

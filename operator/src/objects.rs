@@ -1,5 +1,5 @@
 //! The objects the operator writes, built as plain values: one LlamaShard per
-//! rank of an epoch, and the per-deployment group-token Secret. Names, labels
+//! rank of an epoch, and the per-deployment group-token and TLS Secrets. Names, labels
 //! and owner references are decided here and nowhere else.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use tandem_crds::{
     LABEL_DEPLOYMENT, LABEL_EPOCH, LABEL_NODE, LlamaDeployment, LlamaShard, LlamaShardSpec, Peer,
-    SecretKeyRef,
+    SecretKeyRef, SecretRef,
 };
 use tandem_planner::{ModelShape, Plan};
 
@@ -27,6 +27,12 @@ pub const TOKEN_KEY: &str = "token";
 pub const ANNOTATION_TOKEN_EPOCH: &str = "tandem.dev/epoch";
 /// Label on the group-token Secret, so the operator can watch only its own Secrets.
 pub const LABEL_GROUP_TOKEN: &str = "tandem.dev/group-token";
+/// Annotation on an issued TLS Secret: the addresses its certificate names,
+/// comma-separated, so a moved placement is seen from metadata alone.
+pub const ANNOTATION_TLS_ADDRESSES: &str = "tandem.dev/tls-addresses";
+/// Annotation on an issued TLS Secret: the day (`YYYY-MM-DD`, UTC) from
+/// which its certificate is to be issued again, ahead of its expiry.
+pub const ANNOTATION_TLS_RENEW_AFTER: &str = "tandem.dev/tls-renew-after";
 /// Revision loaded when the spec names none.
 pub const DEFAULT_REVISION: &str = "main";
 
@@ -40,6 +46,24 @@ pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
 /// Name of the deployment's group-token Secret: `<deployment>-group-token`.
 pub fn secret_name(deployment: &str) -> String {
     tandem_crds::group_token_secret_name(deployment)
+}
+
+/// Name of the deployment's issued TLS Secret: `<deployment>-tls`.
+pub fn tls_secret_name(deployment: &str) -> String {
+    tandem_crds::tls_secret_name(deployment)
+}
+
+/// The TLS Secret rank 0 serves with: the user's own (`spec.tls.secretName`)
+/// or the one the operator issues; `None` when TLS is off.
+pub fn tls_secret_ref(d: &LlamaDeployment) -> Option<SecretRef> {
+    if !d.spec.tls_enabled() {
+        return None;
+    }
+    let name = match d.spec.tls_user_secret() {
+        Some(own) => own.to_owned(),
+        None => tls_secret_name(&d.name_any()),
+    };
+    Some(SecretRef { name })
 }
 
 /// The controller owner reference children carry: garbage collection removes
@@ -104,6 +128,7 @@ pub fn build_shards(
     };
     let world_size = i32::try_from(plan.world_size).unwrap_or(i32::MAX);
     let batching = Some(d.spec.batch_limits());
+    let tls = tls_secret_ref(d);
     plan.ranks
         .iter()
         .map(|p| {
@@ -136,6 +161,7 @@ pub fn build_shards(
                     serving_port: rank0.then(|| i32::from(serving_port(d))),
                     group_token_secret_ref: token.clone(),
                     api_key_secret_ref: if rank0 { api_key.clone() } else { None },
+                    tls_secret_ref: tls.clone(),
                     max_context_tokens: d.spec.max_context_tokens,
                     batching,
                 },
@@ -183,6 +209,58 @@ pub fn build_secret(
         data: Some(data),
         ..Default::default()
     }
+}
+
+/// The deployment's issued TLS Secret: the serving certificate naming
+/// `addresses` (see [`crate::tls`]), labelled and owned like the
+/// group-token Secret, so the same metadata watch sees it.
+pub fn build_tls_secret(
+    d: &LlamaDeployment,
+    owner: &OwnerReference,
+    addresses: &str,
+    renew_after: &str,
+    data: BTreeMap<String, ByteString>,
+) -> Secret {
+    let name = d.name_any();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(tls_secret_name(&name)),
+            namespace: d.namespace(),
+            labels: Some(
+                [
+                    (LABEL_DEPLOYMENT.to_owned(), label_value(&name)),
+                    (LABEL_GROUP_TOKEN.to_owned(), "true".to_owned()),
+                ]
+                .into(),
+            ),
+            annotations: Some(
+                [
+                    (ANNOTATION_TLS_ADDRESSES.to_owned(), addresses.to_owned()),
+                    (
+                        ANNOTATION_TLS_RENEW_AFTER.to_owned(),
+                        renew_after.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// The addresses an issued TLS Secret's certificate names and the day it
+/// is due again, from its annotations (works on metadata alone).
+pub fn tls_annotations<K: Resource>(secret: &K) -> (Option<&str>, Option<&str>) {
+    let annotations = secret.meta().annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    (
+        get(ANNOTATION_TLS_ADDRESSES),
+        get(ANNOTATION_TLS_RENEW_AFTER),
+    )
 }
 
 /// The epoch a group-token Secret's token belongs to, from its annotation

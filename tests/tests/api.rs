@@ -81,6 +81,10 @@ fn full_deployment(name: &str) -> LlamaDeployment {
                 max_completion_tokens: Some(1024),
             }),
             architecture: Some(architecture()),
+            tls: Some(Tls {
+                enabled: Some(true),
+                secret_name: Some("llama-own-tls".into()),
+            }),
         },
     )
 }
@@ -198,7 +202,8 @@ async fn a_full_llama_deployment_round_trips() {
                 bytes_done: None,
             },
         ],
-        endpoint: Some("http://10.1.0.1:9090".into()),
+        endpoint: Some("https://10.1.0.1:9090".into()),
+        ca_bundle: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
         valid_world_sizes: vec![1, 2, 4, 8],
         memory_per_rank_bytes: Some(512 * 1024 * 1024),
         conditions: vec![
@@ -288,6 +293,9 @@ async fn shards_and_nodes_round_trip_with_status_subresources() {
                 key: None,
             },
             api_key_secret_ref: None,
+            tls_secret_ref: Some(SecretRef {
+                name: "llama-tls".into(),
+            }),
             max_context_tokens: 8192,
             batching: Some(BatchLimits::default()),
         },

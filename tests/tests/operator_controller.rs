@@ -100,7 +100,32 @@ async fn apply_places_shards_with_peers_then_serves() {
     let st = s.serve("llama", 1, 2).await;
     assert_eq!(st.ready.as_deref(), Some("2/2"));
     let rank0_ip = peers[0].address.rsplit_once(':').expect("ip:port").0;
-    assert_eq!(st.endpoint, Some(format!("http://{rank0_ip}:8080")));
+    assert_eq!(st.endpoint, Some(format!("https://{rank0_ip}:8080")));
+    // TLS is on by default: the operator issued `llama-tls` from its CA for
+    // the placed nodes' addresses, every rank points at it, and the CA is
+    // published in the status.
+    let ca = st.ca_bundle.clone().expect("status.caBundle");
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+    for shard in &shards {
+        assert_eq!(
+            shard.spec.tls_secret_ref.as_ref().map(|r| r.name.as_str()),
+            Some("llama-tls")
+        );
+    }
+    let tls = tls_secret(&s, "llama").await;
+    assert_eq!(tls.owner_references()[0].uid, uid);
+    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(tls_text(&tls, "ca.crt"), ca);
+    assert!(tls_text(&tls, "tls.crt").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(tls_text(&tls, "tls.key").contains("PRIVATE KEY"));
+    assert_eq!(tls_addresses(&tls), node_ips(&shards[0]));
+    let renew_after = tls.annotations().get("tandem.dev/tls-renew-after").cloned();
+    assert!(
+        renew_after
+            .as_ref()
+            .is_some_and(|d| d.len() == 10 && d.as_str() > "2026-"),
+        "{renew_after:?}"
+    );
     assert_eq!(st.observed_generation, Some(1));
     for t in ["Placed", "ShardsLoaded", "GroupFormed", "Ready"] {
         let c = condition(&st, t).unwrap_or_else(|| panic!("{t}"));
@@ -135,6 +160,116 @@ async fn apply_places_shards_with_peers_then_serves() {
             .expect("phase gauge"),
         1.0
     );
+}
+
+/// The deployment's issued TLS Secret.
+async fn tls_secret(s: &Setup, deployment: &str) -> Secret {
+    Api::namespaced(s.admin.clone(), s.ns())
+        .get(&format!("{deployment}-tls"))
+        .await
+        .expect("the TLS Secret")
+}
+
+fn tls_text(secret: &Secret, key: &str) -> String {
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).expect(key);
+    String::from_utf8(bytes.0.clone()).expect("UTF-8")
+}
+
+fn tls_addresses(secret: &Secret) -> String {
+    secret
+        .annotations()
+        .get("tandem.dev/tls-addresses")
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The placed nodes' addresses, sorted, as the certificate must name them.
+fn node_ips(shard: &LlamaShard) -> String {
+    let mut ips: Vec<std::net::IpAddr> = shard
+        .spec
+        .peers
+        .iter()
+        .filter_map(|p| p.address.rsplit_once(':')?.0.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test]
+async fn tls_off_or_a_users_own_secret_is_what_the_shards_get() {
+    let s = Setup::new("tls").await;
+    let _op = s.operator("a");
+    s.nodes(2, 64, 30).await;
+    let mut plain = deployment("plain", 1, &s.agents);
+    plain.spec.tls = Some(Tls {
+        enabled: Some(false),
+        secret_name: None,
+    });
+    let mut own = deployment("own", 1, &s.agents);
+    own.spec.tls = Some(Tls {
+        enabled: None,
+        secret_name: Some("my-cert".into()),
+    });
+    s.create(&plain).await;
+    s.create(&own).await;
+    let shards = eventually("one shard of each deployment", WAIT, || async {
+        let all = shards_of_epoch(&s.admin, s.ns(), 1).await?;
+        Ok((all.len() == 2).then_some(all))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    for shard in &shards {
+        let want = (shard.spec.deployment == "own").then_some("my-cert");
+        assert_eq!(
+            shard.spec.tls_secret_ref.as_ref().map(|r| r.name.as_str()),
+            want,
+            "{}",
+            shard.spec.deployment
+        );
+    }
+    // The node of the deployment with its own Secret may read that Secret.
+    let own_shard = shards
+        .iter()
+        .find(|sh| sh.spec.deployment == "own")
+        .expect("own's shard");
+    let role: k8s_openapi::api::rbac::v1::Role = Api::namespaced(s.admin.clone(), s.ns())
+        .get(&node_access_name(&own_shard.spec.node_name, "own"))
+        .await
+        .expect("the node's Role for own");
+    let readable: Vec<String> = role
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            r.resources
+                .as_ref()
+                .is_some_and(|x| x.contains(&"secrets".to_owned()))
+        })
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        readable,
+        vec!["own-group-token".to_owned(), "my-cert".to_owned()]
+    );
+    for name in ["plain", "own"] {
+        let st = s
+            .status(name, "Loading", |st| {
+                st.phase == Some(DeploymentPhase::Loading)
+            })
+            .await;
+        assert_eq!(st.ca_bundle, None, "{name}: no CA of the operator's");
+    }
+    let secrets: Api<Secret> = Api::namespaced(s.admin.clone(), s.ns());
+    for name in ["plain-tls", "own-tls"] {
+        assert!(
+            secrets.get_opt(name).await.expect("get").is_none(),
+            "{name} was issued"
+        );
+    }
 }
 
 #[tokio::test]
@@ -178,6 +313,15 @@ async fn scaling_2_to_4_to_1_starts_new_epochs_and_keeps_nodes() {
     assert!(note.contains("2 → 4"), "{note}");
     let token2 = token(&s.admin, s.ns(), "llama").await.expect("token");
     assert_ne!(token1, token2, "a new epoch rotates the group token");
+    // The serving certificate is issued again for the four nodes.
+    let want = node_ips(&second[0]);
+    assert_eq!(want.split(',').count(), 4, "{want}");
+    eventually("the certificate names the four nodes", WAIT, || async {
+        let tls = tls_secret(&s, "llama").await;
+        Ok((tls_addresses(&tls) == want).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     s.serve("llama", 2, 4).await;
 
     let out = s

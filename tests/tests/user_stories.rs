@@ -29,7 +29,9 @@ async fn apply_ask_scale_and_delete() {
     let st = s.serving("smol", 1, 0).await;
     assert_eq!(reason(&st, "Ready"), "Serving", "{:?}", st.conditions);
     assert_eq!(st.valid_world_sizes, vec![1, 3], "{st:?}");
+    // The openai client over TLS, trusting the CA of status.caBundle.
     ask(&st, CAPITAL).await;
+    tls_is_required(&s, &st).await;
     let first = nodes_of(&st);
     let running = s.running_on(&first[0]).await;
     assert!(
@@ -90,6 +92,44 @@ async fn apply_ask_scale_and_delete() {
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     }
+}
+
+/// TLS is on by default and nothing else is served: a plain-HTTP client
+/// gets no HTTP answer from rank 0, a client that does not trust the CA is
+/// refused by its own verification, and the certificate is the operator's
+/// `<deployment>-tls`, whose CA is the one published in `status.caBundle`.
+async fn tls_is_required(s: &Story, st: &LlamaDeploymentStatus) {
+    let endpoint = st.endpoint.clone().expect("endpoint");
+    let (address, _) = endpoint_address(&endpoint);
+    let plain = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address)?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(40)))?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut answer = Vec::new();
+        // The server ends the connection: a TLS alert at most, then EOF.
+        let _ = stream.read_to_end(&mut answer);
+        Ok(answer)
+    })
+    .await
+    .expect("join")
+    .expect("plain connection");
+    assert!(
+        !plain.starts_with(b"HTTP/"),
+        "rank 0 answered plain HTTP: {}",
+        String::from_utf8_lossy(&plain)
+    );
+    let ep = endpoint.clone();
+    let untrusting = tokio::task::spawn_blocking(move || openai_chat(&ep, None, CAPITAL.0))
+        .await
+        .expect("join");
+    let refusal = format!(
+        "{:#}",
+        untrusting.expect_err("the system roots do not know the CA")
+    );
+    assert!(refusal.contains("CERTIFICATE_VERIFY_FAILED"), "{refusal}");
+    let ca = s.secret_text("smol-tls", TLS_CA_KEY).await;
+    assert_eq!(Some(&ca), st.ca_bundle.as_ref());
 }
 
 /// A rank's agent killed (kill -9) → the group fails fast and re-forms →
@@ -263,19 +303,13 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
 
     // A long streamed answer; freeze rank 1 once it flows.
     let endpoint = st.endpoint.clone().expect("endpoint");
-    let port: u16 = endpoint
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("endpoint port");
+    let ca = st.ca_bundle.clone().expect("status.caBundle");
     // The stories' context is 512 tokens: the prompt and 400 more.
     let body = json!({"model": "smol", "max_tokens": 400, "ignore_eos": true, "stream": true,
         "messages": [{"role": "user", "content": "Tell me a long story."}]})
     .to_string();
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .expect("read timeout");
+    let mut stream =
+        tls_connect(&endpoint, &ca, std::time::Duration::from_secs(60)).expect("connect");
     use std::io::{BufRead, Write};
     write!(
         stream,
@@ -336,13 +370,13 @@ async fn a_frozen_rank_fails_requests_fast_and_the_group_reforms() {
 
     // Rank 0's health check no longer says ok: a 503 with the reason while
     // the failed worker winds down, then no answer until the group is back.
-    let health = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut h| {
-        h.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-        h.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut h, &mut answer)?;
-        Ok(answer)
-    });
+    let health =
+        tls_connect(&endpoint, &ca, std::time::Duration::from_secs(5)).and_then(|mut h| {
+            h.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut h, &mut answer)?;
+            Ok(answer)
+        });
     if let Ok(answer) = &health {
         assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
     }

@@ -33,13 +33,14 @@ async fn the_group_keeps_serving_through_an_api_server_restart() {
 
     // Chat without pause while the API server is stopped and started.
     let endpoint = st.endpoint.clone().expect("endpoint");
+    let ca = st.ca_bundle.clone().expect("status.caBundle");
     let stop = Arc::new(AtomicBool::new(false));
     let chatter = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut answered = 0;
             while !stop.load(Ordering::Relaxed) {
-                let (answer, _) = openai_chat(&endpoint, CAPITAL.0)?;
+                let (answer, _) = openai_chat(&endpoint, Some(&ca), CAPITAL.0)?;
                 anyhow::ensure!(answer.contains(CAPITAL.1), "a wrong answer: {answer:?}");
                 answered += 1;
             }

@@ -50,9 +50,18 @@ async fn a_shard_that_turns_ready_while_the_api_server_is_away_serves_after_it_r
         .map(|(h, _)| h.to_owned())
         .expect("rank 0's address");
     let endpoint = format!(
-        "http://{host}:{}",
+        "https://{host}:{}",
         shard.spec.serving_port.expect("rank 0's serving port")
     );
+    // The CA a client trusts, while the API server can still be asked.
+    let tls_secret = shard
+        .spec
+        .tls_secret_ref
+        .as_ref()
+        .expect("TLS is on by default")
+        .name
+        .clone();
+    let ca = s.secret_text(&tls_secret, TLS_CA_KEY).await;
 
     tokio::task::spawn_blocking(|| cluster().stop_apiserver())
         .await
@@ -64,7 +73,7 @@ async fn a_shard_that_turns_ready_while_the_api_server_is_away_serves_after_it_r
     let ep = endpoint.clone();
     let answered = tokio::task::spawn_blocking(move || {
         while stopped.elapsed() < OUTAGE - Duration::from_secs(5) {
-            if let Ok((answer, _)) = openai_chat(&ep, CAPITAL.0) {
+            if let Ok((answer, _)) = openai_chat(&ep, Some(&ca), CAPITAL.0) {
                 return Some(answer);
             }
             std::thread::sleep(Duration::from_secs(1));

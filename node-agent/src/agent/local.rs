@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use super::supervisor::{self, Worker};
 use crate::engine::config::ModelConfig;
 use crate::engine::launch::free_ports;
+use crate::tls::TlsMaterial;
 use crate::worker::protocol::{Event, Launch};
 
 /// Arguments of `serve`.
@@ -67,6 +68,24 @@ pub struct ServeArgs {
     /// Model name the API reports [default: the directory's name].
     #[arg(long)]
     pub name: Option<String>,
+    /// PEM certificate chain rank 0 serves HTTPS (and the local ranks'
+    /// control stream) with. It must name 127.0.0.1, where the other ranks
+    /// reach rank 0, besides the names clients use. Needs --tls-key and
+    /// --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with = "plain_http")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate that issued --tls-cert; the other ranks verify
+    /// rank 0 against it.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve the API (and the control stream) in plain text, without TLS:
+    /// anyone on the network path reads prompts and answers. Either this or
+    /// --tls-cert is required.
+    #[arg(long)]
+    pub plain_http: bool,
     /// How rank 0 batches requests (the same flags as `run`'s).
     #[command(flatten)]
     pub batching: super::config::BatchFlags,
@@ -149,6 +168,26 @@ fn batch_limits(args: &ServeArgs) -> anyhow::Result<BatchLimits> {
     Ok(limits)
 }
 
+/// The TLS material of `--tls-cert`, `--tls-key` and `--tls-ca`; `None`
+/// with `--plain-http`, and an error when neither was chosen.
+fn tls_material(args: &ServeArgs) -> anyhow::Result<Option<TlsMaterial>> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
+        if args.plain_http {
+            return Ok(None);
+        }
+        bail!(
+            "serve needs --tls-cert, --tls-key and --tls-ca to serve HTTPS, or --plain-http to \
+             serve plain HTTP"
+        );
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let material = TlsMaterial::new(read(cert)?, read(key)?, read(ca)?)
+        .with_context(|| format!("the TLS files {} and {}", cert.display(), key.display()))?;
+    Ok(Some(material))
+}
+
 /// The launch message of every rank.
 fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
     let world = args.world_size;
@@ -176,6 +215,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
         }
         None => None,
     };
+    let tls = tls_material(args)?;
     let ports = free_ports(world as usize + 1)?;
     let control = format!("127.0.0.1:{}", ports[world as usize]);
     let addresses: Vec<String> = ports[..world as usize]
@@ -222,11 +262,13 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
                     key: None,
                 },
                 api_key_secret_ref: None,
+                tls_secret_ref: None,
                 max_context_tokens: args.max_context_tokens,
                 batching: Some(batching),
             },
             model_dir: args.model.clone(),
             group_token: token.clone(),
+            tls: tls.clone(),
             api_key_sha256: if rank == 0 { api_key.clone() } else { None },
             max_queue: args.max_queue,
             barrier_timeout_ms: 120_000,
@@ -297,8 +339,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     let message = message.unwrap_or_default();
                     tracing::info!(rank, ?phase, "{message}");
                     if rank == 0 && phase == ShardPhase::Ready {
+                        let scheme = if launches[0].tls.is_some() { "https" } else { "http" };
                         println!(
-                            "serving {} at http://127.0.0.1:{}/v1 (world size {world}, {:?}); Ctrl-C stops it",
+                            "serving {} at {scheme}://127.0.0.1:{}/v1 (world size {world}, {:?}); Ctrl-C stops it",
                             launches[0].spec.model, args.port, args.backend
                         );
                     }
@@ -365,7 +408,10 @@ mod tests {
             serve: ServeArgs,
         }
         let parse = |extra: &[&str]| {
-            let argv = ["x", "--model", "m"].iter().chain(extra).copied();
+            let argv = ["x", "--model", "m", "--plain-http"]
+                .iter()
+                .chain(extra)
+                .copied();
             Cli::try_parse_from(argv).expect("flags").serve
         };
         assert_eq!(batch_limits(&parse(&[])).ok(), Some(BatchLimits::default()));
@@ -376,6 +422,34 @@ mod tests {
         assert!(err.to_string().contains("--max-batch-tokens 4096"), "{err}");
         let bad = parse(&["--max-batch-sequences", "0"]);
         assert!(batch_limits(&bad).is_err());
+    }
+
+    #[test]
+    fn plain_http_is_only_served_when_asked_for() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let neither = Cli::try_parse_from(["x", "--model", "m"]).expect("flags");
+        let err = tls_material(&neither.serve).expect_err("neither TLS nor --plain-http");
+        assert!(err.to_string().contains("--plain-http"), "{err}");
+        let plain = Cli::try_parse_from(["x", "--model", "m", "--plain-http"]).expect("flags");
+        assert!(tls_material(&plain.serve).expect("plain").is_none());
+        let half = Cli::try_parse_from(["x", "--model", "m", "--tls-cert", "c.pem"]);
+        assert!(half.is_err(), "--tls-cert needs --tls-key and --tls-ca");
+        let both = [
+            "x",
+            "--model",
+            "m",
+            "--plain-http",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+        ];
+        assert!(Cli::try_parse_from(both.iter().chain(&["--tls-ca", "a"])).is_err());
     }
 
     #[test]

@@ -40,7 +40,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tandem_crds::{
     API_KEY_DIGEST_KEY, Backend, LABEL_NODE, LlamaShard, NodeShard, Progress, SecretKeyRef,
-    ShardPhase, label_value,
+    SecretRef, ShardPhase, TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY, label_value,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -52,6 +52,7 @@ use super::models::{self, Download};
 use super::node::NodeShards;
 use super::supervisor::{self, Worker};
 use crate::backoff::Backoff;
+use crate::tls::TlsMaterial;
 use crate::worker::protocol::{Event, FailureReason, Launch};
 
 /// Key of the group token when the reference names none.
@@ -888,6 +889,37 @@ async fn wait_secret(
     }
 }
 
+/// Reads the shard's TLS Secret (`tls.crt`, `tls.key`, `ca.crt`), waiting
+/// (as `Pending`) while it is missing; material that does not parse, or a
+/// key that is not the certificate's, fails the shard as `InvalidShard`.
+async fn wait_tls(
+    tracked: &mut Tracked,
+    reference: &SecretRef,
+    stop: &mut watch::Receiver<Option<String>>,
+    updates: &mut watch::Receiver<Arc<LlamaShard>>,
+) -> Result<TlsMaterial, Attempt> {
+    let mut pem = Vec::with_capacity(3);
+    for key in [TLS_CERT_KEY, TLS_KEY_KEY, TLS_CA_KEY] {
+        let field = SecretKeyRef {
+            name: reference.name.clone(),
+            key: Some(key.to_owned()),
+        };
+        pem.push(wait_secret(tracked, &field, key, stop, updates).await?);
+    }
+    let [cert, key, ca]: [String; 3] = pem.try_into().map_err(|_| {
+        Attempt::fail(
+            FailureReason::InvalidShard,
+            "reading the TLS Secret".to_owned(),
+        )
+    })?;
+    TlsMaterial::new(cert, key, ca).map_err(|e| {
+        Attempt::fail(
+            FailureReason::InvalidShard,
+            format!("TLS Secret {}: {e}", reference.name),
+        )
+    })
+}
+
 /// One attempt: from the spec to a running worker, until it ends.
 async fn attempt(
     tracked: &mut Tracked,
@@ -972,6 +1004,13 @@ async fn attempt(
         }
         _ => None,
     };
+    let tls = match &spec.tls_secret_ref {
+        Some(reference) => match wait_tls(tracked, reference, stop, updates).await {
+            Ok(material) => Some(material),
+            Err(a) => return a,
+        },
+        None => None,
+    };
 
     // The hostfile and the worker.
     let dir = ctx.config.state_dir.join(format!("{namespace}--{name}"));
@@ -990,6 +1029,7 @@ async fn attempt(
         spec: spec.clone(),
         model_dir: model_dir.clone(),
         group_token: token,
+        tls,
         api_key_sha256: api_key,
         max_queue: ctx.config.max_queue,
         barrier_timeout_ms: u64::try_from(ctx.config.barrier_timeout.as_millis())

@@ -11,7 +11,9 @@
 //!   opens the step stream, presenting the group token on every call.
 //! - [`plan_to_proto`] and [`plan_from_proto`]: a step's wire form.
 //!
-//! Rank 0 refuses callers without the token (UNAUTHENTICATED), callers of
+//! With the shard's TLS material, the service is TLS and the clients accept
+//! only rank 0's certificate from the shard's CA; the token check is the
+//! same either way. Rank 0 refuses callers without the token (UNAUTHENTICATED), callers of
 //! another epoch, model or group shape (FAILED_PRECONDITION), and joins
 //! after the group has formed (ABORTED: an old incarnation's rank 0 tells a
 //! restarted rank to come back to the next one).
@@ -32,6 +34,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::engine::batch::{Admit, Feed, PlanSink, Reuse, Save, StepPlan};
 use crate::engine::sampling::SamplingParams;
+use crate::tls::TlsMaterial;
 
 /// Generated messages, client and server of `tandem.control.v1`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
@@ -531,13 +534,20 @@ impl Interceptor for PresentToken {
     }
 }
 
+/// How long a caller has to finish the TLS handshake with the control
+/// service; a handshake runs beside the others, so a slow one holds up
+/// nobody else.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the control service (token required) and tonic-health on
-/// `listener` until `shutdown` resolves. Health reports SERVING for
-/// `tandem.control.v1.Control` once `formed` resolves.
+/// `listener` until `shutdown` resolves, over TLS with `tls`'s certificate
+/// when given. Health reports SERVING for `tandem.control.v1.Control` once
+/// `formed` resolves.
 pub async fn serve(
     listener: TcpListener,
     coordinator: Arc<Coordinator>,
     token: String,
+    tls: Option<&TlsMaterial>,
     formed: impl std::future::Future<Output = ()> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -557,7 +567,11 @@ pub async fn serve(
             expected: Arc::new(token),
         },
     );
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.control_server_config(HANDSHAKE_TIMEOUT))?;
+    }
+    builder
         // Notice a peer that vanished without closing its connection.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -606,6 +620,7 @@ pub struct ControlClient {
     rank: i32,
     token: PresentToken,
     deadline: Duration,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 type Client = pb::control_client::ControlClient<
@@ -614,12 +629,14 @@ type Client = pb::control_client::ControlClient<
 
 impl ControlClient {
     /// A client of rank 0 at `address` (`ip:port`) for `rank`, giving up
-    /// on rank 0 after `deadline`.
+    /// on rank 0 after `deadline`. With `tls`, it speaks TLS and accepts
+    /// only a certificate for `address` issued by `tls`'s CA.
     pub fn new(
         address: &str,
         identity: GroupIdentity,
         rank: i32,
         token: &str,
+        tls: Option<&TlsMaterial>,
         deadline: Duration,
     ) -> Result<ControlClient, ClientError> {
         let value = format!("Bearer {token}")
@@ -631,15 +648,20 @@ impl ControlClient {
             rank,
             token: PresentToken { value },
             deadline,
+            tls: tls.map(TlsMaterial::control_client_config),
         })
     }
 
     async fn connect(&self) -> Result<Client, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.address))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", self.address))?
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
         let channel = endpoint.connect().await?;
         Ok(pb::control_client::ControlClient::with_interceptor(
             channel,

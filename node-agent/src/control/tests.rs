@@ -14,12 +14,19 @@ fn identity(world_size: i32) -> GroupIdentity {
 
 const TOKEN: &str = "s3cret-token";
 
-/// Serves rank 0's control service on `listener` with `token` until
-/// `shutdown` resolves.
+/// The certificate every test's rank 0 serves (127.0.0.1) and its CA.
+fn material() -> &'static TlsMaterial {
+    static MATERIAL: std::sync::OnceLock<TlsMaterial> = std::sync::OnceLock::new();
+    MATERIAL.get_or_init(crate::tls::test_material)
+}
+
+/// Serves rank 0's control service on `listener` with `token` (over TLS
+/// with `tls`) until `shutdown` resolves.
 fn spawn_serve(
     listener: TcpListener,
     coordinator: Arc<Coordinator>,
     token: &str,
+    tls: Option<&'static TlsMaterial>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let token = token.to_owned();
@@ -28,6 +35,7 @@ fn spawn_serve(
             listener,
             coordinator,
             token,
+            tls,
             std::future::pending(),
             shutdown,
         )
@@ -35,24 +43,67 @@ fn spawn_serve(
     })
 }
 
-/// Starts rank 0's service; returns its address and coordinator.
+/// Starts rank 0's service over TLS; returns its address and coordinator.
 async fn start(world_size: i32, barrier: Duration) -> (String, Arc<Coordinator>) {
+    start_with(world_size, barrier, Some(material())).await
+}
+
+async fn start_with(
+    world_size: i32,
+    barrier: Duration,
+    tls: Option<&'static TlsMaterial>,
+) -> (String, Arc<Coordinator>) {
     let coordinator = Coordinator::new(identity(world_size), barrier);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    spawn_serve(listener, coordinator.clone(), TOKEN, std::future::pending());
+    spawn_serve(
+        listener,
+        coordinator.clone(),
+        TOKEN,
+        tls,
+        std::future::pending(),
+    );
     (address, coordinator)
 }
 
 fn client(address: &str, rank: i32, token: &str, id: GroupIdentity) -> ControlClient {
-    ControlClient::new(address, id, rank, token, Duration::from_secs(5)).expect("client")
+    ControlClient::new(
+        address,
+        id,
+        rank,
+        token,
+        Some(material()),
+        Duration::from_secs(5),
+    )
+    .expect("client")
 }
 
 #[tokio::test]
 async fn ranks_meet_and_every_rank_receives_every_job() {
-    let (address, coordinator) = start(3, Duration::from_secs(10)).await;
-    let c1 = client(&address, 1, TOKEN, identity(3));
-    let c2 = client(&address, 2, TOKEN, identity(3));
+    ranks_meet_and_receive_every_job(true).await;
+}
+
+#[tokio::test]
+async fn ranks_meet_and_every_rank_receives_every_job_in_plain_text() {
+    ranks_meet_and_receive_every_job(false).await;
+}
+
+async fn ranks_meet_and_receive_every_job(tls: bool) {
+    let tls = tls.then(material);
+    let (address, coordinator) = start_with(3, Duration::from_secs(10), tls).await;
+    let client = |rank| {
+        ControlClient::new(
+            &address,
+            identity(3),
+            rank,
+            TOKEN,
+            tls,
+            Duration::from_secs(5),
+        )
+        .expect("client")
+    };
+    let c1 = client(1);
+    let c2 = client(2);
 
     let (r0, r1, r2) = tokio::join!(
         coordinator.arrive(0, Stage::Connect),
@@ -137,8 +188,16 @@ async fn outsiders_can_neither_join_nor_read_steps() {
     for token in ["wrong-token", ""] {
         // A refused token is retried until the deadline (an older epoch's
         // rank 0 may still hold the address), then the refusal is the error.
-        let outsider = ControlClient::new(&address, identity(2), 1, token, Duration::from_secs(1))
-            .expect("client");
+        // The outsider has the CA: TLS lets it talk, the token keeps it out.
+        let outsider = ControlClient::new(
+            &address,
+            identity(2),
+            1,
+            token,
+            Some(material()),
+            Duration::from_secs(1),
+        )
+        .expect("client");
         match outsider.join(Stage::Connect).await {
             Err(ClientError::Refused { code, .. }) => assert_eq!(code, Code::Unauthenticated),
             other => panic!("join with {token:?} should be refused: {other:?}"),
@@ -149,8 +208,10 @@ async fn outsiders_can_neither_join_nor_read_steps() {
         }
     }
     // No token at all.
-    let channel = Endpoint::from_shared(format!("http://{address}"))
+    let channel = Endpoint::from_shared(format!("https://{address}"))
         .expect("uri")
+        .tls_config(material().control_client_config())
+        .expect("tls")
         .connect()
         .await
         .expect("connect");
@@ -163,6 +224,48 @@ async fn outsiders_can_neither_join_nor_read_steps() {
         .expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated);
     // Nothing the outsiders did counts as arriving.
+    let alone = coordinator.arrive(0, Stage::Connect).await;
+    assert!(
+        matches!(&alone, Err(BarrierError::Timeout { missing, .. }) if missing == &vec![1]),
+        "{alone:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_client_and_a_client_trusting_another_ca_get_nowhere() {
+    let (address, coordinator) = start(2, Duration::from_secs(2)).await;
+    // Plain gRPC to the TLS port: never an answer, only a transport error.
+    let plain = ControlClient::new(
+        &address,
+        identity(2),
+        1,
+        TOKEN,
+        None,
+        Duration::from_millis(800),
+    )
+    .expect("client");
+    match plain.join(Stage::Connect).await {
+        Err(ClientError::Unreachable { .. }) => {}
+        other => panic!("a plain client should not reach a TLS rank 0: {other:?}"),
+    }
+    // A rank trusting another CA refuses this rank 0's certificate, and so
+    // never presents its token to it.
+    let other_ca = crate::tls::test_material();
+    let wary = ControlClient::new(
+        &address,
+        identity(2),
+        1,
+        TOKEN,
+        Some(&other_ca),
+        Duration::from_millis(800),
+    )
+    .expect("client");
+    match wary.join(Stage::Connect).await {
+        Err(ClientError::Unreachable { last, .. }) => {
+            assert!(last.to_lowercase().contains("certificate"), "{last}");
+        }
+        other => panic!("an unknown issuer should be refused: {other:?}"),
+    }
     let alone = coordinator.arrive(0, Stage::Connect).await;
     assert!(
         matches!(&alone, Err(BarrierError::Timeout { missing, .. }) if missing == &vec![1]),
@@ -213,8 +316,15 @@ async fn an_absent_rank_0_is_reported_unreachable() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
     drop(listener);
-    let c = ControlClient::new(&address, identity(2), 1, TOKEN, Duration::from_millis(800))
-        .expect("client");
+    let c = ControlClient::new(
+        &address,
+        identity(2),
+        1,
+        TOKEN,
+        Some(material()),
+        Duration::from_millis(800),
+    )
+    .expect("client");
     match c.join(Stage::Connect).await {
         Err(ClientError::Unreachable { address: a, .. }) => assert_eq!(a, address),
         other => panic!("{other:?}"),
@@ -228,9 +338,15 @@ async fn a_rank_waits_out_an_older_rank_0_that_still_holds_the_address() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr");
     let (stop_older, stopped) = tokio::sync::oneshot::channel::<()>();
-    let older_server = spawn_serve(listener, older, "older-epoch-token", async {
-        let _ = stopped.await;
-    });
+    let older_server = spawn_serve(
+        listener,
+        older,
+        "older-epoch-token",
+        Some(material()),
+        async {
+            let _ = stopped.await;
+        },
+    );
     let c1 = client(&address.to_string(), 1, TOKEN, identity(2));
     let joining = tokio::spawn(async move { c1.join(Stage::Connect).await });
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -244,7 +360,13 @@ async fn a_rank_waits_out_an_older_rank_0_that_still_holds_the_address() {
     // The new epoch's rank 0 takes the same address.
     let coordinator = Coordinator::new(identity(2), Duration::from_secs(10));
     let listener = TcpListener::bind(address).await.expect("rebind");
-    spawn_serve(listener, coordinator.clone(), TOKEN, std::future::pending());
+    spawn_serve(
+        listener,
+        coordinator.clone(),
+        TOKEN,
+        Some(material()),
+        std::future::pending(),
+    );
     let (r0, r1) = tokio::join!(coordinator.arrive(0, Stage::Connect), joining);
     assert_eq!(r0.expect("rank 0"), vec![0, 1]);
     assert_eq!(

@@ -223,16 +223,21 @@ pub fn router(state: AppState) -> Router {
 /// connection: at most `limits.max_connections` at once (a connection
 /// beyond them gets a 503 and is closed), each closed when a request's
 /// headers do not arrive within the read timeout (an idle kept-alive
-/// connection too). Connections still open when `shutdown` resolves are
-/// left to finish.
+/// connection too). With `tls`, every connection is TLS: its handshake
+/// must finish within the read timeout too, and counts against the cap
+/// like a request; a client speaking plain HTTP fails the handshake and
+/// is closed without an answer. Connections still open when `shutdown`
+/// resolves are left to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ApiLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let service = hyper_util::service::TowerToHyperService::new(router);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -248,19 +253,33 @@ pub async fn serve(
             },
             () = &mut shutdown => return Ok(()),
         };
+        let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, limit = limits.max_connections, "connection refused: too many open");
-            tokio::spawn(refuse(stream, limits.max_connections));
+            tokio::spawn(refuse(stream, acceptor.clone(), limits.max_connections));
             continue;
         };
         let service = service.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.read_timeout())
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
+            let result = match acceptor {
+                None => serve_connection(stream, service, limits).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.read_timeout(), acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => serve_connection(stream, service, limits).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
             drop(slot);
@@ -268,19 +287,54 @@ pub async fn serve(
     }
 }
 
+/// One HTTP/1.1 connection, plain or TLS, with the header read timeout.
+async fn serve_connection<S>(
+    stream: S,
+    service: hyper_util::service::TowerToHyperService<Router>,
+    limits: ApiLimits,
+) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.read_timeout())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+}
+
+/// How long a connection over the limit has to take its 503, the TLS
+/// handshake included.
+const REFUSAL_GRACE: Duration = Duration::from_secs(1);
+
 /// Answers a connection over the limit with a 503 and closes it, giving
-/// the client a second to take it.
-async fn refuse(mut stream: tokio::net::TcpStream, limit: usize) {
+/// the client a second to take it (over TLS, to finish the handshake too).
+async fn refuse(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limit: usize,
+) {
     let body = ApiError::too_many_connections(limit).body().to_string();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(REFUSAL_GRACE, async {
+        match tls {
+            None => write_and_close(stream, &response).await,
+            Some(acceptor) => {
+                if let Ok(stream) = acceptor.accept(stream).await {
+                    write_and_close(stream, &response).await;
+                }
+            }
+        }
     })
     .await;
+}
+
+async fn write_and_close<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, response: &str) {
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -885,3 +939,6 @@ fn stream_response(
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
+
+#[cfg(test)]
+mod tls_tests;

@@ -467,13 +467,20 @@ async fn run(launch: Launch) -> Result<(), Failure> {
         let (formed_tx, formed_rx) = tokio::sync::oneshot::channel::<()>();
         let c = coordinator.clone();
         let token = launch.group_token.clone();
+        let tls = launch.tls.clone();
         tokio::spawn(async move {
             let formed = async move {
                 let _ = formed_rx.await;
             };
-            if let Err(e) =
-                control::serve(listener, c.clone(), token, formed, std::future::pending()).await
-            {
+            let served = control::serve(
+                listener,
+                c.clone(),
+                token,
+                tls.as_ref(),
+                formed,
+                std::future::pending(),
+            );
+            if let Err(e) = served.await {
                 c.mark_broken(format!("the control service stopped: {e}"));
             }
         });
@@ -488,6 +495,7 @@ async fn run(launch: Launch) -> Result<(), Failure> {
                 identity.clone(),
                 rank,
                 &launch.group_token,
+                launch.tls.as_ref(),
                 barrier_timeout,
             )
             .map_err(|e| Failure::new(FailureReason::InvalidShard, e.to_string()))?,
@@ -899,12 +907,20 @@ async fn lead(
         max_completion_tokens: usize::try_from(launch.batching.max_completion_tokens).ok(),
         limits: launch.api_limits,
     };
+    let tls = match &launch.tls {
+        Some(material) => Some(material.http_server_config().map_err(|e| {
+            Failure::new(FailureReason::InvalidShard, format!("TLS for the API: {e}"))
+        })?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = AppState::new(config, codec, scheduler.clone(), metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(
         listener,
         http::router(state),
         launch.api_limits,
+        tls,
         async move {
             let _ = stop_rx.await;
         },
@@ -912,7 +928,7 @@ async fn lead(
     emit(&Event::phase(
         ShardPhase::Ready,
         format!(
-            "serving on port {serving_port} (warm-up {warm_seconds:.2}s over prompts of {lengths:?} tokens, world size {}, batches of up to {} sequences)",
+            "serving {scheme} on port {serving_port} (warm-up {warm_seconds:.2}s over prompts of {lengths:?} tokens, world size {}, batches of up to {} sequences)",
             spec.world_size, limits.max_sequences
         ),
     ));

@@ -25,6 +25,11 @@ pub struct Launch {
     pub model_dir: PathBuf,
     /// The group token every rank presents to rank 0.
     pub group_token: String,
+    /// Rank 0's certificate and key, and the CA the other ranks verify it
+    /// against: the API and the control stream are TLS with it. `None`
+    /// only when the deployment turned TLS off (or `serve --plain-http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsMaterial>,
     /// Hex SHA-256 of the bearer key HTTP clients must present (rank 0), if
     /// any; the key itself never reaches the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -26,7 +26,8 @@ pub struct Serve {
 
 impl Serve {
     /// Starts `tandem-agent serve` on `dir` as `model_name` with `world`
-    /// ranks (and `extra` flags), and waits until it serves.
+    /// ranks (and `extra` flags), and waits until it serves: plain HTTP
+    /// unless `extra` holds `--tls-cert`.
     pub fn start(name: &str, dir: &Path, model_name: &str, world: usize, extra: &[&str]) -> Serve {
         let state = scratch(name);
         // `serve` refuses a state directory others may write.
@@ -47,6 +48,12 @@ impl Serve {
             .arg(&state)
             .args(["--name", model_name])
             .args(extra)
+            // Plain HTTP unless the test gives a certificate.
+            .args(
+                ["--plain-http"]
+                    .iter()
+                    .filter(|_| !extra.contains(&"--tls-cert")),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

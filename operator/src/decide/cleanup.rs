@@ -127,6 +127,7 @@ pub fn cleanup(input: &CleanupInput<'_>, settings: &Settings) -> CleanupOutcome 
         restart_count: input.prior.restart_count,
         last_restart: input.prior.last_restart.clone(),
         last_progress_time: None,
+        ca_bundle: input.prior.ca_bundle.clone(),
     };
     let mut notices = transition_notices(input.prior, &status);
     if timed_out && !waiting.is_empty() {

@@ -57,11 +57,16 @@ pub(super) fn progress(shards: &[&LlamaShard], world: u32) -> Progress {
         if phase == Some(ShardPhase::Ready) {
             p.ready += 1;
             if s.spec.rank == 0 {
+                let scheme = if s.spec.tls_secret_ref.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
                 p.endpoint = address
                     .as_deref()
                     .and_then(convert::endpoint_host)
                     .zip(s.spec.serving_port)
-                    .map(|(host, port)| format!("http://{host}:{port}"));
+                    .map(|(host, port)| format!("{scheme}://{host}:{port}"));
             }
         } else {
             let mut what = format!(

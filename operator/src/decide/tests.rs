@@ -254,7 +254,7 @@ fn progress_goes_loading_forming_serving_with_an_endpoint() {
     assert_eq!(w.status.phase, Some(DeploymentPhase::Serving));
     assert_eq!(w.status.ready_ranks, 2);
     assert_eq!(w.status.ready.as_deref(), Some("2/2"));
-    assert_eq!(w.status.endpoint.as_deref(), Some("http://10.0.0.1:8080"));
+    assert_eq!(w.status.endpoint.as_deref(), Some("https://10.0.0.1:8080"));
     assert_eq!(w.condition(READY).0, "True");
     assert_eq!(reasons(&out), ["Serving"]);
     let ready = conditions::find(&w.status.conditions, READY).expect("ready");

@@ -487,6 +487,9 @@ impl Group {
                 } else {
                     None
                 },
+                // The agent suites drive rank 0 with plain HTTP clients; the
+                // TLS path is the user stories' (the operator issues it).
+                tls_secret_ref: None,
                 max_context_tokens: self.max_context_tokens,
                 batching: self.batching,
             },

@@ -506,6 +506,7 @@ pub fn deployment(name: &str, world: i32, agents: &Agents) -> LlamaDeployment {
             max_context_tokens: 8192,
             serving: None,
             architecture: None,
+            tls: None,
         },
     )
 }

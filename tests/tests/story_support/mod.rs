@@ -207,6 +207,9 @@ impl Story {
                     ..Serving::default()
                 }),
                 architecture: None,
+                // TLS on, as by default: the stories reach rank 0 over
+                // HTTPS with the CA in status.caBundle.
+                tls: None,
             },
         );
         d.metadata.namespace = Some(self.ns().to_owned());
@@ -295,6 +298,20 @@ impl Story {
             .items
     }
 
+    /// One key of a Secret in the story's namespace, as text.
+    pub async fn secret_text(&self, name: &str, key: &str) -> String {
+        let secret =
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(self.admin.clone(), self.ns())
+                .get(name)
+                .await
+                .unwrap_or_else(|e| panic!("Secret {name}: {e}"));
+        let bytes = secret
+            .data
+            .and_then(|d| d.get(key).cloned())
+            .unwrap_or_else(|| panic!("Secret {name} has no {key}"));
+        String::from_utf8(bytes.0).expect("UTF-8")
+    }
+
     /// Names of the shards a node's agent reports running.
     pub async fn running_on(&self, node: &str) -> Vec<String> {
         agent_support::node(&self.admin, node)
@@ -343,12 +360,22 @@ impl Drop for Story {
 }
 
 /// A chat completion through the `openai` Python client against
-/// `endpoint` (`http://host:port`); returns the model's reply and its
-/// completion token count.
-pub fn openai_chat(endpoint: &str, question: &str) -> anyhow::Result<(String, u64)> {
+/// `endpoint` (`https://host:port`, or `http://` with TLS off), trusting
+/// only the CA `ca_pem` when given (as a user would with `status.caBundle`);
+/// returns the model's reply and its completion token count.
+pub fn openai_chat(
+    endpoint: &str,
+    ca_pem: Option<&str>,
+    question: &str,
+) -> anyhow::Result<(String, u64)> {
     const CHAT: &str = r#"
-import json, sys, openai
-client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+import json, ssl, sys, httpx, openai
+options = {}
+if len(sys.argv) > 3:
+    trust = ssl.create_default_context(cafile=sys.argv[3])
+    options["http_client"] = httpx.Client(verify=trust, timeout=60)
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, timeout=60,
+                       **options)
 model = client.models.list().data[0].id
 reply = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": sys.argv[2]}],
@@ -358,10 +385,12 @@ print(json.dumps({"content": reply.choices[0].message.content,
                   "tokens": reply.usage.completion_tokens,
                   "finish": reply.choices[0].finish_reason}))
 "#;
-    let out = Command::new(openai_python())
-        .args(["-c", CHAT, endpoint, question])
-        .output()
-        .context("running the openai client")?;
+    let mut command = Command::new(openai_python());
+    command.args(["-c", CHAT, endpoint, question]);
+    if let Some(pem) = ca_pem {
+        command.arg(ca_file(pem)?);
+    }
+    let out = command.output().context("running the openai client")?;
     if !out.status.success() {
         bail!(
             "the openai client failed against {endpoint}: {}",
@@ -377,19 +406,81 @@ print(json.dumps({"content": reply.choices[0].message.content,
     Ok((v["content"].as_str().unwrap_or_default().to_owned(), tokens))
 }
 
+/// `pem` in a file of the scratch directory, named by its content, for
+/// clients that take a CA file.
+pub fn ca_file(pem: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pem.hash(&mut h);
+    let path = agent_support::scratch("ca-bundles").join(format!("{:016x}.pem", h.finish()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The `host:port` of an endpoint URL, and its host alone.
+pub fn endpoint_address(endpoint: &str) -> (String, String) {
+    let address = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .trim_end_matches('/')
+        .to_owned();
+    let host = address
+        .rsplit_once(':')
+        .map_or(address.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    (address, host)
+}
+
+/// A TLS connection to `endpoint` (`https://ip:port`) that trusts only
+/// `ca_pem` and checks the certificate names the endpoint's address; reads
+/// time out after `read_timeout`.
+pub fn tls_connect(
+    endpoint: &str,
+    ca_pem: &str,
+    read_timeout: Duration,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.context("the CA bundle")?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (address, host) = endpoint_address(endpoint);
+    let name = rustls::pki_types::ServerName::try_from(host)?;
+    let tcp = std::net::TcpStream::connect(&address)
+        .with_context(|| format!("connecting to {address}"))?;
+    tcp.set_read_timeout(Some(read_timeout))?;
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+    Ok(rustls::StreamOwned::new(connection, tcp))
+}
+
 /// The deployment's endpoint, checked to answer a chat through the openai
-/// client; retried briefly, since Serving is reported as rank 0 starts
-/// listening.
+/// client with the CA of `status.caBundle`; retried briefly, since Serving
+/// is reported as rank 0 starts listening.
 pub async fn chat(status: &LlamaDeploymentStatus, question: &str) -> (String, u64) {
     let endpoint = status.endpoint.clone().expect("an endpoint");
+    assert!(
+        endpoint.starts_with("https://"),
+        "TLS is on by default: {endpoint}"
+    );
+    let ca = status.ca_bundle.clone().expect("the CA in status.caBundle");
     let q = question.to_owned();
     eventually(
         &format!("a chat reply from {endpoint}"),
         Duration::from_secs(60),
         || {
-            let (endpoint, q) = (endpoint.clone(), q.clone());
+            let (endpoint, q, ca) = (endpoint.clone(), q.clone(), ca.clone());
             async move {
-                tokio::task::spawn_blocking(move || openai_chat(&endpoint, &q))
+                tokio::task::spawn_blocking(move || openai_chat(&endpoint, Some(&ca), &q))
                     .await?
                     .map(Some)
             }
