@@ -314,7 +314,7 @@ fn limits_the_memory_cannot_hold_fail_at_load_saying_what_fits() {
         .arg(&dir)
         .arg("--state-dir")
         .arg(&state)
-        .args(["--max-batch-tokens", "4000000000"])
+        .args(["--max-batch-tokens", "4000000000", "--plain-http"])
         .output()
         .expect("run serve");
     let stderr = String::from_utf8_lossy(&out.stderr);
