@@ -131,9 +131,10 @@ fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
-/// Whether `shard` is controlled by the deployment with `uid`.
-fn controlled_by(shard: &LlamaShard, uid: &str) -> bool {
-    shard
+/// Whether `object` (a shard, a Secret) is controlled by the deployment
+/// with `uid`.
+fn controlled_by<K: Resource>(object: &K, uid: &str) -> bool {
+    object
         .owner_references()
         .iter()
         .any(|o| o.controller == Some(true) && o.uid == uid)
@@ -275,6 +276,62 @@ impl Context {
         Ok(())
     }
 
+    /// The real Secret `ns/name` (metadata only), read past the labelled
+    /// cache: `None` when missing, [`Error::ForeignSecret`] when it exists
+    /// but `owner` does not control it, so it is never written.
+    async fn own_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    ) -> Result<Option<PartialObjectMeta<Secret>>, Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let existing = api
+            .get_metadata_opt(name)
+            .await
+            .map_err(api_error("get", "Secret", ns, name))?;
+        match existing {
+            Some(s) if !controlled_by(&s, &owner.uid) => Err(Error::ForeignSecret {
+                name: format!("{ns}/{name}"),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Writes `secret` as `ns/name`: applied over the deployment's own
+    /// Secret when it `exists`, else created, so a Secret made in between
+    /// is never adopted.
+    async fn write_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        secret: &Secret,
+        exists: bool,
+    ) -> Result<(), Error> {
+        self.may_write("Secret", ns, name)?;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        if exists {
+            api.patch(
+                name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(secret),
+            )
+            .await
+            .map_err(api_error("apply", "Secret", ns, name))?;
+        } else {
+            api.create(
+                &PostParams {
+                    field_manager: Some(MANAGER.to_owned()),
+                    ..PostParams::default()
+                },
+                secret,
+            )
+            .await
+            .map_err(api_error("create", "Secret", ns, name))?;
+        }
+        Ok(())
+    }
+
     /// Makes the group-token Secret hold a token of `epoch`, minting a new
     /// token when it is missing or belongs to another epoch. What it holds is
     /// known from this process's own writes, else from the Secret cache.
@@ -291,62 +348,30 @@ impl Context {
         epoch: i64,
     ) -> Result<(), Error> {
         let ns = d.namespace().unwrap_or_default();
-        let name = objects::secret_name(&d.name_any());
+        let name = objects::group_token_secret_name(&d.name_any());
         let now = Instant::now();
         if self.ledger.token_written(&owner.uid, epoch, now) {
             return Ok(());
         }
-        let owned = |s: &PartialObjectMeta<Secret>| {
-            s.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == owner.uid)
-        };
         let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
         if let Some(s) = &cached
-            && owned(s)
+            && controlled_by(s.as_ref(), &owner.uid)
             && objects::secret_epoch(s.as_ref()) == Some(epoch)
         {
             return Ok(());
         }
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        let existing = api
-            .get_metadata_opt(&name)
-            .await
-            .map_err(api_error("get", "Secret", &ns, &name))?;
-        if let Some(s) = &existing {
-            if !owned(s) {
-                return Err(Error::ForeignSecret {
-                    name: format!("{ns}/{name}"),
-                });
-            }
-            if objects::secret_epoch(s) == Some(epoch) {
-                self.ledger.record_token(&owner.uid, epoch, now);
-                return Ok(());
-            }
+        let existing = self.own_secret(&ns, &name, owner).await?;
+        if let Some(s) = &existing
+            && objects::secret_epoch(s) == Some(epoch)
+        {
+            self.ledger.record_token(&owner.uid, epoch, now);
+            return Ok(());
         }
         let digest = self.api_key_digest(d).await?;
-        self.may_write("Secret", &ns, &name)?;
         let secret =
             objects::build_secret(d, owner, epoch, &objects::random_token(), digest.as_deref());
-        if existing.is_some() {
-            api.patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .map_err(api_error("apply", "Secret", &ns, &name))?;
-        } else {
-            api.create(
-                &PostParams {
-                    field_manager: Some(MANAGER.to_owned()),
-                    ..PostParams::default()
-                },
-                &secret,
-            )
-            .await
-            .map_err(api_error("create", "Secret", &ns, &name))?;
-        }
+        self.write_secret(&ns, &name, &secret, existing.is_some())
+            .await?;
         self.ledger.record_token(&owner.uid, epoch, now);
         Ok(())
     }
@@ -377,14 +402,9 @@ impl Context {
         {
             return Ok(());
         }
-        let owned = |s: &PartialObjectMeta<Secret>| {
-            s.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == owner.uid)
-        };
         let cached = self.token_secrets.get(&ObjectRef::new(&name).within(&ns));
         if let Some(s) = &cached
-            && owned(s)
+            && controlled_by(s.as_ref(), &owner.uid)
         {
             let (issued, renewal) = objects::tls_annotations(s.as_ref());
             if tls::still_fits(issued, renewal, &wanted, today) {
@@ -394,17 +414,8 @@ impl Context {
         // As for the token: the real object decides, never the labelled
         // cache, so a Secret of that name the deployment does not own is
         // left alone.
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        let existing = api
-            .get_metadata_opt(&name)
-            .await
-            .map_err(api_error("get", "Secret", &ns, &name))?;
+        let existing = self.own_secret(&ns, &name, owner).await?;
         if let Some(s) = &existing {
-            if !owned(s) {
-                return Err(Error::ForeignSecret {
-                    name: format!("{ns}/{name}"),
-                });
-            }
             let (issued, renewal) = objects::tls_annotations(s);
             if tls::still_fits(issued, renewal, &wanted, today) {
                 return Ok(());
@@ -427,25 +438,8 @@ impl Context {
             &renewal,
             tls::secret_data(&issued, self.config.ca.cert_pem()),
         );
-        if existing.is_some() {
-            api.patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .map_err(api_error("apply", "Secret", &ns, &name))?;
-        } else {
-            api.create(
-                &PostParams {
-                    field_manager: Some(MANAGER.to_owned()),
-                    ..PostParams::default()
-                },
-                &secret,
-            )
-            .await
-            .map_err(api_error("create", "Secret", &ns, &name))?;
-        }
+        self.write_secret(&ns, &name, &secret, existing.is_some())
+            .await?;
         tracing::info!(secret = %format!("{ns}/{name}"), addresses = %wanted, renew_after = %renewal, "issued a serving certificate");
         self.tls_issued
             .lock()
@@ -642,7 +636,7 @@ fn shard_views(ctx: &Context, uid: &str) -> (Vec<Arc<LlamaShard>>, Vec<Arc<Llama
     let all = ctx.ledger.merge(ctx.stores.shards.state(), Instant::now());
     let own = all
         .iter()
-        .filter(|s| controlled_by(s, uid))
+        .filter(|s| controlled_by(s.as_ref(), uid))
         .cloned()
         .collect();
     (all, own)

@@ -36,21 +36,11 @@ pub const ANNOTATION_TLS_RENEW_AFTER: &str = "tandem.dev/tls-renew-after";
 /// Revision loaded when the spec names none.
 pub const DEFAULT_REVISION: &str = "main";
 
-pub use tandem_crds::{MAX_NAME, fit_name, label_value};
+pub use tandem_crds::{MAX_NAME, fit_name, group_token_secret_name, label_value, tls_secret_name};
 
 /// Name of rank `rank`'s shard in epoch `epoch`: `<deployment>-e<epoch>-r<rank>`.
 pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
     fit_name(deployment, &format!("-e{epoch}-r{rank}"), MAX_NAME)
-}
-
-/// Name of the deployment's group-token Secret: `<deployment>-group-token`.
-pub fn secret_name(deployment: &str) -> String {
-    tandem_crds::group_token_secret_name(deployment)
-}
-
-/// Name of the deployment's issued TLS Secret: `<deployment>-tls`.
-pub fn tls_secret_name(deployment: &str) -> String {
-    tandem_crds::tls_secret_name(deployment)
 }
 
 /// The TLS Secret rank 0 serves with: the user's own (`spec.tls.secretName`)
@@ -123,7 +113,7 @@ pub fn build_shards(
         .as_ref()
         .and_then(|s| s.api_key_secret_ref.clone());
     let token = SecretKeyRef {
-        name: secret_name(&name),
+        name: group_token_secret_name(&name),
         key: Some(TOKEN_KEY.to_owned()),
     };
     let world_size = i32::try_from(plan.world_size).unwrap_or(i32::MAX);
@@ -192,7 +182,7 @@ pub fn build_secret(
     }
     Secret {
         metadata: ObjectMeta {
-            name: Some(secret_name(&name)),
+            name: Some(group_token_secret_name(&name)),
             namespace: d.namespace(),
             labels: Some(
                 [
@@ -307,7 +297,7 @@ mod tests {
     #[test]
     fn names_fit_and_stay_valid() {
         assert_eq!(shard_name("llama", 3, 1), "llama-e3-r1");
-        assert_eq!(secret_name("llama"), "llama-group-token");
+        assert_eq!(group_token_secret_name("llama"), "llama-group-token");
         let long = format!("{}.{}", "a".repeat(200), "b".repeat(52));
         let name = shard_name(&long, 12, 7);
         assert!(name.len() <= 253, "{}", name.len());

@@ -53,23 +53,13 @@ impl RingPeers {
             .and_then(|r| self.addresses.get(r))
             .ok_or_else(|| format!("{}: rank {} has no address", self.shard, self.rank))
             .and_then(parse)?;
+        // The other ranks' hosts; this host too when another rank of the
+        // group runs on it.
         let mut peers = BTreeSet::new();
         for (i, a) in self.addresses.iter().enumerate() {
             if i64::try_from(i).ok() != Some(i64::from(self.rank)) {
                 peers.insert(parse(a)?.ip());
             }
-        }
-        // Several ranks of one group on one host: the host's own address
-        // is a peer too.
-        peers.remove(&own.ip());
-        if self
-            .addresses
-            .iter()
-            .filter(|a| parse(a).is_ok_and(|s| s.ip() == own.ip()))
-            .count()
-            > 1
-        {
-            peers.insert(own.ip());
         }
         Ok((own, peers))
     }
