@@ -115,7 +115,10 @@ join_agent() {
 
 start_agent() {
   local i=$1 a=${AGENTS[$1]}
-  local first=$((47000 + i * 100))
+  # Below Linux's ephemeral range (32768-60999): a ring port there can be
+  # taken by any outgoing connection of the moment, and MLX then cannot
+  # bind it (EADDRINUSE) in every epoch the placement keeps it.
+  local first=$((21000 + i * 100))
   "$AGENT" run --kubeconfig "$DEMO/kubeconfig-$a" \
     --node-name "$a" --advertise-address 127.0.0.1 \
     --label "demo.tandem.dev/family=${FAMILY[$i]}" \
