@@ -17,6 +17,7 @@
 #            [--prompt-words 100] [--max-tokens 128] [--endpoint completions|chat]
 #            [--servers tandem,mlx_lm] [--peer-dtype auto] [--json PATH]
 #            [--agent PATH] [--python PATH] [--state-dir DIR] [--serve-args "ARGS"]
+#            [--tls]
 #   --quick        a smoke run for the CPU: concurrency 1,4, one request per
 #                  client, prompts of 16 words, 8 tokens, no batch warm-up
 #   --model        model directory (default: the real SmolLM2-135M-Instruct
@@ -35,6 +36,10 @@
 #   --state-dir    tandem's state directory (hostfile, MLX kernel cache);
 #                  default a fresh one for this run
 #   --serve-args   more flags for `tandem-agent serve` (e.g. batching limits)
+#   --tls          tandem serves HTTPS (as a deployment does by default) with
+#                  a certificate for 127.0.0.1 that openssl makes for the run;
+#                  the clients verify it. mlx_lm.server has no TLS and stays
+#                  on plain HTTP.
 #
 # Server logs go to $LOG_DIR (default ~/.cache/tandem/logs/bench-serve-*).
 set -euo pipefail
@@ -59,6 +64,7 @@ PY=${TANDEM_PEER_PYTHON:-}
 STATE_DIR=""
 SERVE_ARGS=""
 WARMUP=batch
+TLS=0
 READY_TIMEOUT=${TANDEM_BENCH_READY_TIMEOUT:-600}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -77,6 +83,7 @@ while [ $# -gt 0 ]; do
     --python) PY=$2; shift 2 ;;
     --state-dir) STATE_DIR=$2; shift 2 ;;
     --serve-args) SERVE_ARGS=$2; shift 2 ;;
+    --tls) TLS=1; shift ;;
     -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -121,6 +128,29 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-serve.XXXXXX")
 STATE_DIR=${STATE_DIR:-$WORK/state}
 mkdir -p "$LOG_DIR"
 mkdir -p -m 700 "$STATE_DIR"  # serve refuses a state directory others may write
+
+# With --tls: a CA and a server certificate for 127.0.0.1 (where the clients
+# and the other local ranks reach rank 0), made for this run only.
+TLS_ARGS="--plain-http"
+SCHEME=http
+if [ "$TLS" = 1 ]; then
+  command -v openssl >/dev/null || die "--tls needs the openssl command to make the run's certificate"
+  tls=$WORK/tls
+  mkdir -p "$tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -keyout "$tls/ca.key" -out "$tls/ca.pem" -subj /CN=tandem-bench-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$tls/server.key" -out "$tls/server.csr" -subj /CN=127.0.0.1 2>/dev/null
+  printf '%s\n' subjectAltName=IP:127.0.0.1,DNS:localhost basicConstraints=CA:FALSE \
+    keyUsage=critical,digitalSignature extendedKeyUsage=serverAuth >"$tls/ext"
+  openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
+    -days 2 -extfile "$tls/ext" -out "$tls/server.pem" 2>/dev/null
+  TLS_ARGS="--tls-cert $tls/server.pem --tls-key $tls/server.key --tls-ca $tls/ca.pem"
+  SCHEME=https
+  # Python's default context (the clients, the readiness probe) trusts it.
+  export SSL_CERT_FILE=$tls/ca.pem
+fi
 
 # ---- starting and stopping servers --------------------------------------------
 
@@ -221,13 +251,13 @@ bench_tandem() { # world
   logfile=$LOG_DIR/$TAG-$name.log
   log "$name: tandem-agent serve --world-size $world on port $port (log: $logfile)"
   # shellcheck disable=SC2086
-  "$AGENT" serve --plain-http --model "$MODEL" --world-size "$world" --port "$port" --state-dir "$STATE_DIR" \
+  "$AGENT" serve $TLS_ARGS --model "$MODEL" --world-size "$world" --port "$port" --state-dir "$STATE_DIR" \
     --max-queue $((4 * MAX_CLIENTS > 64 ? 4 * MAX_CLIENTS : 64)) $SERVE_ARGS >"$logfile" 2>&1 &
   SERVER_PID=$!
-  if wait_ready "http://127.0.0.1:$port" "$logfile" "serving "; then
-    measure "$name" "http://127.0.0.1:$port" "$(basename "$MODEL")" \
+  if wait_ready "$SCHEME://127.0.0.1:$port" "$logfile" "serving "; then
+    measure "$name" "$SCHEME://127.0.0.1:$port" "$(basename "$MODEL")" \
       --set kind=ours --set "world_size=$world" --set "version=$("$AGENT" --version)" \
-      --set "notes=world size $world, activations: the engine's auto (float32 on the CPU, bf16 on a GPU)"
+      --set "notes=world size $world, $SCHEME, activations: the engine's auto (float32 on the CPU, bf16 on a GPU)"
   else
     failed "$name" "did not become ready; log: $logfile"
   fi
