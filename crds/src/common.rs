@@ -21,9 +21,18 @@ pub const LABEL_MEMORY_GIB: &str = "tandem.dev/memory-gib";
 pub const LABEL_OS: &str = "tandem.dev/os";
 
 /// Annotation on a LlamaNode with the TCP ports its agent offers to ranks,
-/// as `FIRST-LAST` (for example `47000-47999`). The agent writes it; the
+/// as `FIRST-LAST` (for example `29000-29999`). The agent writes it; the
 /// operator allocates ring and control ports from it.
 pub const ANNOTATION_PORT_RANGE: &str = "tandem.dev/port-range";
+
+/// First port of the range an agent offers when it is given none, and the
+/// operator assumes for a node without the annotation. The range lies below
+/// the ports Linux (32768 and up) and macOS (49152 and up) hand out to
+/// outgoing connections, which could otherwise hold a port placed for a
+/// rank.
+pub const DEFAULT_PORT_FIRST: u16 = 29000;
+/// Last port, included, of that default range.
+pub const DEFAULT_PORT_LAST: u16 = 29999;
 
 /// Key of a TLS Secret holding the PEM certificate chain rank 0 serves.
 pub const TLS_CERT_KEY: &str = "tls.crt";

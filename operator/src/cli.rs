@@ -9,7 +9,6 @@ use clap::{Parser, ValueEnum};
 use tandem_crds::DEFAULT_LEASE_NAMESPACE;
 use tandem_planner::PortRange;
 
-use crate::convert::parse_port_range;
 use crate::decide::Settings;
 use crate::leader::ElectionConfig;
 use crate::restart::RestartPolicy;
@@ -24,10 +23,11 @@ pub enum LogFormat {
     Json,
 }
 
-fn port_range(text: &str) -> Result<PortRange, String> {
-    parse_port_range(text)
-        .ok_or_else(|| format!("{text:?} is not a port range such as 47000-47999"))
-}
+/// The ports a node without the `tandem.dev/port-range` annotation offers.
+const DEFAULT_PORTS: PortRange = PortRange {
+    first: tandem_crds::DEFAULT_PORT_FIRST,
+    last: tandem_crds::DEFAULT_PORT_LAST,
+};
 
 /// Places LlamaDeployments onto LlamaNodes as LlamaShards, keeps their
 /// epochs, and reports their progress.
@@ -86,7 +86,7 @@ pub struct Cli {
     pub log: String,
     /// Ports for ranks on nodes that do not announce their own range with the
     /// `tandem.dev/port-range` annotation.
-    #[arg(long, env = "TANDEM_PORT_RANGE", default_value = "47000-47999", value_parser = port_range)]
+    #[arg(long, env = "TANDEM_PORT_RANGE", default_value_t = DEFAULT_PORTS)]
     pub port_range: PortRange,
     /// Failure-driven restarts a deployment gets before it is Failed.
     #[arg(long, env = "TANDEM_RESTART_BUDGET", default_value_t = 5)]

@@ -263,16 +263,6 @@ pub fn endpoint_host(endpoint: &str) -> Option<&str> {
     Some(endpoint.rsplit_once(':')?.0).filter(|h| !h.is_empty())
 }
 
-/// Parses a `first-last` port range.
-pub fn parse_port_range(text: &str) -> Option<PortRange> {
-    let (first, last) = text.trim().split_once('-')?;
-    let range = PortRange {
-        first: first.trim().parse().ok()?,
-        last: last.trim().parse().ok()?,
-    };
-    (range.first <= range.last && range.first > 0).then_some(range)
-}
-
 /// Memory a shard holds on its node, computed from its own spec (its resolved
 /// architecture, world size, context and batch limits), so no other object is
 /// needed. A shard without batch limits runs with its agent's, which the
@@ -561,7 +551,7 @@ pub fn node_infos<'a>(
             let port_range = node
                 .annotations()
                 .get(ANNOTATION_PORT_RANGE)
-                .and_then(|r| parse_port_range(r))
+                .and_then(|r| r.parse().ok())
                 .unwrap_or(default_ports);
             let used = usage.get(&name).cloned().unwrap_or_default();
             NodeInfo {
@@ -953,15 +943,6 @@ pub(crate) mod tests {
         assert_eq!(endpoint_host("[fd00::1]:47000"), Some("[fd00::1]"));
         assert_eq!(endpoint_host("10.0.0.1:1"), Some("10.0.0.1"));
         assert_eq!(endpoint_port("nonsense"), None);
-        assert_eq!(
-            parse_port_range("41000-41999"),
-            Some(PortRange {
-                first: 41000,
-                last: 41999
-            })
-        );
-        assert_eq!(parse_port_range("5-1"), None);
-        assert_eq!(parse_port_range("x-1"), None);
     }
 
     #[test]

@@ -43,7 +43,7 @@ async fn apply_places_shards_with_peers_then_serves() {
         let (ip, port) = peer.address.rsplit_once(':').expect("ip:port");
         assert!(ip.starts_with("10.1.0."), "{ip}");
         let port: u16 = port.parse().expect("port");
-        assert!((47000..=47999).contains(&port), "{port}");
+        assert!((29000..=29999).contains(&port), "{port}");
         assert_eq!(
             shard.labels().get(LABEL_DEPLOYMENT).map(String::as_str),
             Some("llama")

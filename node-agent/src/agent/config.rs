@@ -12,7 +12,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tandem_crds::{BatchLimits, LlamaShardSpec};
+use tandem_crds::{BatchLimits, DEFAULT_PORT_FIRST, DEFAULT_PORT_LAST, LlamaShardSpec};
+use tandem_planner::PortRange;
 
 pub use super::hardware::BackendChoice;
 use crate::serve::ApiLimits;
@@ -66,7 +67,8 @@ pub struct RunArgs {
     #[arg(long, env = "TANDEM_OFFLINE")]
     pub offline: bool,
     /// TCP ports this node offers to ranks, `FIRST-LAST`; published as the
-    /// LlamaNode's `tandem.dev/port-range` annotation [default: 47000-47999].
+    /// LlamaNode's `tandem.dev/port-range` annotation [default: 29000-29999, below the ports
+    /// Linux and macOS hand out to outgoing connections].
     #[arg(long, env = "TANDEM_PORT_RANGE", value_name = "FIRST-LAST")]
     pub port_range: Option<PortRange>,
     /// MLX compute backend: auto, cpu, metal or cuda. A backend this machine
@@ -311,41 +313,10 @@ impl FromStr for LabelArg {
     }
 }
 
-/// An inclusive range of TCP ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub first: u16,
-    /// Last port, included.
-    pub last: u16,
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("`{s}` is not a port range FIRST-LAST (such as 47000-47999)");
-        let (first, last) = s.trim().split_once('-').ok_or_else(bad)?;
-        let first: u16 = first.trim().parse().map_err(|_| bad())?;
-        let last: u16 = last.trim().parse().map_err(|_| bad())?;
-        if first == 0 || first > last {
-            return Err(bad());
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
+/// `portRange` of the configuration file, parsed as `--port-range` is.
+fn port_range_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PortRange>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// The YAML configuration file.
@@ -369,6 +340,7 @@ pub struct FileConfig {
     /// See `--offline`.
     pub offline: Option<bool>,
     /// See `--port-range`.
+    #[serde(default, deserialize_with = "port_range_text")]
     pub port_range: Option<PortRange>,
     /// See `--backend`.
     pub backend: Option<BackendChoice>,
@@ -672,8 +644,8 @@ pub fn resolve(
         download_dir,
         offline: args.offline || file.offline.unwrap_or(false),
         port_range: args.port_range.or(file.port_range).unwrap_or(PortRange {
-            first: 47000,
-            last: 47999,
+            first: DEFAULT_PORT_FIRST,
+            last: DEFAULT_PORT_LAST,
         }),
         backend,
         gpus,
@@ -841,8 +813,8 @@ mod tests {
         assert_eq!(
             c.port_range,
             PortRange {
-                first: 47000,
-                last: 47999
+                first: 29000,
+                last: 29999
             }
         );
         assert_eq!(

@@ -38,6 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::RangeInclusive;
+use std::str::FromStr;
 
 use crate::error::PlanError;
 use crate::model::{
@@ -85,6 +86,26 @@ impl PortRange {
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// `FIRST-LAST`, as the `tandem.dev/port-range` annotation, the agent's
+/// `--port-range` and the operator's default spell it: both ports above 0
+/// and `FIRST <= LAST`.
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{text}` is not a port range FIRST-LAST (such as 29000-29999)");
+        let (first, last) = text.trim().split_once('-').ok_or_else(bad)?;
+        let range = PortRange {
+            first: first.trim().parse().map_err(|_| bad())?,
+            last: last.trim().parse().map_err(|_| bad())?,
+        };
+        if range.first == 0 || range.first > range.last {
+            return Err(bad());
+        }
+        Ok(range)
     }
 }
 

@@ -384,3 +384,22 @@ fn expressions_select_nodes() {
         .insert("tandem.dev/pool".into(), "x".into());
     assert_eq!(nodes_of(&plan_placement(&i).expect("ok")), ["mac-2"]);
 }
+
+#[test]
+fn port_ranges_parse_as_first_dash_last() {
+    assert_eq!(
+        "41000-41999".parse::<PortRange>(),
+        Ok(PortRange {
+            first: 41000,
+            last: 41999
+        })
+    );
+    assert_eq!(
+        " 7 - 7 ".parse::<PortRange>().map(|r| r.ports().count()),
+        Ok(1)
+    );
+    for bad in ["5-1", "x-1", "0-10", "47000", "1-70000", ""] {
+        let err = bad.parse::<PortRange>().expect_err(bad);
+        assert!(err.contains("FIRST-LAST"), "{err}");
+    }
+}
