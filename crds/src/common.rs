@@ -42,6 +42,13 @@ pub const TLS_KEY_KEY: &str = "tls.key";
 /// 1..N verify rank 0's control service against it, and clients may too.
 pub const TLS_CA_KEY: &str = "ca.crt";
 
+/// Model revision loaded when a LlamaDeployment names none, and the
+/// default of `tandem-agent download --revision`.
+pub const DEFAULT_REVISION: &str = "main";
+/// Key of the API key in the Secret `spec.serving.apiKeySecretRef` names,
+/// when the reference names none.
+pub const DEFAULT_API_KEY_KEY: &str = "api-key";
+
 /// Default namespace for node Leases.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "tandem-system";
 

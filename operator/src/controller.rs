@@ -468,7 +468,10 @@ impl Context {
             &ns,
             &reference.name,
         ))?;
-        let key = reference.key.as_deref().unwrap_or(DEFAULT_API_KEY_KEY);
+        let key = reference
+            .key
+            .as_deref()
+            .unwrap_or(tandem_crds::DEFAULT_API_KEY_KEY);
         let value = secret
             .data
             .as_ref()
@@ -588,9 +591,6 @@ impl Context {
         Ok(())
     }
 }
-
-/// Key of the API key in its Secret when `apiKeySecretRef.key` is not set.
-const DEFAULT_API_KEY_KEY: &str = "api-key";
 
 /// How often a deployment whose Secret name is taken looks again: the
 /// Secret in the way carries no label the operator watches.

@@ -21,8 +21,6 @@ use crate::convert::{architecture_from_shape, serving_port};
 pub const MANAGER: &str = "tandem-operator";
 /// Finalizer the operator keeps on a LlamaDeployment until its shards are released.
 pub const FINALIZER: &str = "tandem.dev/cleanup";
-/// Key of the group token in the group-token Secret.
-pub const TOKEN_KEY: &str = "token";
 /// Annotation on the group-token Secret: the epoch its token belongs to.
 pub const ANNOTATION_TOKEN_EPOCH: &str = "tandem.dev/epoch";
 /// Label on the group-token Secret, so the operator can watch only its own Secrets.
@@ -33,10 +31,11 @@ pub const ANNOTATION_TLS_ADDRESSES: &str = "tandem.dev/tls-addresses";
 /// Annotation on an issued TLS Secret: the day (`YYYY-MM-DD`, UTC) from
 /// which its certificate is to be issued again, ahead of its expiry.
 pub const ANNOTATION_TLS_RENEW_AFTER: &str = "tandem.dev/tls-renew-after";
-/// Revision loaded when the spec names none.
-pub const DEFAULT_REVISION: &str = "main";
 
-pub use tandem_crds::{MAX_NAME, fit_name, group_token_secret_name, label_value, tls_secret_name};
+pub use tandem_crds::{
+    DEFAULT_REVISION, GROUP_TOKEN_KEY, MAX_NAME, fit_name, group_token_secret_name, label_value,
+    tls_secret_name,
+};
 
 /// Name of rank `rank`'s shard in epoch `epoch`: `<deployment>-e<epoch>-r<rank>`.
 pub fn shard_name(deployment: &str, epoch: i64, rank: u32) -> String {
@@ -114,7 +113,7 @@ pub fn build_shards(
         .and_then(|s| s.api_key_secret_ref.clone());
     let token = SecretKeyRef {
         name: group_token_secret_name(&name),
-        key: Some(TOKEN_KEY.to_owned()),
+        key: Some(GROUP_TOKEN_KEY.to_owned()),
     };
     let world_size = i32::try_from(plan.world_size).unwrap_or(i32::MAX);
     let batching = Some(d.spec.batch_limits());
@@ -173,7 +172,10 @@ pub fn build_secret(
     api_key_digest: Option<&str>,
 ) -> Secret {
     let name = d.name_any();
-    let mut data = BTreeMap::from([(TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))]);
+    let mut data = BTreeMap::from([(
+        GROUP_TOKEN_KEY.to_owned(),
+        ByteString(token.as_bytes().to_vec()),
+    )]);
     if let Some(digest) = api_key_digest {
         data.insert(
             tandem_crds::API_KEY_DIGEST_KEY.to_owned(),
@@ -375,7 +377,7 @@ mod tests {
         assert_eq!(s.name_any(), "llama-group-token");
         assert_eq!(secret_epoch(&s), Some(7));
         assert_eq!(
-            s.data.as_ref().map(|m| m[TOKEN_KEY].0.clone()),
+            s.data.as_ref().map(|m| m[GROUP_TOKEN_KEY].0.clone()),
             Some(b"abc".to_vec())
         );
         assert_eq!(s.labels()[LABEL_GROUP_TOKEN], "true");

@@ -1107,7 +1107,7 @@ pub struct DownloadArgs {
     /// Model ID on the hub, `ORG/NAME`.
     pub model: String,
     /// Branch, tag or commit.
-    #[arg(long, default_value = "main")]
+    #[arg(long, default_value = tandem_crds::DEFAULT_REVISION)]
     pub revision: String,
     /// Directory to download into, in the Hugging Face cache layout (the
     /// agent's `--download-dir`).

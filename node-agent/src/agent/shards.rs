@@ -55,8 +55,6 @@ use crate::backoff::Backoff;
 use crate::tls::TlsMaterial;
 use crate::worker::protocol::{Event, FailureReason, Launch};
 
-/// Key of the group token when the reference names none.
-pub const DEFAULT_TOKEN_KEY: &str = "token";
 /// How long a worker gets to stop after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A worker that stayed Ready this long resets the restart backoff.
@@ -979,7 +977,7 @@ async fn attempt(
     let token = match wait_secret(
         tracked,
         &spec.group_token_secret_ref,
-        DEFAULT_TOKEN_KEY,
+        tandem_crds::GROUP_TOKEN_KEY,
         stop,
         updates,
     )
