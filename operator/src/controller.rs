@@ -35,7 +35,6 @@ use tandem_crds::{
 use tandem_planner::{NodeInfo, PortRange};
 use tokio::sync::{mpsc, watch};
 
-use crate::convert::{self, ANNOTATION_PORT_RANGE};
 use crate::decide::{self, CleanupInput, Notice, ReconcileInput, Settings, Severity};
 use crate::error::Error;
 use crate::leader::Fence;
@@ -43,6 +42,7 @@ use crate::ledger::Ledger;
 use crate::liveness::{self, LeaseWatch, Watched};
 use crate::metrics::Metrics;
 use crate::objects::{self, FINALIZER, LABEL_GROUP_TOKEN, MANAGER};
+use crate::observe::{self, ANNOTATION_PORT_RANGE};
 use crate::tls::{self, CertificateAuthority};
 
 /// How the controller is set up.
@@ -172,9 +172,9 @@ impl Context {
         let leases = self.stores.leases.state();
         let by_name: BTreeMap<String, &k8s_openapi::api::coordination::v1::Lease> =
             leases.iter().map(|l| (l.name_any(), l.as_ref())).collect();
-        let usage = convert::usage_by_node(shards.iter().map(AsRef::as_ref), exclude);
+        let usage = observe::usage_by_node(shards.iter().map(AsRef::as_ref), exclude);
         let nodes = self.stores.nodes.state();
-        convert::node_infos(
+        observe::node_infos(
             nodes.iter().map(AsRef::as_ref),
             &by_name,
             &usage,
@@ -194,9 +194,9 @@ impl Context {
         if backend == Backend::Ring {
             return BTreeMap::new();
         }
-        let usage = convert::usage_by_node(shards.iter().map(AsRef::as_ref), exclude);
+        let usage = observe::usage_by_node(shards.iter().map(AsRef::as_ref), exclude);
         let nodes = self.stores.nodes.state();
-        convert::backend_mismatches(backend, nodes.iter().map(AsRef::as_ref), &usage)
+        observe::backend_mismatches(backend, nodes.iter().map(AsRef::as_ref), &usage)
     }
 
     fn failure_count(&self, key: &str, failed: bool) -> u32 {
@@ -776,7 +776,7 @@ async fn cleanup(d: Arc<LlamaDeployment>, ctx: &Context) -> Result<Action, Error
         .map(|n| n.name)
         .collect();
     let nodes = ctx.stores.nodes.state();
-    let held = convert::held_shards(nodes.iter().map(AsRef::as_ref), &live, &ns, &name);
+    let held = observe::held_shards(nodes.iter().map(AsRef::as_ref), &live, &ns, &name);
     // Shards this process deleted may linger in the cache for a moment.
     let own: Vec<&LlamaShard> = own
         .iter()

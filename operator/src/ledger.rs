@@ -146,7 +146,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::tests::shard;
+    use crate::fixtures::shard;
 
     #[test]
     fn written_shards_show_until_the_store_has_them() {

@@ -5,7 +5,9 @@
 //! The reconcile pipeline is `observe (I/O) → decide (pure) → apply (I/O) →
 //! status (one write)`. Everything between the two ends is a plain function of
 //! values and a `now` argument, so it is tested with fixtures:
-//! - [`convert`]: API objects to the planner's inputs (nodes, leases, shards).
+//! - [`convert`]: a deployment's spec and shards to the planner's inputs.
+//! - [`observe`]: nodes, their Leases and other deployments' shards as the
+//!   planner sees them.
 //! - [`objects`]: the LlamaShards and the group-token Secret the operator writes.
 //! - [`conditions`]: `metav1.Condition` bookkeeping (`lastTransitionTime`).
 //! - [`restart`]: restart backoff and budget.
@@ -28,12 +30,15 @@ pub mod controller;
 pub mod convert;
 pub mod decide;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod http;
 pub mod leader;
 pub mod ledger;
 pub mod liveness;
 pub mod metrics;
 pub mod objects;
+pub mod observe;
 pub mod restart;
 pub mod telemetry;
 pub mod time;

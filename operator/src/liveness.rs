@@ -16,7 +16,7 @@ use tandem_crds::{LlamaDeployment, LlamaNode, LlamaShard};
 use tokio::sync::{mpsc, watch};
 
 use crate::conditions::{self, PLACED};
-use crate::convert::{LeaseClock, lease_live};
+use crate::observe::{LeaseClock, lease_live};
 
 /// When the node-Lease watch last (re)listed; see [`LeaseClock`].
 #[derive(Debug)]
@@ -154,7 +154,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::tests::{MODEL_1B, deployment, lease, node, shard, ts};
+    use crate::fixtures::{MODEL_1B, deployment, lease, node, shard, ts};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use tandem_crds::LlamaDeploymentStatus;
 

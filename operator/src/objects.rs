@@ -276,7 +276,7 @@ pub fn random_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::tests::{MODEL_1B, deployment};
+    use crate::fixtures::{MODEL_1B, deployment};
     use tandem_crds::{BatchLimits, Serving};
     use tandem_planner::{RankPlacement, lookup_model};
 

@@ -24,7 +24,7 @@ pub struct CleanupInput<'a> {
     /// Shard objects the deployment still controls, of every epoch.
     pub shards: &'a [&'a LlamaShard],
     /// Its shards that live nodes still report running (see
-    /// [`convert::held_shards`]); lost nodes cannot release anything and are
+    /// [`observe::held_shards`](crate::observe::held_shards)); lost nodes cannot release anything and are
     /// left out.
     pub held: &'a [HeldShard],
     /// The time the decision is made at.

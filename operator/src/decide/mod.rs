@@ -47,11 +47,14 @@ use tandem_planner::{
 };
 
 use crate::conditions::{self, GROUP_FORMED, PLACED, READY, SHARDS_LOADED, Verdict};
-use crate::convert::{self, Blocker, HeldShard};
+use crate::convert;
 use crate::objects;
+use crate::observe::HeldShard;
 use crate::restart::RestartPolicy;
 use crate::time;
 
+mod blocker;
+pub use blocker::Blocker;
 mod cleanup;
 mod failures;
 mod progress;
@@ -104,10 +107,10 @@ pub struct ReconcileInput<'a> {
     /// Shards the deployment controls, of every epoch.
     pub shards: &'a [&'a LlamaShard],
     /// Every LlamaNode, with only *other* deployments' usage (see
-    /// [`convert::node_infos`]).
+    /// [`observe::node_infos`](crate::observe::node_infos)).
     pub nodes: &'a [NodeInfo],
     /// The nodes among `nodes` that cannot run the deployment's
-    /// `spec.backend`, with why (see [`convert::backend_mismatches`]); the
+    /// `spec.backend`, with why (see [`observe::backend_mismatches`](crate::observe::backend_mismatches)); the
     /// plan leaves them out.
     pub mismatched: &'a BTreeMap<String, String>,
     /// The time the decision is made at.
@@ -326,7 +329,7 @@ pub fn reconcile(input: &ReconcileInput<'_>, settings: &Settings) -> Outcome {
         plan_placement(&plan_input)
             .map(|plan| (plan, shape))
             .map_err(|e| {
-                convert::backend_blocker(
+                blocker::backend_blocker(
                     d.spec.backend,
                     e,
                     &plan_input.deployment,
