@@ -9,7 +9,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tandem_crds::{DeploymentPhase, LlamaDeployment, LlamaDeploymentStatus, LlamaShard};
 
+use super::progress::progress;
 use super::progress::{phase_name, short};
+use super::render::transition_notices;
 use super::*;
 use crate::conditions::{self, GROUP_FORMED, PLACED, READY, SHARDS_LOADED, Verdict};
 use crate::time;

@@ -14,7 +14,7 @@ use tandem_planner::{NodeInfo, PortRange, ServingBudget, lookup_model, memory_pe
 
 use super::failures::{LATE, Mention, STOPPED, clip, mentions, rank_list, without_retry_note};
 use super::*;
-use crate::conditions::{GROUP_FORMED, PLACED, READY, SHARDS_LOADED};
+use crate::conditions::{self, GROUP_FORMED, PLACED, READY, SHARDS_LOADED};
 use crate::fixtures::{MODEL_1B, deployment, ts};
 use crate::objects::owner_reference;
 use crate::observe::HeldShard;
