@@ -94,7 +94,7 @@ impl Default for Settings {
 pub struct ReconcileInput<'a> {
     /// The deployment.
     pub deployment: &'a LlamaDeployment,
-    /// Its owner reference for children (see [`objects::owner_reference`]).
+    /// Its owner reference for children (see [`objects::owner_reference`](crate::objects::owner_reference)).
     pub owner: &'a OwnerReference,
     /// The latest status known: the one this operator last wrote, else the
     /// object's.
