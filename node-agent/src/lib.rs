@@ -11,6 +11,7 @@
 //! - [`control`]: rank 0's gRPC control service (barriers, job fan-out).
 //! - [`serve`]: rank 0's OpenAI-compatible HTTP API.
 //! - [`backoff`]: the capped doubling pause every retry loop uses.
+//! - [`secret`]: constant-time comparison of presented secrets.
 //! - [`shutdown`]: stopping on SIGTERM and SIGINT, for the agent and workers.
 //! - [`tls`]: the certificate rank 0 serves both with, and the CA the
 //!   other ranks check it against.
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod control;
 pub mod engine;
 pub mod mlx;
+pub mod secret;
 pub mod serve;
 pub mod shutdown;
 pub mod tls;

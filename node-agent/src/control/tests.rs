@@ -1,6 +1,16 @@
 //! The control service over real sockets on 127.0.0.1.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Endpoint;
+
 use super::*;
+use crate::engine::batch::{Admit, Feed, PlanSink, Reuse, Save, StepPlan};
+use crate::engine::sampling::SamplingParams;
+use crate::tls::TlsMaterial;
 
 fn identity(world_size: i32) -> GroupIdentity {
     GroupIdentity {

@@ -56,6 +56,7 @@ use crate::engine::batch::TokenLogprobs;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::schedule::Request;
 use crate::engine::text::{Detokenizer, TextCodec};
+use crate::secret::same_secret;
 
 /// What the API serves.
 #[derive(Debug, Clone)]
@@ -195,10 +196,6 @@ impl AppState {
             )),
         }
     }
-}
-
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The API's routes.
