@@ -16,9 +16,6 @@
 //! [--max-tokens 64] [--prompt-tokens 128] [--runs 3] [--model random|real]`. It prints a markdown
 //! table (docs/benchmarks.md, agent section).
 
-#[path = "../tests/agent_support/mod.rs"]
-mod agent_support;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -26,14 +23,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use agent_support::*;
 use anyhow::Context;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::watcher::{self, watcher};
 use kube::{ResourceExt, runtime::WatchStreamExt};
 use tandem_crds::{LlamaShard, ShardPhase};
-use tandem_tests::{TestNamespace, cluster, repo_root, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{
+        Agent, AgentOptions, Group, REAL_MODEL, WAIT, agent_binary, node, real_model_dir,
+        shard_status,
+    },
+    cluster, repo_root, unique_name,
+};
 
 struct Options {
     worlds: Vec<usize>,

@@ -1,25 +1,29 @@
-//! Test harness shared by every suite that talks to a real API server.
+//! The local control plane every suite talks to, and who a test is on it.
 //!
 //! [`cluster`] starts the local control plane (`dev/cluster.sh up`: etcd,
 //! kube-apiserver and kube-controller-manager built from source) once per
 //! test process, or reuses the one already running, then installs the CRDs
 //! and the Helm chart (`helm upgrade --install`), whose ServiceAccount and
 //! RBAC are the operator's identity in every suite; agents join as nodes of
-//! their own ([`Cluster::join_node`], `tandem-agent join`). [`TestNamespace`] gives each test a namespace of its
-//! own that is deleted when the test ends, passed or failed; namespaces left
-//! behind by a killed test process are swept the next time a run starts.
+//! their own ([`Cluster::join_node`], `tandem-agent join`). [`TestNamespace`]
+//! gives each test a namespace of its own that is deleted when the test ends,
+//! passed or failed; namespaces left behind by a killed test process are
+//! swept the next time a run starts.
 //!
-//! The control plane outlives a single `cargo test`: the README's test
-//! command stops it at the end (`dev/cluster.sh down`).
+//! The control plane lives in `$TANDEM_CLUSTER_DIR` (default
+//! `target/tandem-cluster`) and outlives a single `cargo test`: the README's
+//! test command stops it at the end (`dev/cluster.sh down`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::process::{check_output, run_checked, workspace_binary};
+use crate::repo_root;
 
 /// Label put on every namespace a test creates, holding the test process id.
 pub const TEST_PID_LABEL: &str = "tandem.dev/test-pid";
@@ -50,12 +54,6 @@ pub struct Cluster {
     state_dir: PathBuf,
     bin_dir: PathBuf,
     helm: PathBuf,
-}
-
-/// The repository's root directory.
-pub fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -510,119 +508,7 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{}-{suffix}", prefix.trim_matches('-'))
 }
 
-/// Polls `check` until it returns `Some`, or fails after `timeout` with
-/// `what` and the last observation.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut last_error = None;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
-        }
-        if Instant::now() >= deadline {
-            match last_error {
-                Some(e) => {
-                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
-                }
-                None => bail!("timed out after {timeout:?} waiting for {what}"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn run_checked(cmd: &mut Command, what: &str) -> anyhow::Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start {what}"))?;
-    check_output(out, what)
-}
-
-fn check_output(out: Output, what: &str) -> anyhow::Result<Output> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
-}
-
-/// The path of the workspace binary `bin` (of the package of the same name),
-/// built for the suites.
-///
-/// `$<ENV>` wins when set (for example `TANDEM_AGENT_BIN` for
-/// `tandem-agent`: the name upper-cased, `-` as `_`, plus `_BIN`); otherwise
-/// the binary is built with `cargo build -p <bin>` into the target directory
-/// and profile of the running test executable, once per process, and taken
-/// from there.
-pub fn workspace_binary(bin: &str) -> PathBuf {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    // Held across the build: two suites asking at once build one at a time.
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.get(bin) {
-        return path.clone();
-    }
-    let var = format!("{}_BIN", bin.to_ascii_uppercase().replace('-', "_"));
-    let path = match std::env::var_os(&var) {
-        Some(path) => PathBuf::from(path),
-        None => build_binary(bin).unwrap_or_else(|e| panic!("{e:#}")),
-    };
-    built.insert(bin.to_owned(), path.clone());
-    path
-}
-
-fn build_binary(bin: &str) -> anyhow::Result<PathBuf> {
-    // <target>/<profile>/deps/<test executable>
-    let exe = std::env::current_exe().context("test executable path")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable not under <target>/<profile>/deps")?;
-    let target_dir = profile_dir.parent().context("no target directory")?;
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
-    // Drop what cargo set for this test process: build scripts that watch
-    // such variables would otherwise rebuild on every switch between this
-    // build and the outer `cargo test`.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        let per_package = [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-            || [
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ]
-            .contains(&key.as_ref());
-        if per_package {
-            cmd.env_remove(key.as_ref());
-        }
-    }
-    cmd.current_dir(repo_root())
-        .args(["build", "-p", bin, "--bin", bin])
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        cmd.arg("--release");
-    }
-    run_checked(&mut cmd, &format!("cargo build -p {bin}"))?;
-    Ok(profile_dir.join(bin))
+/// The admin's client: the test itself, playing the cluster admin.
+pub async fn admin(cluster: &Cluster) -> kube::Client {
+    cluster.client(Identity::Admin).await.expect("admin client")
 }

@@ -4,16 +4,19 @@
 //! fail the shard `CorruptModel`, and a download directory too small fails
 //! it `InsufficientDisk`, naming the directory and the sizes.
 
-mod agent_support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use agent_support::hub::{Fault, Hub};
-use agent_support::*;
 use tandem_crds::ShardPhase;
-use tandem_tests::{TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, WAIT, model_dir, shard_status, wait_phase},
+    cluster, eventually,
+    hub::{Fault, Hub},
+    process::scratch,
+    unique_name,
+};
 
 const WEIGHTS: &str = "model.safetensors";
 

@@ -7,16 +7,19 @@
 //! kind of bad request answered with an OpenAI-style error; a full queue
 //! answered 429; a client that disconnects stops its generation.
 
-mod agent_support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_support::*;
 use serde_json::json;
 use tandem_crds::ShardPhase;
-use tandem_tests::{TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, WAIT, create_secret, shard_status},
+    cluster, eventually,
+    http::{Response, openai_python, post, request},
+    unique_name,
+};
 
 /// Streams a chat completion with the openai client, printing one JSON line
 /// per chunk, then `{"done": ...}` or `{"error": ...}`.

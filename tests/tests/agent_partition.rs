@@ -56,8 +56,6 @@
 //!
 //! Needs root (`ip netns`, veth) and python3 (the bridge's namespace side).
 
-mod agent_support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixListener;
@@ -66,11 +64,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_support::*;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tandem_crds::ShardPhase;
-use tandem_tests::{Cluster, Identity, TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    Cluster, Identity, TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, WAIT, shard_status},
+    cluster, eventually,
+    http::{post, request},
+    process::scratch,
+    unique_name,
+};
 
 /// The watchdog's floor: rank 0 declares a stall once no step finished for
 /// `max(this, 10 × the longest step)`; the tiny model's steps are far

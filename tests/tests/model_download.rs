@@ -5,14 +5,14 @@
 //! refused, two processes share one transfer, and a disk that is too small
 //! is refused before anything is fetched. No API server is needed.
 
-mod agent_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-use agent_support::hub::{COMMIT, Fault, Hub};
-use agent_support::*;
+use tandem_tests::{
+    agent::{MODEL, agent_binary, model_dir},
+    hub::{COMMIT, Fault, Hub},
+    process::scratch,
+};
 
 const WEIGHTS: &str = "model.safetensors";
 

@@ -4,18 +4,18 @@
 //! of changes to act on. A suite of its own, because it holds a process
 //! frozen for a while.
 
-mod operator_support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use operator_support::*;
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::eventually;
+use tandem_tests::{
+    eventually,
+    operator::{Setup, WAIT, all_shards, deployment, events, lease_holder},
+};
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
@@ -67,7 +67,7 @@ async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     .expect("a leads");
     let b = s.operator("freeze-b");
     eventually("operator b to be up", WAIT, || async {
-        Ok(b.get("/readyz").ok().filter(|(c, _)| *c == 200))
+        Ok(b.get("/readyz").ok().filter(|r| r.status == 200))
     })
     .await
     .expect("b ready");
