@@ -634,6 +634,27 @@ impl Setup {
         Operator::start(self.cluster, self.ns(), identity, &[])
     }
 
+    /// Starts operator `leader` and waits until it holds the leader Lease,
+    /// then operator `standby` and waits until it is ready: a leader and a
+    /// standby, in that order.
+    pub async fn leader_and_standby(&self, leader: &str, standby: &str) -> (Operator, Operator) {
+        let lease = format!("op-{}", self.ns());
+        let (admin, lease) = (&self.admin, &lease);
+        let a = self.operator(leader);
+        eventually("operator a to lead", WAIT, || async move {
+            Ok((lease_holder(admin, lease).await?.as_deref() == Some(leader)).then_some(()))
+        })
+        .await
+        .expect("a leads");
+        let b = self.operator(standby);
+        eventually("operator b to be up", WAIT, || async {
+            Ok(b.get("/readyz").ok().filter(|r| r.status == 200))
+        })
+        .await
+        .expect("b ready");
+        (a, b)
+    }
+
     /// Registers `count` nodes `<ns>-n-<i>`.
     pub async fn nodes(&self, count: u8, memory_gib: i64, lease_seconds: i32) -> Vec<String> {
         self.agents

@@ -665,20 +665,9 @@ async fn deletion_waits_until_agents_release_their_shards() {
 async fn with_two_operators_only_the_leader_writes() {
     let s = Setup::new("leader").await;
     let lease = format!("op-{}", s.ns());
-    let mut a = s.operator("leader-a");
+    let (mut a, b) = s.leader_and_standby("leader-a", "leader-b").await;
     let admin = &s.admin;
     let lease_ref = &lease;
-    eventually("operator a to lead", WAIT, || async move {
-        Ok((lease_holder(admin, lease_ref).await?.as_deref() == Some("leader-a")).then_some(()))
-    })
-    .await
-    .expect("a leads");
-    let b = s.operator("leader-b");
-    eventually("operator b to be up", WAIT, || async {
-        Ok(b.get("/readyz").ok().filter(|r| r.status == 200))
-    })
-    .await
-    .expect("b ready");
 
     s.nodes(2, 64, 30).await;
     s.create(&deployment("llama", 2, &s.agents)).await;

@@ -58,19 +58,8 @@ async fn versions(s: &Setup) -> Vec<(String, String)> {
 async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     let s = Setup::new("freeze").await;
     let lease = format!("op-{}", s.ns());
+    let (mut a, _b) = s.leader_and_standby("freeze-a", "freeze-b").await;
     let (admin, lease_ref) = (&s.admin, &lease);
-    let mut a = s.operator("freeze-a");
-    eventually("operator a to lead", WAIT, || async move {
-        Ok((lease_holder(admin, lease_ref).await?.as_deref() == Some("freeze-a")).then_some(()))
-    })
-    .await
-    .expect("a leads");
-    let b = s.operator("freeze-b");
-    eventually("operator b to be up", WAIT, || async {
-        Ok(b.get("/readyz").ok().filter(|r| r.status == 200))
-    })
-    .await
-    .expect("b ready");
 
     // Node Leases that outlast the test: only the operator is frozen.
     s.nodes(2, 64, 600).await;
