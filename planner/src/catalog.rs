@@ -96,6 +96,24 @@ const fn smollm2_135m(quantization: Option<Quantization>) -> ModelShape {
     }
 }
 
+/// The tiny random-weight model of the tests and the demo, which
+/// `tandem-agent make-model` writes by default: 4 layers, hidden 256, 8 heads,
+/// 4 KV heads, MLP 512, a vocabulary of 512, tied embeddings, 4-bit (group
+/// size 64). It splits over 1, 2 and 4 ranks and loads in milliseconds. Not a
+/// catalog entry: a deployment of it states this shape as its architecture.
+pub const TINY_TEST_MODEL: ModelShape = ModelShape {
+    num_hidden_layers: 4,
+    hidden_size: 256,
+    num_attention_heads: 8,
+    num_key_value_heads: 4,
+    intermediate_size: 512,
+    vocab_size: 512,
+    head_dim: None,
+    tie_word_embeddings: true,
+    quantization: Q4,
+    dtype: WeightDtype::BFloat16,
+};
+
 /// The real test model's IDs, smallest first.
 pub const SMOLLM2_135M_4BIT: &str = "tandem-dev/SmolLM2-135M-Instruct-4bit";
 /// The 8-bit conversion (group size 64).
@@ -271,6 +289,15 @@ mod tests {
         assert!(
             message.contains("mlx-community/Llama-3.3-70B-Instruct-4bit"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn the_tiny_test_model_splits_over_1_2_and_4_ranks() {
+        assert_eq!(TINY_TEST_MODEL.validate(), Ok(()));
+        assert_eq!(
+            crate::model::valid_world_sizes(&TINY_TEST_MODEL, 8),
+            vec![1, 2, 4]
         );
     }
 }

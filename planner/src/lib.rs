@@ -22,7 +22,7 @@ pub mod placement;
 pub mod selector;
 pub mod text;
 
-pub use catalog::{CATALOG, CatalogEntry, lookup_model, resolve_model};
+pub use catalog::{CATALOG, CatalogEntry, TINY_TEST_MODEL, lookup_model, resolve_model};
 pub use error::PlanError;
 pub use model::{
     MAX_WORLD_SIZE, MemoryEstimate, ModelShape, Quantization, ServingBudget, ShapeError,

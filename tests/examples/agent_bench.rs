@@ -16,24 +16,28 @@
 //! [--max-tokens 64] [--prompt-tokens 128] [--runs 3] [--model random|real]`. It prints a markdown
 //! table (docs/benchmarks.md, agent section).
 
-#[path = "../tests/agent_support/mod.rs"]
-mod agent_support;
-
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use agent_support::*;
 use anyhow::Context;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::watcher::{self, watcher};
 use kube::{ResourceExt, runtime::WatchStreamExt};
 use tandem_crds::{LlamaShard, ShardPhase};
-use tandem_tests::{TestNamespace, cluster, repo_root, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{
+        Agent, AgentOptions, Group, REAL_MODEL, WAIT, agent_binary, node, real_model_dir,
+        shard_status,
+    },
+    cluster,
+    http::send,
+    repo_root, unique_name,
+};
 
 struct Options {
     worlds: Vec<usize>,
@@ -174,12 +178,9 @@ fn http_run(
     })
     .to_string();
     let started = Instant::now();
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
+    let stream = send(port, "POST", "/v1/completions", &[], Some(&body))?;
+    // A long prefill may keep the first byte away past a test's timeout.
+    stream.set_read_timeout(None)?;
     let reader = BufReader::new(stream);
     let (mut first, mut last, mut tokens) = (None, None, 0u64);
     for line in reader.lines() {

@@ -4,16 +4,19 @@
 //! fail the shard `CorruptModel`, and a download directory too small fails
 //! it `InsufficientDisk`, naming the directory and the sizes.
 
-mod agent_support;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use agent_support::hub::{Fault, Hub};
-use agent_support::*;
 use tandem_crds::ShardPhase;
-use tandem_tests::{TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, WAIT, model_dir, shard_status, wait_phase},
+    cluster, eventually,
+    hub::{Fault, Hub},
+    process::{Tmpfs, scratch},
+    unique_name,
+};
 
 const WEIGHTS: &str = "model.safetensors";
 
@@ -140,15 +143,6 @@ async fn corrupted_weights_fail_the_shard_corrupt_model() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A tmpfs of `size` mounted at `dir`, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_directory_too_small_fails_the_shard_insufficient_disk() -> anyhow::Result<()> {
     let cluster = cluster();
@@ -157,13 +151,7 @@ async fn a_download_directory_too_small_fails_the_shard_insufficient_disk() -> a
     let node_name = unique_name("dl-disk");
     let hub = hub().await;
     let dest = scratch(&format!("downloads-{node_name}")).join("mnt");
-    std::fs::create_dir_all(&dest)?;
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&dest)
-        .status()?;
-    assert!(mounted.success(), "mounting a tmpfs needs root");
-    let _disk = Tmpfs(dest.clone());
+    let _disk = Tmpfs::mount(&dest, "64k");
     let _agent = downloading_agent(cluster, &node_name, &hub, &dest);
     let group = Group::new("disk", 1, std::slice::from_ref(&node_name));
     group.create(&admin, ns.name(), "token-d").await?;

@@ -4,11 +4,14 @@
 //! HTTP answer is checked against the engine alone (`tandem-agent
 //! generate --world-size N`) on the same prompt.
 
-mod agent_support;
-
-use agent_support::*;
 use serde_json::json;
-use tandem_tests::{TestNamespace, cluster, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, agent_binary, model_dir},
+    cluster,
+    http::{post, request, sse_data},
+    unique_name,
+};
 
 /// The engine's own greedy text for `prompt` at `world` ranks.
 fn engine_text(prompt: &str, max_tokens: usize, world: usize) -> anyhow::Result<String> {

@@ -4,15 +4,22 @@
 //! fails with a reason when the model is missing or malformed while the
 //! agent carries on, and gives way to a newer epoch.
 
-mod agent_support;
-
 use std::time::Duration;
 
-use agent_support::hub::{COMMIT, Hub};
-use agent_support::*;
 use serde_json::json;
 use tandem_crds::ShardPhase;
-use tandem_tests::{TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{
+        Agent, AgentOptions, Group, MODEL, WAIT, delete_shard, model_dir, node, node_ready,
+        node_shard_names, shard_status, wait_phase,
+    },
+    cluster, eventually,
+    http::{post, request},
+    hub::{COMMIT, Hub},
+    process::{alive, scratch},
+    unique_name,
+};
 
 #[tokio::test]
 async fn a_shard_loads_serves_and_is_released_when_deleted() -> anyhow::Result<()> {

@@ -7,16 +7,19 @@
 //! kind of bad request answered with an OpenAI-style error; a full queue
 //! answered 429; a client that disconnects stops its generation.
 
-mod agent_support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_support::*;
 use serde_json::json;
 use tandem_crds::ShardPhase;
-use tandem_tests::{TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, WAIT, create_secret, shard_status},
+    cluster, eventually,
+    http::{Response, metric_value, openai_python, post, request, send},
+    unique_name,
+};
 
 /// Streams a chat completion with the openai client, printing one JSON line
 /// per chunk, then `{"done": ...}` or `{"error": ...}`.
@@ -496,13 +499,14 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
     // A client that goes away stops its generation.
     let before = generated_tokens(port)?;
     {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        use std::io::Read;
         let body = json!({"model": MODEL, "prompt": "go", "max_tokens": 3000, "ignore_eos": true, "stream": true}).to_string();
-        write!(
-            stream,
-            "POST /v1/completions HTTP/1.0\r\nAuthorization: Bearer sk-test-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let mut stream = send(
+            port,
+            "POST",
+            "/v1/completions",
+            &[("Authorization", "Bearer sk-test-key")],
+            Some(&body),
         )?;
         // Read until the first event arrives: generation has started.
         let mut seen = Vec::new();
@@ -538,8 +542,6 @@ async fn bad_requests_get_openai_errors_and_a_full_queue_gets_429() -> anyhow::R
 
 fn generated_tokens(port: u16) -> anyhow::Result<f64> {
     let m = request(port, "GET", "/metrics", &[], None)?.body;
-    m.lines()
-        .find_map(|l| l.strip_prefix("tandem_generated_tokens_total "))
-        .and_then(|v| v.trim().parse().ok())
+    metric_value(&m, "tandem_generated_tokens_total")
         .ok_or_else(|| anyhow::anyhow!("no tandem_generated_tokens_total in {m}"))
 }

@@ -56,9 +56,7 @@
 //!
 //! Needs root (`ip netns`, veth) and python3 (the bridge's namespace side).
 
-mod agent_support;
-
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -66,11 +64,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_support::*;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tandem_crds::ShardPhase;
-use tandem_tests::{Cluster, Identity, TestNamespace, cluster, eventually, unique_name};
+use tandem_tests::{
+    Cluster, Identity, TestNamespace, admin,
+    agent::{Agent, AgentOptions, Group, MODEL, WAIT, shard_status},
+    cluster, eventually,
+    http::{post, request, send},
+    process::scratch,
+    unique_name,
+};
 
 /// The watchdog's floor: rank 0 declares a stall once no step finished for
 /// `max(this, 10 × the longest step)`; the tiny model's steps are far
@@ -562,21 +566,19 @@ async fn answers(group: &Group) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A streamed completion to 127.0.0.1:`port`, read line by line.
+/// A streamed completion to 127.0.0.1:`port`, read line by line (a hang
+/// fails the test: [`send`]'s reads time out).
 fn stream(port: u16) -> anyhow::Result<BufReader<TcpStream>> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
-    // A hang must fail the test, not stall it.
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = json!({"model": MODEL, "prompt": "hello", "max_tokens": 4000,
         "ignore_eos": true, "stream": true})
     .to_string();
-    write!(
-        conn,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    Ok(BufReader::new(conn))
+    Ok(BufReader::new(send(
+        port,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(&body),
+    )?))
 }
 
 /// Reads until the stream's `error` event; `None` if it ended without one.

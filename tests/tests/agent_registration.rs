@@ -2,14 +2,17 @@
 //! agent identity: it registers its LlamaNode with hardware, labels and
 //! the port range, keeps a Lease, and on SIGTERM marks the node not Ready.
 
-mod agent_support;
-
 use std::time::Duration;
 
-use agent_support::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
-use tandem_tests::{SYSTEM_NAMESPACE, cluster, eventually, unique_name};
+use tandem_tests::{
+    SYSTEM_NAMESPACE, admin, agent,
+    agent::{Agent, AgentOptions, WAIT, agent_binary, model_dir, node, node_ready},
+    cluster, eventually,
+    process::scratch,
+    unique_name,
+};
 
 #[tokio::test]
 async fn the_agent_registers_its_node_and_keeps_a_lease() -> anyhow::Result<()> {
@@ -115,7 +118,7 @@ async fn the_agent_registers_its_node_and_keeps_a_lease() -> anyhow::Result<()> 
     // A clean shutdown marks the node not ready.
     let exit = agent.terminate(Duration::from_secs(30))?;
     assert!(exit.success(), "agent exit: {exit}\n{}", agent.log_text());
-    let stopped = agent_support::node(&admin, &name).await?.expect("node");
+    let stopped = agent::node(&admin, &name).await?.expect("node");
     let ready = stopped
         .status
         .as_ref()

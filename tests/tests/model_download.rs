@@ -5,14 +5,14 @@
 //! refused, two processes share one transfer, and a disk that is too small
 //! is refused before anything is fetched. No API server is needed.
 
-mod agent_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-use agent_support::hub::{COMMIT, Fault, Hub};
-use agent_support::*;
+use tandem_tests::{
+    agent::{MODEL, agent_binary, model_dir},
+    hub::{COMMIT, Fault, Hub},
+    process::{Tmpfs, scratch},
+};
 
 const WEIGHTS: &str = "model.safetensors";
 
@@ -254,32 +254,6 @@ async fn two_processes_downloading_one_model_share_one_transfer() {
         String::from_utf8_lossy(&second.stderr)
     );
     assert!(logs.contains("waiting for another process"), "{logs}");
-}
-
-/// A tmpfs of `size` mounted at `dir`, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs at {} needs root",
-            dir.display()
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

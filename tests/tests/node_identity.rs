@@ -5,8 +5,6 @@
 //! an operator installed for one namespace reads no other namespace's
 //! Secrets; and a Secret the operator did not create is never touched.
 
-mod operator_support;
-
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,12 +13,12 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use operator_support::*;
 use serde_json::json;
 use tandem_crds::*;
 use tandem_tests::{
-    Identity, SYSTEM_NAMESPACE, TestNamespace, client_from, cluster, eventually, repo_root,
-    unique_name,
+    Identity, SYSTEM_NAMESPACE, TestNamespace, client_from, cluster, eventually,
+    operator::{Agents, Setup, WAIT, all_shards, condition, deployment, has},
+    repo_root, unique_name,
 };
 
 /// Asserts that `result` is the API server's 403 for `user`, and that its

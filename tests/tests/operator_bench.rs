@@ -13,16 +13,17 @@
 //!
 //! `TANDEM_BENCH_DEPLOYMENTS` and `TANDEM_BENCH_NODES` change the size.
 
-mod operator_support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use operator_support::*;
 use tandem_crds::*;
-use tandem_tests::{TestNamespace, eventually, repo_root};
+use tandem_tests::{
+    TestNamespace, eventually,
+    operator::{Setup, WAIT, all_shards, condition, deployment},
+    repo_root,
+};
 use tokio::sync::Semaphore;
 
 /// Requests in flight while creating objects.
@@ -202,7 +203,7 @@ async fn placing_1000_deployments_over_64_nodes() {
         expected_shards,
         "one shard per rank, none twice"
     );
-    let metrics = op.get("/metrics").expect("metrics").1;
+    let metrics = op.get("/metrics").expect("metrics").body;
     let hist = buckets(&metrics, "tandem_operator_reconcile_duration_seconds");
     let reconciles = hist.last().map_or(0.0, |b| b.1);
     let (p50, p99) = (quantile(&hist, 0.50), quantile(&hist, 0.99));

@@ -4,17 +4,20 @@
 //! Lease expiry and recovery, failed ranks with backoff and a budget, bad
 //! specs, cordoned nodes, the deletion finalizer and leader election.
 
-mod operator_support;
-
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use operator_support::*;
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::{Identity, eventually};
+use tandem_tests::{
+    Identity, eventually,
+    operator::{
+        MODEL, NodeSpec, Setup, WAIT, all_shards, condition, deployment, events, has, lease_holder,
+        shards_of_epoch, token,
+    },
+};
 
 #[tokio::test]
 async fn apply_places_shards_with_peers_then_serves() {
@@ -147,8 +150,8 @@ async fn apply_places_shards_with_peers_then_serves() {
         "{table}"
     );
 
-    assert_eq!(op.get("/healthz").expect("healthz").0, 200);
-    assert_eq!(op.get("/readyz").expect("readyz").0, 200);
+    assert_eq!(op.get("/healthz").expect("healthz").status, 200);
+    assert_eq!(op.get("/readyz").expect("readyz").status, 200);
     assert_eq!(op.metric("tandem_operator_leader").expect("leader"), 1.0);
     assert!(
         op.metric("tandem_operator_reconciles_total")
@@ -662,20 +665,9 @@ async fn deletion_waits_until_agents_release_their_shards() {
 async fn with_two_operators_only_the_leader_writes() {
     let s = Setup::new("leader").await;
     let lease = format!("op-{}", s.ns());
-    let mut a = s.operator("leader-a");
+    let (mut a, b) = s.leader_and_standby("leader-a", "leader-b").await;
     let admin = &s.admin;
     let lease_ref = &lease;
-    eventually("operator a to lead", WAIT, || async move {
-        Ok((lease_holder(admin, lease_ref).await?.as_deref() == Some("leader-a")).then_some(()))
-    })
-    .await
-    .expect("a leads");
-    let b = s.operator("leader-b");
-    eventually("operator b to be up", WAIT, || async {
-        Ok(b.get("/readyz").ok().filter(|(c, _)| *c == 200))
-    })
-    .await
-    .expect("b ready");
 
     s.nodes(2, 64, 30).await;
     s.create(&deployment("llama", 2, &s.agents)).await;

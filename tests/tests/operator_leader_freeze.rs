@@ -4,18 +4,18 @@
 //! of changes to act on. A suite of its own, because it holds a process
 //! frozen for a while.
 
-mod operator_support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use operator_support::*;
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::eventually;
+use tandem_tests::{
+    eventually,
+    operator::{Setup, WAIT, all_shards, deployment, events, lease_holder},
+};
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
@@ -58,19 +58,8 @@ async fn versions(s: &Setup) -> Vec<(String, String)> {
 async fn a_leader_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     let s = Setup::new("freeze").await;
     let lease = format!("op-{}", s.ns());
+    let (mut a, _b) = s.leader_and_standby("freeze-a", "freeze-b").await;
     let (admin, lease_ref) = (&s.admin, &lease);
-    let mut a = s.operator("freeze-a");
-    eventually("operator a to lead", WAIT, || async move {
-        Ok((lease_holder(admin, lease_ref).await?.as_deref() == Some("freeze-a")).then_some(()))
-    })
-    .await
-    .expect("a leads");
-    let b = s.operator("freeze-b");
-    eventually("operator b to be up", WAIT, || async {
-        Ok(b.get("/readyz").ok().filter(|(c, _)| *c == 200))
-    })
-    .await
-    .expect("b ready");
 
     // Node Leases that outlast the test: only the operator is frozen.
     s.nodes(2, 64, 600).await;

@@ -3,14 +3,14 @@
 //! places nothing twice, and keeps working afterwards. A suite of its own,
 //! because stopping the API server would disturb any test running beside it.
 
-mod operator_support;
-
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
-use operator_support::*;
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::eventually;
+use tandem_tests::{
+    eventually,
+    operator::{Setup, WAIT, all_shards, deployment, token},
+};
 
 #[tokio::test]
 async fn after_an_api_server_restart_the_operator_reconnects_and_duplicates_nothing() {

@@ -6,17 +6,17 @@
 //! The API server restart story is in `user_story_restart.rs`: it stops the
 //! shared API server, so it runs in a test process of its own.
 
-mod agent_support;
-mod operator_support;
-mod story_support;
-
 use std::collections::BTreeSet;
 
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
-use story_support::*;
 use tandem_crds::*;
-use tandem_tests::eventually;
+use tandem_tests::{
+    eventually,
+    http::{endpoint_address, openai_chat, tls_connect},
+    operator,
+    story::{CAPITAL, LEASE_SECONDS, Story, WAIT, ask, nodes_of, reason},
+};
 
 /// apply at world size 1 → Serving → ask → `kubectl scale` 1 → 3 → 1,
 /// asking at every size (the real model must answer correctly) → delete →
@@ -203,10 +203,10 @@ async fn an_invalid_spec_becomes_a_condition_and_an_event() {
     ] {
         let st = s
             .status(name, reason_, |x| {
-                operator_support::has(x, "Placed", "False", reason_)
+                operator::has(x, "Placed", "False", reason_)
             })
             .await;
-        let placed = operator_support::condition(&st, "Placed").expect("Placed");
+        let placed = operator::condition(&st, "Placed").expect("Placed");
         assert!(
             placed.message.contains(hint),
             "{name}: {:?} lacks {hint:?}",
@@ -229,7 +229,7 @@ async fn an_invalid_spec_becomes_a_condition_and_an_event() {
         .expect("patch");
     let st = s.serving("two", 1, 0).await;
     assert!(
-        operator_support::has(&st, "Placed", "True", "Placed"),
+        operator::has(&st, "Placed", "True", "Placed"),
         "{:?}",
         st.conditions
     );

@@ -3,18 +3,17 @@
 //! operator and the agents act on changes again. A test process of its own,
 //! because stopping the shared API server would disturb any test beside it.
 
-mod agent_support;
-mod operator_support;
-mod story_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use story_support::*;
 use tandem_crds::*;
-use tandem_tests::{SYSTEM_NAMESPACE, cluster, eventually};
+use tandem_tests::{
+    SYSTEM_NAMESPACE, cluster, eventually,
+    http::openai_chat,
+    story::{CAPITAL, Story, WAIT, ask},
+};
 
 #[tokio::test]
 async fn the_group_keeps_serving_through_an_api_server_restart() {

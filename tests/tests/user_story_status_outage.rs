@@ -5,15 +5,14 @@
 //! can. A test process of its own, because stopping the shared API server
 //! would disturb any test running beside it.
 
-mod agent_support;
-mod operator_support;
-mod story_support;
-
 use std::time::{Duration, Instant};
 
-use story_support::*;
 use tandem_crds::*;
-use tandem_tests::{cluster, eventually};
+use tandem_tests::{
+    cluster, eventually,
+    http::openai_chat,
+    story::{CAPITAL, Story, WAIT, ask},
+};
 
 /// How long the API server stays away.
 const OUTAGE: Duration = Duration::from_secs(60);

@@ -126,48 +126,40 @@ pub fn preset(name: &str) -> Result<ModelSpec> {
             known.join(", ")
         ))
     })?;
-    let s = entry.shape;
-    let format = match s.quantization {
-        Some(q) => WeightFormat::Quantized(q.bits as usize),
-        None if s.dtype == tandem_planner::WeightDtype::Float16 => WeightFormat::Float16,
-        None => WeightFormat::BFloat16,
+    let rope_factor = if entry.model_id.contains("3.2-") {
+        32.0
+    } else {
+        8.0
     };
-    Ok(ModelSpec {
-        layers: s.num_hidden_layers as usize,
-        hidden: s.hidden_size as usize,
-        heads: s.num_attention_heads as usize,
-        kv_heads: s.num_key_value_heads as usize,
-        head_dim: s.head_dim() as usize,
-        intermediate: s.intermediate_size as usize,
-        vocab: s.vocab_size as usize,
-        tied: s.tie_word_embeddings,
-        format,
-        rope_factor: if entry.model_id.contains("3.2-") {
-            32.0
-        } else {
-            8.0
-        },
-    })
+    Ok(ModelSpec::of_shape(&entry.shape, rope_factor))
 }
 
 impl ModelSpec {
     /// The tiny model of the tests, the demo's default and `make-model`'s:
-    /// four layers, hidden 256, 8 query heads and 4 KV heads of 32, MLP 512,
-    /// a vocabulary of 512, tied embeddings, 4-bit. It splits over 1, 2 and 4
-    /// ranks (quantized slices of 64 and 128 columns) and loads in
-    /// milliseconds.
+    /// [`tandem_planner::TINY_TEST_MODEL`] (the tests take its shape from
+    /// there too), with Llama 3.2's RoPE scaling.
     pub fn tiny() -> ModelSpec {
+        ModelSpec::of_shape(&tandem_planner::TINY_TEST_MODEL, 32.0)
+    }
+
+    /// The spec of a planner shape, with this RoPE scaling factor.
+    fn of_shape(s: &tandem_planner::ModelShape, rope_factor: f32) -> ModelSpec {
+        let format = match s.quantization {
+            Some(q) => WeightFormat::Quantized(q.bits as usize),
+            None if s.dtype == tandem_planner::WeightDtype::Float16 => WeightFormat::Float16,
+            None => WeightFormat::BFloat16,
+        };
         ModelSpec {
-            layers: 4,
-            hidden: 256,
-            heads: 8,
-            kv_heads: 4,
-            head_dim: 32,
-            intermediate: 512,
-            vocab: 512,
-            tied: true,
-            format: WeightFormat::Quantized(4),
-            rope_factor: 32.0,
+            layers: s.num_hidden_layers as usize,
+            hidden: s.hidden_size as usize,
+            heads: s.num_attention_heads as usize,
+            kv_heads: s.num_key_value_heads as usize,
+            head_dim: s.head_dim() as usize,
+            intermediate: s.intermediate_size as usize,
+            vocab: s.vocab_size as usize,
+            tied: s.tie_word_embeddings,
+            format,
+            rope_factor,
         }
     }
 

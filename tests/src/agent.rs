@@ -1,32 +1,33 @@
-//! Shared by the agent suites: real `tandem-agent run` processes, each with
-//! an identity of its own (`tandem-agent join`), the tiny test models `tandem-agent make-model`
-//! writes, LlamaShards and group-token Secrets written the way the operator
-//! writes them, a plain HTTP client, and a local Hugging Face hub.
+//! Real `tandem-agent run` processes, each with an identity of its own
+//! (`tandem-agent join`), the test models they serve (the tiny one
+//! `tandem-agent make-model` writes, the real one `dev/real-model.sh`
+//! converts), and what the agent suites write in the operator's place:
+//! LlamaShards and group-token Secrets, as the operator writes them, and
+//! the waits on what the agents report back.
 //!
 //! The agent binary is `$TANDEM_AGENT_BIN` when set; otherwise it is built
 //! into the running test executable's target directory and profile
 //! ([`workspace_binary`]).
 
-#![allow(dead_code)]
-
-pub mod hub;
-
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use tandem_crds::*;
-use tandem_tests::{Cluster, Identity, eventually, repo_root, workspace_binary};
+
+use crate::http::{Response, request};
+use crate::process::{
+    LoggedChild, children_running, free_port, free_ports, scratch, workspace_binary,
+};
+use crate::{Cluster, SYSTEM_NAMESPACE, eventually, repo_root};
 
 /// How long a test waits for an agent to react.
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -38,71 +39,28 @@ pub fn agent_binary() -> PathBuf {
     workspace_binary("tandem-agent")
 }
 
-/// The Python of the venv `dev/py-client.sh` keeps, with the `openai`
-/// client installed.
-pub fn openai_python() -> PathBuf {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            let out = Command::new("bash")
-                .arg(repo_root().join("dev/py-client.sh"))
-                .arg("python")
-                .output()
-                .expect("running dev/py-client.sh");
-            assert!(
-                out.status.success(),
-                "dev/py-client.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        })
-        .clone()
-}
-
-/// A free TCP port on loopback (free when asked; good enough for a test).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `n` distinct free ports.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
-}
-
-/// A scratch directory under `target/agent-test-data`, emptied first.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = repo_root().join("target/agent-test-data").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir
-}
-
-/// The tiny model's shape: 4 layers, hidden 256, 8 heads, 4 KV heads, MLP
-/// 512, vocabulary 512, 4-bit; it splits over 1, 2 and 4 ranks.
+/// The tiny model's shape ([`tandem_planner::TINY_TEST_MODEL`], the one
+/// `tandem-agent make-model` writes) as a shard's architecture.
 pub fn tiny_architecture() -> Architecture {
+    let s = tandem_planner::TINY_TEST_MODEL;
     Architecture {
-        num_hidden_layers: 4,
-        hidden_size: 256,
-        num_attention_heads: 8,
-        num_key_value_heads: 4,
-        intermediate_size: 512,
-        vocab_size: 512,
-        head_dim: None,
-        tie_word_embeddings: true,
-        quantization: Some(Quantization {
-            bits: 4,
-            group_size: 64,
+        num_hidden_layers: s.num_hidden_layers,
+        hidden_size: s.hidden_size,
+        num_attention_heads: s.num_attention_heads,
+        num_key_value_heads: s.num_key_value_heads,
+        intermediate_size: s.intermediate_size,
+        vocab_size: s.vocab_size,
+        head_dim: s.head_dim,
+        tie_word_embeddings: s.tie_word_embeddings,
+        quantization: s.quantization.map(|q| Quantization {
+            bits: q.bits,
+            group_size: q.group_size,
         }),
-        dtype: WeightDtype::BFloat16,
+        dtype: match s.dtype {
+            tandem_planner::WeightDtype::BFloat16 => WeightDtype::BFloat16,
+            tandem_planner::WeightDtype::Float16 => WeightDtype::Float16,
+            tandem_planner::WeightDtype::Float32 => WeightDtype::Float32,
+        },
     }
 }
 
@@ -202,7 +160,7 @@ impl AgentOptions {
 /// A `tandem-agent run` child process.
 #[derive(Debug)]
 pub struct Agent {
-    child: Child,
+    process: LoggedChild,
     /// Its node name.
     pub name: String,
     /// Port of its /healthz and /metrics.
@@ -219,9 +177,9 @@ impl Agent {
     pub fn start(cluster: &Cluster, name: &str, options: AgentOptions) -> Agent {
         let bin = agent_binary();
         let metrics_port = free_port();
-        let logs = repo_root().join("target/agent-test-logs");
-        std::fs::create_dir_all(&logs).expect("log directory");
-        let log = logs.join(format!("{name}.log"));
+        let log = repo_root()
+            .join("target/agent-test-logs")
+            .join(format!("{name}.log"));
         let state_dir = scratch(&format!("state-{name}"));
         // The agent refuses a state directory others may write (a umask of
         // 002 would make one).
@@ -230,8 +188,6 @@ impl Agent {
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )
         .expect("a private state directory");
-        let file = std::fs::File::create(&log).expect("log file");
-        let err = file.try_clone().expect("log file");
         // `ip netns exec` enters the namespace and execs the agent, so the
         // child's pid is the agent's.
         let mut cmd = match &options.netns {
@@ -257,10 +213,7 @@ impl Agent {
             .arg(&state_dir)
             .args(["--barrier-timeout-seconds", &barrier])
             .args(["--max-restart-backoff-seconds", "2"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err);
+            .env("RUST_LOG", "info");
         for label in &options.labels {
             cmd.args(["--label", label]);
         }
@@ -277,11 +230,8 @@ impl Agent {
             cmd.env(k, v);
         }
         cmd.args(&options.args);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         Agent {
-            child,
+            process: LoggedChild::spawn(&mut cmd, &log),
             name: name.to_owned(),
             metrics_port,
             log,
@@ -291,34 +241,22 @@ impl Agent {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Sends SIGTERM and waits for the exit (up to `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                bail!("the agent did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.process.terminate(timeout)
     }
 
     /// Whether the process still runs.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.running()
     }
 
     /// The log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// GET on the agent's health port.
@@ -328,64 +266,18 @@ impl Agent {
 
     /// The agent's rank workers (child processes running `worker`).
     pub fn workers(&self) -> Vec<u32> {
-        children_running(self.child.id(), "worker")
+        children_running(self.process.pid(), "worker")
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // Politely first, so it releases its shards; if it is still there,
+        // its process is killed as it drops.
         if self.running() {
             let _ = self.terminate(Duration::from_secs(20));
         }
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
-}
-
-/// Child processes of `parent` whose command line contains `arg`.
-pub fn children_running(parent: u32, arg: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid != Some(parent) {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Whether process `pid` exists (and is not a zombie).
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state != "Z")
-        })
-        .unwrap_or(false)
 }
 
 /// A group's layout: nodes and ports per rank.
@@ -581,7 +473,7 @@ impl Group {
                 .patch(
                     &name,
                     &params,
-                    &Patch::Apply(&access.role_binding(tandem_tests::SYSTEM_NAMESPACE, None)),
+                    &Patch::Apply(&access.role_binding(SYSTEM_NAMESPACE, None)),
                 )
                 .await
                 .with_context(|| format!("applying RoleBinding {name}"))?;
@@ -698,100 +590,4 @@ pub async fn delete_shard(admin: &Client, namespace: &str, name: &str) -> anyhow
         .delete(name, &Default::default())
         .await?;
     Ok(())
-}
-
-/// An HTTP response.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Headers, lower-case names.
-    pub headers: BTreeMap<String, String>,
-    /// Body.
-    pub body: String,
-}
-
-impl Response {
-    /// The body as JSON.
-    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_str(&self.body).with_context(|| format!("not JSON: {}", self.body))
-    }
-}
-
-/// One HTTP/1.0 request to 127.0.0.1:`port` (the server closes the
-/// connection after the response, so streamed bodies end at EOF).
-pub fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> anyhow::Result<Response> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(body) = body {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    if let Some(body) = body {
-        stream.write_all(body.as_bytes())?;
-    }
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line)?;
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context(format!("no status line: {status_line:?}"))?;
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    let mut body = String::new();
-    reader.read_to_string(&mut body)?;
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// POSTs JSON to rank 0's API.
-pub fn post(port: u16, path: &str, body: &serde_json::Value) -> anyhow::Result<Response> {
-    request(port, "POST", path, &[], Some(&body.to_string()))
-}
-
-/// The `data:` payloads of a server-sent-event body.
-pub fn sse_data(body: &str) -> Vec<String> {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.trim().to_owned())
-        .collect()
-}
-
-/// The admin client.
-pub async fn admin(cluster: &Cluster) -> Client {
-    cluster.client(Identity::Admin).await.expect("admin client")
-}
-
-/// The name of `shard`.
-pub fn name_of(shard: &LlamaShard) -> String {
-    shard.name_any()
 }

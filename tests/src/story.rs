@@ -5,21 +5,20 @@
 //! user does to them: apply, `kubectl scale`, delete, ask questions through
 //! the `openai` client and check the answers.
 
-#![allow(dead_code)]
-
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::{Identity, TestNamespace, cluster, eventually};
 
-use crate::agent_support::{self, Agent, AgentOptions, free_port, openai_python};
-use crate::operator_support::{Operator, condition};
+use crate::agent::{self, Agent, AgentOptions};
+use crate::http::openai_chat;
+use crate::operator::{self, Operator, condition};
+use crate::process::free_port;
+use crate::{Identity, TestNamespace, admin, cluster, eventually};
 
 /// How long a story waits for the system to converge (loading, group
 /// formation, re-placement after a lost Lease) on a small, shared machine.
@@ -44,6 +43,17 @@ pub struct Story {
     pub agent_args: Vec<String>,
     /// The namespace (deleted last).
     pub ns: TestNamespace,
+}
+
+// A kube::Client has no Debug.
+impl std::fmt::Debug for Story {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Story")
+            .field("ns", &self.ns)
+            .field("agents", &self.agents)
+            .field("operator", &self.operator)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Ports below Linux's ephemeral range, 20 per agent, distinct for every
@@ -79,7 +89,7 @@ impl Story {
         let ns = TestNamespace::new(cluster, &format!("story-{name}"))
             .await
             .expect("story namespace");
-        let admin = cluster.client(Identity::Admin).await.expect("admin client");
+        let admin = admin(cluster).await;
         let operator = Operator::start(cluster, ns.name(), "story", &[]);
         let mut story = Story {
             label: ("tandem.test/story".to_owned(), ns.name().to_owned()),
@@ -147,9 +157,9 @@ impl Story {
         let admin = &self.admin;
         for name in &names {
             eventually(&format!("node {name} Ready"), WAIT, || async move {
-                Ok(agent_support::node(admin, name)
+                Ok(agent::node(admin, name)
                     .await?
-                    .filter(|n| agent_support::node_ready(n).as_deref() == Some("True")))
+                    .filter(|n| agent::node_ready(n).as_deref() == Some("True")))
             })
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
@@ -186,7 +196,7 @@ impl Story {
         let mut d = LlamaDeployment::new(
             name,
             LlamaDeploymentSpec {
-                model: agent_support::REAL_MODEL.into(),
+                model: agent::REAL_MODEL.into(),
                 revision: None,
                 sharding: Sharding {
                     strategy: ShardingStrategy::Tensor,
@@ -254,17 +264,16 @@ impl Story {
         what: &str,
         check: impl Fn(&LlamaDeploymentStatus) -> bool,
     ) -> LlamaDeploymentStatus {
-        let api = self.deployments();
-        let (api, check) = (&api, &check);
-        let result = eventually(&format!("{name}: {what}"), WAIT, || async move {
-            let d = api.get(name).await?;
-            Ok(d.status.filter(|s| check(s)))
-        })
-        .await;
+        let result = operator::wait_status(&self.admin, self.ns(), name, what, WAIT, check).await;
         match result {
             Ok(s) => s,
             Err(e) => {
-                let last = api.get(name).await.ok().and_then(|d| d.status);
+                let last = self
+                    .deployments()
+                    .get(name)
+                    .await
+                    .ok()
+                    .and_then(|d| d.status);
                 panic!(
                     "{e:#}\nlast status: {last:#?}\noperator log:\n{}",
                     self.operator.log_tail()
@@ -314,16 +323,16 @@ impl Story {
 
     /// Names of the shards a node's agent reports running.
     pub async fn running_on(&self, node: &str) -> Vec<String> {
-        agent_support::node(&self.admin, node)
+        agent::node(&self.admin, node)
             .await
             .expect("node")
-            .map(|n| agent_support::node_shard_names(&n))
+            .map(|n| agent::node_shard_names(&n))
             .unwrap_or_default()
     }
 
     /// Waits for an Event with `reason` about `name`; returns its note.
     pub async fn event(&self, name: &str, reason: &str) -> String {
-        crate::operator_support::wait_event(&self.admin, self.ns(), name, reason)
+        operator::wait_event(&self.admin, self.ns(), name, reason)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
@@ -357,110 +366,6 @@ impl Drop for Story {
         leases.push(format!("op-{ns}"));
         c.delete_leases(&leases);
     }
-}
-
-/// A chat completion through the `openai` Python client against
-/// `endpoint` (`https://host:port`, or `http://` with TLS off), trusting
-/// only the CA `ca_pem` when given (as a user would with `status.caBundle`);
-/// returns the model's reply and its completion token count.
-pub fn openai_chat(
-    endpoint: &str,
-    ca_pem: Option<&str>,
-    question: &str,
-) -> anyhow::Result<(String, u64)> {
-    const CHAT: &str = r#"
-import json, ssl, sys, httpx, openai
-options = {}
-if len(sys.argv) > 3:
-    trust = ssl.create_default_context(cafile=sys.argv[3])
-    options["http_client"] = httpx.Client(verify=trust, timeout=60)
-client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0, timeout=60,
-                       **options)
-model = client.models.list().data[0].id
-reply = client.chat.completions.create(
-    model=model, messages=[{"role": "user", "content": sys.argv[2]}],
-    max_tokens=24, temperature=0,
-)
-print(json.dumps({"content": reply.choices[0].message.content,
-                  "tokens": reply.usage.completion_tokens,
-                  "finish": reply.choices[0].finish_reason}))
-"#;
-    let mut command = Command::new(openai_python());
-    command.args(["-c", CHAT, endpoint, question]);
-    if let Some(pem) = ca_pem {
-        command.arg(ca_file(pem)?);
-    }
-    let out = command.output().context("running the openai client")?;
-    if !out.status.success() {
-        bail!(
-            "the openai client failed against {endpoint}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("openai client output {:?}", out.stdout))?;
-    let tokens = v["tokens"].as_u64().context("usage.completion_tokens")?;
-    if tokens == 0 || !matches!(v["finish"].as_str(), Some("stop" | "length")) {
-        bail!("an empty or unfinished reply from {endpoint}: {v}");
-    }
-    Ok((v["content"].as_str().unwrap_or_default().to_owned(), tokens))
-}
-
-/// `pem` in a file of the scratch directory, named by its content, for
-/// clients that take a CA file.
-pub fn ca_file(pem: &str) -> anyhow::Result<std::path::PathBuf> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    pem.hash(&mut h);
-    let path = agent_support::scratch("ca-bundles").join(format!("{:016x}.pem", h.finish()));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-/// The `host:port` of an endpoint URL, and its host alone.
-pub fn endpoint_address(endpoint: &str) -> (String, String) {
-    let address = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest)
-        .trim_end_matches('/')
-        .to_owned();
-    let host = address
-        .rsplit_once(':')
-        .map_or(address.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    (address, host)
-}
-
-/// A TLS connection to `endpoint` (`https://ip:port`) that trusts only
-/// `ca_pem` and checks the certificate names the endpoint's address; reads
-/// time out after `read_timeout`.
-pub fn tls_connect(
-    endpoint: &str,
-    ca_pem: &str,
-    read_timeout: Duration,
-) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.context("the CA bundle")?)?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let (address, host) = endpoint_address(endpoint);
-    let name = rustls::pki_types::ServerName::try_from(host)?;
-    let tcp = std::net::TcpStream::connect(&address)
-        .with_context(|| format!("connecting to {address}"))?;
-    tcp.set_read_timeout(Some(read_timeout))?;
-    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
-    Ok(rustls::StreamOwned::new(connection, tcp))
 }
 
 /// The deployment's endpoint, checked to answer a chat through the openai
@@ -517,11 +422,6 @@ pub fn nodes_of(s: &LlamaDeploymentStatus) -> Vec<String> {
     let mut ranks = s.ranks.clone();
     ranks.sort_by_key(|r| r.rank);
     ranks.into_iter().map(|r| r.node).collect()
-}
-
-/// The name of a shard.
-pub fn shard_name(s: &LlamaShard) -> String {
-    s.name_any()
 }
 
 /// `{"model": ..}` chat body for the plain HTTP client.

@@ -1,5 +1,5 @@
-//! Shared by the operator suites: the operator as a real child process, and
-//! test code playing the agents (LlamaNodes with status, renewed Leases,
+//! The operator as a real child process, and test code playing the agents
+//! for the operator suites (LlamaNodes with status, renewed Leases,
 //! shard statuses), each node with its own identity (`tandem-agent join`)
 //! and so only the rights the operator grants it.
 //!
@@ -11,18 +11,14 @@
 //! an operator; each test's LlamaNodes carry a label unique to the test, and
 //! its deployments select on it.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -32,9 +28,11 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tandem_crds::*;
-use tandem_tests::{
-    Cluster, Identity, SYSTEM_NAMESPACE, TestNamespace, cluster, eventually, repo_root,
-    workspace_binary,
+
+use crate::http::{Response, metric_value, read_response, send};
+use crate::process::{LoggedChild, free_port, workspace_binary};
+use crate::{
+    Cluster, Identity, SYSTEM_NAMESPACE, TestNamespace, admin, cluster, eventually, repo_root,
 };
 
 /// A bundled model whose ranks need about 0.5 GiB each at 2 ranks.
@@ -42,23 +40,15 @@ pub const MODEL: &str = "mlx-community/Llama-3.2-1B-Instruct-4bit";
 /// How long a test waits for the operator to react.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// The tandem-operator binary; see [`tandem_tests::workspace_binary`].
+/// The tandem-operator binary; see [`workspace_binary`].
 pub fn operator_binary() -> PathBuf {
     workspace_binary("tandem-operator")
-}
-
-/// A free TCP port on loopback (free when asked; good enough for a test).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A `tandem-operator` child process with the chart's operator identity.
 #[derive(Debug)]
 pub struct Operator {
-    child: Child,
+    process: LoggedChild,
     /// Port of its /metrics, /healthz and /readyz.
     pub http_port: u16,
     /// Its identity (Lease holder, Event reporting instance).
@@ -96,13 +86,11 @@ impl Operator {
     pub fn start(cluster: &Cluster, namespace: &str, identity: &str, extra: &[&str]) -> Operator {
         let bin = operator_binary();
         let http_port = free_port();
-        let logs = repo_root().join("target/operator-test-logs");
-        std::fs::create_dir_all(&logs).expect("log directory");
-        let log = logs.join(format!("{namespace}-{identity}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let err = file.try_clone().expect("log file");
-        let child = Command::new(&bin)
-            .arg("--kubeconfig")
+        let log = repo_root()
+            .join("target/operator-test-logs")
+            .join(format!("{namespace}-{identity}.log"));
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--kubeconfig")
             .arg(cluster.kubeconfig(Identity::Operator))
             .args(["--namespace", namespace])
             .args(["--leader-election-name", &format!("op-{namespace}")])
@@ -115,90 +103,47 @@ impl Operator {
                 "info,tandem_operator=debug",
             ])
             .args(FAST)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            .args(extra);
         Operator {
-            child,
+            process: LoggedChild::spawn(&mut cmd, &log),
             http_port,
             identity: identity.to_owned(),
             log,
         }
     }
 
-    /// GET `path` on the operator's HTTP port: (status code, body).
-    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port))?;
+    /// GET `path` on the operator's HTTP port (reads time out after 5 s).
+    pub fn get(&self, path: &str) -> anyhow::Result<Response> {
+        let stream = send(self.http_port, "GET", path, &[], None)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no status line")?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
+        read_response(stream)
     }
 
     /// The value of an unlabelled metric, or of `name{labels}`.
     pub fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        let (_, body) = self.get("/metrics")?;
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .context(format!("no series {series}"))?
-            .trim()
-            .parse()
-            .context("metric value")
+        let body = self.get("/metrics")?.body;
+        metric_value(&body, series).context(format!("no series {series}"))
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
-    /// Sends SIGTERM and waits for the process to exit; returns its status code.
+    /// Sends SIGTERM and waits (up to 10 s) for the process to exit; returns
+    /// its status code.
     pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status.code());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("operator {pid} did not exit within 10 s of SIGTERM")
+        Ok(self.process.terminate(Duration::from_secs(10))?.code())
     }
 
     /// Whether the process still runs.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.running()
     }
 
-    /// The log so far (for failure messages).
+    /// The last 40 lines of the log (for failure messages).
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.log_tail(40)
     }
 }
 
@@ -215,6 +160,16 @@ pub struct Agents {
     renewing: Arc<std::sync::Mutex<BTreeMap<String, Arc<AtomicBool>>>>,
     /// How often Leases are renewed.
     pub renew_every: Duration,
+}
+
+// A kube::Client has no Debug; the label says whose agents these are.
+impl std::fmt::Debug for Agents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agents")
+            .field("label", &self.label)
+            .field("renew_every", &self.renew_every)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The spec of a node the agents register.
@@ -235,7 +190,7 @@ impl Agents {
     pub async fn new(cluster: &'static Cluster, test: &str, run: &str) -> Agents {
         Agents {
             cluster,
-            admin: cluster.client(Identity::Admin).await.expect("admin client"),
+            admin: admin(cluster).await,
             clients: Arc::default(),
             label: (format!("tandem.test/{test}"), run.to_owned()),
             renewing: Arc::default(),
@@ -534,18 +489,19 @@ pub async fn all_shards(client: &Client, ns: &str) -> anyhow::Result<Vec<LlamaSh
     Ok(list)
 }
 
-/// The deployment's status once `check` accepts it.
+/// The deployment's status once `check` accepts it, waiting up to `timeout`.
 pub async fn wait_status(
     client: &Client,
     ns: &str,
     name: &str,
     what: &str,
+    timeout: Duration,
     check: impl Fn(&LlamaDeploymentStatus) -> bool,
 ) -> anyhow::Result<LlamaDeploymentStatus> {
     let api: Api<LlamaDeployment> = Api::namespaced(client.clone(), ns);
     let check = &check;
     let api = &api;
-    eventually(&format!("{ns}/{name}: {what}"), WAIT, || async move {
+    eventually(&format!("{ns}/{name}: {what}"), timeout, || async move {
         let d = api.get(name).await?;
         Ok(d.status.filter(|s| check(s)))
     })
@@ -642,6 +598,15 @@ pub struct Setup {
     pub agents: Agents,
 }
 
+impl std::fmt::Debug for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setup")
+            .field("ns", &self.ns)
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Setup {
     /// A fresh namespace `op-<test>-xxxxxx` and agents labelling nodes with it.
     pub async fn new(test: &str) -> Setup {
@@ -649,7 +614,7 @@ impl Setup {
         let ns = TestNamespace::new(cluster, &format!("op-{test}"))
             .await
             .expect("test namespace");
-        let admin = cluster.client(Identity::Admin).await.expect("admin client");
+        let admin = admin(cluster).await;
         let agents = Agents::new(cluster, test, ns.name()).await;
         Setup {
             cluster,
@@ -667,6 +632,27 @@ impl Setup {
     /// Starts an operator for this namespace.
     pub fn operator(&self, identity: &str) -> Operator {
         Operator::start(self.cluster, self.ns(), identity, &[])
+    }
+
+    /// Starts operator `leader` and waits until it holds the leader Lease,
+    /// then operator `standby` and waits until it is ready: a leader and a
+    /// standby, in that order.
+    pub async fn leader_and_standby(&self, leader: &str, standby: &str) -> (Operator, Operator) {
+        let lease = format!("op-{}", self.ns());
+        let (admin, lease) = (&self.admin, &lease);
+        let a = self.operator(leader);
+        eventually("operator a to lead", WAIT, || async move {
+            Ok((lease_holder(admin, lease).await?.as_deref() == Some(leader)).then_some(()))
+        })
+        .await
+        .expect("a leads");
+        let b = self.operator(standby);
+        eventually("operator b to be up", WAIT, || async {
+            Ok(b.get("/readyz").ok().filter(|r| r.status == 200))
+        })
+        .await
+        .expect("b ready");
+        (a, b)
     }
 
     /// Registers `count` nodes `<ns>-n-<i>`.
@@ -702,7 +688,7 @@ impl Setup {
         what: &str,
         check: impl Fn(&LlamaDeploymentStatus) -> bool,
     ) -> LlamaDeploymentStatus {
-        wait_status(&self.admin, self.ns(), name, what, check)
+        wait_status(&self.admin, self.ns(), name, what, WAIT, check)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
