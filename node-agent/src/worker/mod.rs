@@ -395,16 +395,10 @@ pub async fn main() -> ! {
 async fn run(launch: Launch) -> Result<(), Failure> {
     let spec = &launch.spec;
     let rank = spec.rank;
-    let world = usize::try_from(spec.world_size)
-        .ok()
-        .filter(|w| *w >= 1)
-        .ok_or_else(|| Failure::new(FailureReason::InvalidShard, "worldSize must be at least 1"))?;
-    if rank < 0 || rank >= spec.world_size {
-        return Err(Failure::new(
-            FailureReason::InvalidShard,
-            format!("rank {rank} is outside a group of {world}"),
-        ));
-    }
+    // The agent validated the spec before it built the launch
+    // (agent::shards::validate), and `serve` builds its launches itself:
+    // the rank lies in a group of at least one.
+    let world = usize::try_from(spec.world_size).unwrap_or(1).max(1);
     let backend = match spec.backend {
         ShardBackend::Ring => Backend::Ring,
         ShardBackend::Jaccl => Backend::Jaccl,
@@ -415,7 +409,10 @@ async fn run(launch: Launch) -> Result<(), Failure> {
         epoch: spec.epoch,
         world_size: spec.world_size,
         model: spec.model.clone(),
-        revision: spec.revision.clone().unwrap_or_else(|| "main".into()),
+        revision: spec
+            .revision
+            .clone()
+            .unwrap_or_else(|| tandem_crds::DEFAULT_REVISION.into()),
     };
     let barrier_timeout = Duration::from_millis(launch.barrier_timeout_ms.max(1));
 
