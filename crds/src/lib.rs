@@ -15,6 +15,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 mod access;
+mod client;
 mod common;
 mod deployment;
 mod names;
@@ -22,6 +23,7 @@ mod node;
 mod shard;
 
 pub use access::*;
+pub use client::{api_client, api_config};
 pub use common::*;
 pub use deployment::*;
 pub use names::*;

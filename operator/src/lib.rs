@@ -48,7 +48,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use kube::Client;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 
 use crate::cli::Cli;
@@ -59,19 +58,9 @@ use crate::metrics::Metrics;
 
 /// A client from `--kubeconfig`, else the in-cluster config or the default kubeconfig.
 pub async fn client(cli: &Cli) -> anyhow::Result<Client> {
-    let config = match &cli.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding a kubeconfig or in-cluster config")?,
-    };
-    Client::try_from(config).context("building the Kubernetes client")
+    tandem_crds::api_client(cli.kubeconfig.as_deref())
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -20,7 +20,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use anyhow::Context;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::process::{check_output, run_checked, workspace_binary};
 use crate::repo_root;
@@ -438,11 +437,9 @@ impl Cluster {
 
 /// A client from the kubeconfig at `path`.
 pub async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
-    let kubeconfig =
-        Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    tandem_crds::api_client(Some(path))
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// A namespace of a test's own, deleted (without waiting) when dropped, so

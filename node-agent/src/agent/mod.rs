@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 
 use self::config::{AgentConfig, ConfigError, Environment, RunArgs};
@@ -66,19 +65,9 @@ pub enum AgentError {
 }
 
 async fn client(config: &AgentConfig) -> Result<kube::Client, AgentError> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .map_err(|e| AgentError::Kubeconfig(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| AgentError::Kubeconfig(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| AgentError::Kubeconfig(e.to_string()))?,
-    };
-    kube::Client::try_from(kube_config).map_err(|e| AgentError::Kubeconfig(e.to_string()))
+    tandem_crds::api_client(config.kubeconfig.as_deref())
+        .await
+        .map_err(AgentError::Kubeconfig)
 }
 
 /// Resolves the configuration from flags, environment and file.
