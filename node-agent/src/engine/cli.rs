@@ -310,3 +310,43 @@ fn json_text<T: serde::Serialize>(value: &T) -> Result<String> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+    use crate::engine::make_model::ModelSpec;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: MakeModelArgs,
+    }
+
+    /// The help's defaults are written out for readers; they must be the
+    /// tiny model's, which `ModelSpec::tiny()` takes from the planner.
+    #[test]
+    fn make_model_help_names_the_tiny_models_shape() {
+        let help = Cli::command().render_long_help().to_string();
+        let tiny = ModelSpec::tiny();
+        for (flag, value) in [
+            ("--layers", tiny.layers),
+            ("--hidden", tiny.hidden),
+            ("--heads", tiny.heads),
+            ("--kv-heads", tiny.kv_heads),
+            ("--intermediate", tiny.intermediate),
+            ("--vocab", tiny.vocab),
+        ] {
+            let at = help.find(flag).expect(flag);
+            let line_end = help[at..]
+                .find("[default: ")
+                .map(|i| at + i)
+                .expect("a default");
+            let shown = &help[line_end + "[default: ".len()..];
+            let shown = &shown[..shown.find(']').expect("]")];
+            assert_eq!(shown, value.to_string(), "{flag}");
+        }
+        assert!(help.contains(&format!("[default: {}]", tiny.tied)), "{help}");
+    }
+}
