@@ -145,6 +145,58 @@ pub struct Quantization {
     pub group_size: u32,
 }
 
+impl Architecture {
+    /// The architecture of the planner's shape `s`: what the operator writes
+    /// into every shard, so that agents and the planner agree on the same
+    /// numbers.
+    pub fn from_shape(s: &tandem_planner::ModelShape) -> Architecture {
+        use tandem_planner::WeightDtype as Planner;
+        Architecture {
+            num_hidden_layers: s.num_hidden_layers,
+            hidden_size: s.hidden_size,
+            num_attention_heads: s.num_attention_heads,
+            num_key_value_heads: s.num_key_value_heads,
+            intermediate_size: s.intermediate_size,
+            vocab_size: s.vocab_size,
+            head_dim: s.head_dim,
+            tie_word_embeddings: s.tie_word_embeddings,
+            quantization: s.quantization.map(|q| Quantization {
+                bits: q.bits,
+                group_size: q.group_size,
+            }),
+            dtype: match s.dtype {
+                Planner::BFloat16 => WeightDtype::BFloat16,
+                Planner::Float16 => WeightDtype::Float16,
+                Planner::Float32 => WeightDtype::Float32,
+            },
+        }
+    }
+
+    /// The planner's shape of this architecture.
+    pub fn shape(&self) -> tandem_planner::ModelShape {
+        use tandem_planner::WeightDtype as Planner;
+        tandem_planner::ModelShape {
+            num_hidden_layers: self.num_hidden_layers,
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            intermediate_size: self.intermediate_size,
+            vocab_size: self.vocab_size,
+            head_dim: self.head_dim,
+            tie_word_embeddings: self.tie_word_embeddings,
+            quantization: self.quantization.map(|q| tandem_planner::Quantization {
+                bits: q.bits,
+                group_size: q.group_size,
+            }),
+            dtype: match self.dtype {
+                WeightDtype::BFloat16 => Planner::BFloat16,
+                WeightDtype::Float16 => Planner::Float16,
+                WeightDtype::Float32 => Planner::Float32,
+            },
+        }
+    }
+}
+
 /// Element type of unquantized weights.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum WeightDtype {
@@ -239,5 +291,20 @@ impl Default for BatchLimits {
             prefix_cache_bytes: Self::DEFAULT_PREFIX_CACHE_BYTES,
             max_completion_tokens: Self::DEFAULT_MAX_COMPLETION_TOKENS,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architecture_round_trips_through_the_planner_shape() {
+        for entry in tandem_planner::CATALOG {
+            let a = Architecture::from_shape(&entry.shape);
+            assert_eq!(a.shape(), entry.shape, "{}", entry.model_id);
+        }
+        let tiny = Architecture::from_shape(&tandem_planner::TINY_TEST_MODEL);
+        assert_eq!(tiny.shape(), tandem_planner::TINY_TEST_MODEL);
     }
 }

@@ -8,66 +8,19 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as metav1;
 use kube::ResourceExt;
 use tandem_crds::{
-    Architecture, BatchLimits, LlamaDeployment, LlamaShard, Quantization as CrdQuantization,
-    ShardingStrategy as CrdStrategy, WeightDtype as CrdDtype, default_serving_port,
+    Architecture, BatchLimits, LlamaDeployment, LlamaShard, ShardingStrategy as CrdStrategy,
+    default_serving_port,
 };
 use tandem_planner::{
-    CurrentRank, DeploymentRequest, LabelSelector, ModelShape, Quantization, SelectorOperator,
-    SelectorRequirement, ServingBudget, ShardingStrategy, WeightDtype, resolve_model,
+    CurrentRank, DeploymentRequest, LabelSelector, ModelShape, SelectorOperator,
+    SelectorRequirement, ServingBudget, ShardingStrategy, resolve_model,
 };
 
 use crate::decide::Blocker;
 
-/// The planner's shape of a model given by `spec.architecture`.
-pub fn shape_from_architecture(a: &Architecture) -> ModelShape {
-    ModelShape {
-        num_hidden_layers: a.num_hidden_layers,
-        hidden_size: a.hidden_size,
-        num_attention_heads: a.num_attention_heads,
-        num_key_value_heads: a.num_key_value_heads,
-        intermediate_size: a.intermediate_size,
-        vocab_size: a.vocab_size,
-        head_dim: a.head_dim,
-        tie_word_embeddings: a.tie_word_embeddings,
-        quantization: a.quantization.map(|q| Quantization {
-            bits: q.bits,
-            group_size: q.group_size,
-        }),
-        dtype: match a.dtype {
-            CrdDtype::BFloat16 => WeightDtype::BFloat16,
-            CrdDtype::Float16 => WeightDtype::Float16,
-            CrdDtype::Float32 => WeightDtype::Float32,
-        },
-    }
-}
-
-/// The resolved architecture written into every shard, so that agents and the
-/// planner agree on the same numbers.
-pub fn architecture_from_shape(s: &ModelShape) -> Architecture {
-    Architecture {
-        num_hidden_layers: s.num_hidden_layers,
-        hidden_size: s.hidden_size,
-        num_attention_heads: s.num_attention_heads,
-        num_key_value_heads: s.num_key_value_heads,
-        intermediate_size: s.intermediate_size,
-        vocab_size: s.vocab_size,
-        head_dim: s.head_dim,
-        tie_word_embeddings: s.tie_word_embeddings,
-        quantization: s.quantization.map(|q| CrdQuantization {
-            bits: q.bits,
-            group_size: q.group_size,
-        }),
-        dtype: match s.dtype {
-            WeightDtype::BFloat16 => CrdDtype::BFloat16,
-            WeightDtype::Float16 => CrdDtype::Float16,
-            WeightDtype::Float32 => CrdDtype::Float32,
-        },
-    }
-}
-
 /// The deployment's model shape: `spec.architecture`, else the catalog.
 pub fn resolve_shape(d: &LlamaDeployment) -> Result<ModelShape, Blocker> {
-    let from_spec = d.spec.architecture.as_ref().map(shape_from_architecture);
+    let from_spec = d.spec.architecture.as_ref().map(Architecture::shape);
     resolve_model(&d.spec.model, from_spec.as_ref()).map_err(Blocker::Plan)
 }
 
@@ -249,19 +202,6 @@ mod tests {
     }
 
     #[test]
-    fn architecture_round_trips_through_the_planner_shape() {
-        for entry in tandem_planner::CATALOG {
-            let a = architecture_from_shape(&entry.shape);
-            assert_eq!(
-                shape_from_architecture(&a),
-                entry.shape,
-                "{}",
-                entry.model_id
-            );
-        }
-    }
-
-    #[test]
     fn shape_comes_from_the_spec_or_the_catalog() {
         let d = deployment("a", MODEL_1B, 2);
         assert_eq!(
@@ -282,10 +222,10 @@ mod tests {
             head_dim: None,
             tie_word_embeddings: true,
             quantization: None,
-            dtype: CrdDtype::Float32,
+            dtype: tandem_crds::WeightDtype::Float32,
         };
         unknown.spec.architecture = Some(tiny.clone());
-        assert_eq!(resolve_shape(&unknown), Ok(shape_from_architecture(&tiny)));
+        assert_eq!(resolve_shape(&unknown), Ok(tiny.shape()));
     }
 
     #[test]

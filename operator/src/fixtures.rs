@@ -7,7 +7,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use tandem_planner::lookup_model;
 
-use crate::convert::architecture_from_shape;
 use tandem_crds::{
     BatchLimits, LlamaDeployment, LlamaDeploymentSpec, LlamaNode, LlamaNodeSpec, LlamaNodeStatus,
     LlamaShard, LlamaShardSpec, NodeCapacity, Peer, SecretKeyRef, Sharding,
@@ -119,7 +118,7 @@ pub fn shard(deployment: &str, node: &str, ring: &str, rank: i32, world: i32) ->
             node_name: node.to_owned(),
             model: MODEL_1B.to_owned(),
             revision: None,
-            architecture: architecture_from_shape(&shape),
+            architecture: tandem_crds::Architecture::from_shape(&shape),
             backend: Default::default(),
             peers,
             control_address: "10.0.0.1:47001".into(),

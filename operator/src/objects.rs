@@ -15,7 +15,7 @@ use tandem_crds::{
 };
 use tandem_planner::{ModelShape, Plan};
 
-use crate::convert::{architecture_from_shape, serving_port};
+use crate::convert::serving_port;
 
 /// Field manager of every server-side apply the operator makes.
 pub const MANAGER: &str = "tandem-operator";
@@ -105,7 +105,7 @@ pub fn build_shards(
         .iter()
         .find_map(|p| p.control_endpoint())
         .unwrap_or_default();
-    let architecture = architecture_from_shape(shape);
+    let architecture = tandem_crds::Architecture::from_shape(shape);
     let api_key = d
         .spec
         .serving
@@ -347,7 +347,10 @@ mod tests {
             assert_eq!(s.spec.epoch, 4);
             assert_eq!(s.spec.revision.as_deref(), Some("main"));
             assert_eq!(s.spec.group_token_secret_ref.name, "llama-group-token");
-            assert_eq!(s.spec.architecture, architecture_from_shape(&shape));
+            assert_eq!(
+                s.spec.architecture,
+                tandem_crds::Architecture::from_shape(&shape)
+            );
             assert_eq!(
                 s.spec.batching,
                 Some(BatchLimits {

@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use tandem_crds::{Backend, LlamaNode, LlamaShard};
 use tandem_planner::{NodeInfo, PortRange, memory_per_rank};
 
-use crate::convert::{endpoint_port, serving_budget, shape_from_architecture};
+use crate::convert::{endpoint_port, serving_budget};
 use crate::objects::shard_name;
 use crate::time;
 
@@ -24,7 +24,7 @@ pub use tandem_crds::ANNOTATION_PORT_RANGE;
 /// needed. A shard without batch limits runs with its agent's, which the
 /// operator cannot see; it is counted at the defaults the agent's flags have.
 pub fn shard_memory_bytes(shard: &LlamaShard) -> u64 {
-    let shape = shape_from_architecture(&shard.spec.architecture);
+    let shape = shard.spec.architecture.shape();
     let world = u32::try_from(shard.spec.world_size).unwrap_or(1);
     let limits = shard.spec.batching.unwrap_or_default();
     let budget = serving_budget(&limits, shard.spec.max_context_tokens);

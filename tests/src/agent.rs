@@ -42,26 +42,7 @@ pub fn agent_binary() -> PathBuf {
 /// The tiny model's shape ([`tandem_planner::TINY_TEST_MODEL`], the one
 /// `tandem-agent make-model` writes) as a shard's architecture.
 pub fn tiny_architecture() -> Architecture {
-    let s = tandem_planner::TINY_TEST_MODEL;
-    Architecture {
-        num_hidden_layers: s.num_hidden_layers,
-        hidden_size: s.hidden_size,
-        num_attention_heads: s.num_attention_heads,
-        num_key_value_heads: s.num_key_value_heads,
-        intermediate_size: s.intermediate_size,
-        vocab_size: s.vocab_size,
-        head_dim: s.head_dim,
-        tie_word_embeddings: s.tie_word_embeddings,
-        quantization: s.quantization.map(|q| Quantization {
-            bits: q.bits,
-            group_size: q.group_size,
-        }),
-        dtype: match s.dtype {
-            tandem_planner::WeightDtype::BFloat16 => WeightDtype::BFloat16,
-            tandem_planner::WeightDtype::Float16 => WeightDtype::Float16,
-            tandem_planner::WeightDtype::Float32 => WeightDtype::Float32,
-        },
-    }
+    Architecture::from_shape(&tandem_planner::TINY_TEST_MODEL)
 }
 
 /// Writes the tiny model into `dir` with `tandem-agent make-model`.

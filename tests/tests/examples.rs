@@ -7,10 +7,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use tandem_crds::{Architecture, LlamaDeployment, WeightDtype};
-use tandem_planner::{
-    ModelShape, Quantization, ServingBudget, check_world_size, lookup_model, memory_per_rank,
-};
+use tandem_crds::LlamaDeployment;
+use tandem_planner::{ServingBudget, check_world_size, lookup_model, memory_per_rank};
 use tandem_tests::{Identity, TestNamespace, cluster, repo_root};
 
 fn examples() -> Vec<(PathBuf, String, LlamaDeployment)> {
@@ -28,28 +26,6 @@ fn examples() -> Vec<(PathBuf, String, LlamaDeployment)> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-fn shape_of(arch: &Architecture) -> ModelShape {
-    ModelShape {
-        num_hidden_layers: arch.num_hidden_layers,
-        hidden_size: arch.hidden_size,
-        num_attention_heads: arch.num_attention_heads,
-        num_key_value_heads: arch.num_key_value_heads,
-        intermediate_size: arch.intermediate_size,
-        vocab_size: arch.vocab_size,
-        head_dim: arch.head_dim,
-        tie_word_embeddings: arch.tie_word_embeddings,
-        quantization: arch.quantization.map(|q| Quantization {
-            bits: q.bits,
-            group_size: q.group_size,
-        }),
-        dtype: match arch.dtype {
-            WeightDtype::BFloat16 => tandem_planner::WeightDtype::BFloat16,
-            WeightDtype::Float16 => tandem_planner::WeightDtype::Float16,
-            WeightDtype::Float32 => tandem_planner::WeightDtype::Float32,
-        },
-    }
 }
 
 /// The "about N GB per rank" figure in an example's header comment.
@@ -84,7 +60,7 @@ fn examples_ask_for_valid_world_sizes_and_state_true_memory_figures() {
     let mut wrong = Vec::new();
     for (path, text, d) in examples() {
         let shape = match (&d.spec.architecture, lookup_model(&d.spec.model)) {
-            (Some(arch), _) => shape_of(arch),
+            (Some(arch), _) => arch.shape(),
             (None, Some(entry)) => entry.shape,
             (None, None) => panic!("{}: unknown model without architecture", path.display()),
         };

@@ -17,8 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tandem_crds::{
-    Architecture, Backend, BatchLimits, LlamaShardSpec, Peer, Quantization, SecretKeyRef,
-    ShardPhase,
+    Architecture, Backend, BatchLimits, LlamaShardSpec, Peer, SecretKeyRef, ShardPhase,
 };
 use tokio::sync::mpsc;
 
@@ -101,26 +100,6 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
         "jaccl" => Ok(Backend::Jaccl),
         "nccl" => Ok(Backend::Nccl),
         _ => Err(format!("`{s}` is not a backend (Ring, Jaccl or Nccl)")),
-    }
-}
-
-/// The model's shape, as a shard spec carries it.
-fn architecture(config: &ModelConfig) -> Architecture {
-    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-    Architecture {
-        num_hidden_layers: n(config.num_hidden_layers),
-        hidden_size: n(config.hidden_size),
-        num_attention_heads: n(config.num_attention_heads),
-        num_key_value_heads: n(config.num_key_value_heads),
-        intermediate_size: n(config.intermediate_size),
-        vocab_size: n(config.vocab_size),
-        head_dim: Some(n(config.head_dim)),
-        tie_word_embeddings: config.tie_word_embeddings,
-        quantization: config.quantization.map(|q| Quantization {
-            bits: n(q.bits),
-            group_size: n(q.group_size),
-        }),
-        dtype: Default::default(),
     }
 }
 
@@ -252,7 +231,7 @@ fn launches(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<Vec<Launch>> {
                 node_name: "local".into(),
                 model: name.clone(),
                 revision: None,
-                architecture: architecture(&config),
+                architecture: Architecture::from_shape(&config.shape()),
                 backend: args.backend,
                 peers: peers.clone(),
                 control_address: control.clone(),

@@ -347,6 +347,9 @@ mod tests {
             let shown = &shown[..shown.find(']').expect("]")];
             assert_eq!(shown, value.to_string(), "{flag}");
         }
-        assert!(help.contains(&format!("[default: {}]", tiny.tied)), "{help}");
+        assert!(
+            help.contains(&format!("[default: {}]", tiny.tied)),
+            "{help}"
+        );
     }
 }
