@@ -13,7 +13,7 @@ use super::progress::{last_progress_at, progress, stalled};
 use super::{EpochCause, Failure, ReconcileInput, Settings, detect_failures};
 use crate::conditions::{self, READY};
 use crate::restart::RestartPolicy;
-use crate::{convert, objects, time};
+use crate::{convert, objects, observe, time};
 
 /// The deployment's current group as this pass finds it.
 pub(super) struct Group<'a> {
@@ -192,15 +192,25 @@ fn plan(input: &ReconcileInput<'_>, group: &Group<'_>) -> Result<(Plan, ModelSha
     let d = input.deployment;
     let request = convert::deployment_request(d)?;
     let shape = convert::resolve_shape(d)?;
+    let busy = busy_ports(&group.failures, &group.current);
+    let nodes = input
+        .nodes
+        .iter()
+        .filter(|n| !input.mismatched.contains_key(&n.name))
+        .cloned()
+        .map(|mut n| {
+            n.used_ports.extend(
+                busy.iter()
+                    .filter(|(node, _)| *node == n.name)
+                    .map(|(_, p)| *p),
+            );
+            n
+        })
+        .collect();
     let plan_input = PlanInput {
         deployment: request,
         shape,
-        nodes: input
-            .nodes
-            .iter()
-            .filter(|n| !input.mismatched.contains_key(&n.name))
-            .cloned()
-            .collect(),
+        nodes,
         current: convert::current_ranks(&group.current),
     };
     plan_placement(&plan_input)
@@ -214,6 +224,55 @@ fn plan(input: &ReconcileInput<'_>, group: &Group<'_>) -> Result<(Plan, ModelSha
                 input.mismatched,
             )
         })
+}
+
+/// The ports failed ranks could not listen on, by node: some other process
+/// holds them. The placement keeps a rank's ports while they are free in its
+/// books, so without this a port held outside Tandem would fail the group
+/// in every epoch until the restart budget ran out. The port the agent's
+/// message names (`... control port 29001: address in use`), else the
+/// rank's ring and control ports; never the serving port, which the spec
+/// fixes.
+fn busy_ports(failures: &[Failure], current: &[&LlamaShard]) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    for f in failures.iter().filter(|f| address_in_use(&f.detail)) {
+        let Some(shard) = current.iter().find(|s| s.spec.rank == f.rank) else {
+            continue;
+        };
+        let node = &shard.spec.node_name;
+        match named_port(&f.detail) {
+            Some(port) => out.push((node.clone(), port)),
+            None => {
+                let serving = shard.spec.serving_port;
+                out.extend(
+                    observe::shard_ports(shard)
+                        .into_iter()
+                        .filter(|p| serving != Some(i32::from(*p)))
+                        .map(|p| (node.clone(), p)),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Whether an agent's message is a failed bind: its own wording, or MLX's
+/// `Couldn't bind socket (error: 98)` (EADDRINUSE on Linux; 48 on macOS).
+fn address_in_use(detail: &str) -> bool {
+    let lower = detail.to_ascii_lowercase();
+    lower.contains("address in use")
+        || lower.contains("address already in use")
+        || (lower.contains("bind") && (lower.contains("error: 98") || lower.contains("error: 48")))
+}
+
+/// The `N` of `port N` in a message.
+fn named_port(detail: &str) -> Option<u16> {
+    let at = detail.find("port ")?;
+    let digits: String = detail[at + 5..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// The restart count to carry: reset when the spec changed (a new spec gets

@@ -1263,3 +1263,65 @@ fn a_taken_secret_name_fails_the_deployment_and_keeps_the_epoch() {
         "{notices:?}"
     );
 }
+
+/// Each rank's node and ring port in the current epoch.
+fn ring_ports(w: &World) -> Vec<(i32, String, String)> {
+    let mut v: Vec<(i32, String, String)> = w
+        .shards
+        .iter()
+        .filter(|s| s.spec.epoch == w.status.epoch)
+        .map(|s| {
+            let address = &s.spec.peers[s.spec.rank as usize].address;
+            let port = address.rsplit_once(':').expect("ip:port").1.to_owned();
+            (s.spec.rank, s.spec.node_name.clone(), port)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_port_another_process_holds_is_left_out_of_the_next_placement() {
+    let mut w = serving_on_demo();
+    let before = ring_ports(&w);
+    w.rank(1).status = failed(
+        "WorkerCrashed",
+        "[ring] Couldn't bind socket (error: 98); restarting in 1s (restart 1)",
+    );
+    w.rank(0).status = failed("PeerUnreachable", CLOSED);
+    w.rank(2).status = failed("PeerUnreachable", CLOSED);
+    w.rank(3).status = failed("PeerUnreachable", CLOSED);
+    let out = w.step(110);
+    assert!(out.new_epoch.is_some(), "the group is re-formed");
+    let after = ring_ports(&w);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((b.0, &b.1), (a.0, &a.1), "every rank stays on its node");
+        if b.0 == 1 {
+            assert_ne!(b.2, a.2, "rank 1 moves off the port it could not bind");
+        } else {
+            assert_eq!(b.2, a.2, "the other ranks keep their ports");
+        }
+    }
+}
+
+#[test]
+fn a_control_port_in_use_moves_only_that_port() {
+    let mut w = serving_on_demo();
+    let control_before = w.rank(0).spec.control_address.clone();
+    let port = control_before
+        .rsplit_once(':')
+        .expect("ip:port")
+        .1
+        .to_owned();
+    w.rank(0).status = failed(
+        "PeerUnreachable",
+        &format!("cannot listen on control port {port}: address in use; restarting in 1s"),
+    );
+    for rank in 1..4 {
+        w.rank(rank).status = failed("PeerUnreachable", CLOSED);
+    }
+    let before = ring_ports(&w);
+    w.step(110);
+    assert_ne!(w.rank(0).spec.control_address, control_before);
+    assert_eq!(ring_ports(&w), before, "ring ports stay");
+}
