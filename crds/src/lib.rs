@@ -15,16 +15,16 @@
 #![allow(clippy::duplicated_attributes)]
 
 mod access;
-mod client;
 mod common;
+mod daemon;
 mod deployment;
 mod names;
 mod node;
 mod shard;
 
 pub use access::*;
-pub use client::{api_client, api_config};
 pub use common::*;
+pub use daemon::{api_client, api_config, termination};
 pub use deployment::*;
 pub use names::*;
 pub use node::*;

@@ -12,7 +12,6 @@
 //! - [`serve`]: rank 0's OpenAI-compatible HTTP API.
 //! - [`backoff`]: the capped doubling pause every retry loop uses.
 //! - [`secret`]: constant-time comparison of presented secrets.
-//! - [`shutdown`]: stopping on SIGTERM and SIGINT, for the agent and workers.
 //! - [`tls`]: the certificate rank 0 serves both with, and the CA the
 //!   other ranks check it against.
 
@@ -23,6 +22,5 @@ pub mod engine;
 pub mod mlx;
 pub mod secret;
 pub mod serve;
-pub mod shutdown;
 pub mod tls;
 pub mod worker;

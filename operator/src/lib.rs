@@ -63,32 +63,6 @@ pub async fn client(cli: &Cli) -> anyhow::Result<Client> {
         .map_err(anyhow::Error::msg)
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// Waits for a stopping controller task, at most `drain` (`--drain-timeout`);
 /// then abandons it: a reconcile is idempotent, so the next leader redoes
 /// whatever one left half done.
@@ -154,7 +128,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         stop.clone(),
     ));
     let signal_task = tokio::spawn(async move {
-        termination().await;
+        tandem_crds::termination().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });

@@ -335,7 +335,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     break Err(format!("rank {rank} {}", exited[rank].as_deref().unwrap_or("exited")));
                 }
             }
-            _ = crate::shutdown::termination() => break Ok(()),
+            _ = tandem_crds::termination() => break Ok(()),
         }
     };
     if let Err(first) = outcome {

@@ -119,7 +119,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let registration = Registration::new(client.clone(), config.clone(), hardware);
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut terminated = std::pin::pin!(crate::shutdown::termination());
+    let mut terminated = std::pin::pin!(tandem_crds::termination());
     loop {
         match registration.register().await {
             Ok(()) => break,

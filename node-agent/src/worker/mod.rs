@@ -368,7 +368,7 @@ pub async fn main() -> ! {
         });
         exit_now(2);
     }
-    let terminate = crate::shutdown::termination();
+    let terminate = tandem_crds::termination();
     let result = tokio::select! {
         r = run(launch) => r,
         _ = terminate => {

@@ -1,6 +1,7 @@
-//! The one way the operator, the agents and the tests connect to the API
-//! server: a kubeconfig file when one is named, else the in-cluster
-//! ServiceAccount, else the default kubeconfig.
+//! What the operator and the agent share as daemons: the one way they (and
+//! the tests) reach the API server (a kubeconfig file when one is named,
+//! else the in-cluster ServiceAccount, else the default kubeconfig), and
+//! stopping on request.
 
 use std::path::Path;
 
@@ -29,4 +30,23 @@ pub async fn api_config(kubeconfig: Option<&Path>) -> Result<kube::Config, Strin
 pub async fn api_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
     let config = api_config(kubeconfig).await?;
     kube::Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
+}
+
+/// Resolves when SIGTERM (launchd, systemd, the kubelet, the agent stopping
+/// a worker) or SIGINT arrives, saying which in the log.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("SIGINT: shutting down");
 }
