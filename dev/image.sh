@@ -79,7 +79,7 @@ step "cargo build --release tandem-operator, statically linked" "$LOG_DIR/image-
   -j "${TANDEM_BUILD_JOBS:-2}"
 BIN="$STATIC_TARGET_DIR/$TARGET/release/tandem-operator"
 log "built in $((SECONDS - t0))s"
-file -L "$BIN" | grep -q "statically linked" || die "$BIN is not statically linked: $(file -L "$BIN")"
+file -L "$BIN" | grep -Eq "statically linked|static-pie linked" || die "$BIN is not statically linked: $(file -L "$BIN")"
 
 CTX=$(mktemp -d)
 trap 'rm -rf "$CTX"' EXIT
