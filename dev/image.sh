@@ -70,8 +70,9 @@ if [ -s "$ARCHIVE" ]; then
 fi
 
 # A target directory of its own: the static build uses other RUSTFLAGS than
-# the workspace's, and sharing target/ would rebuild both in turn.
-STATIC_TARGET_DIR=${TANDEM_STATIC_TARGET_DIR:-$REPO/target/static}
+# the workspace's, and sharing target/ would rebuild both in turn. It lives
+# in the cache, so a fresh clone (CI) rebuilds only the project's crates.
+STATIC_TARGET_DIR=${TANDEM_STATIC_TARGET_DIR:-$CACHE_DIR/operator-static-target}
 t0=$SECONDS
 step "cargo build --release tandem-operator, statically linked" "$LOG_DIR/image-cargo.log" \
   env CARGO_TARGET_DIR="$STATIC_TARGET_DIR" RUSTFLAGS="-C target-feature=+crt-static" \

@@ -197,6 +197,12 @@ node_bridge() {
   bridge="tandem$(node_id)"
   gw=$(node_gateway)
   ip link show "$bridge" >/dev/null 2>&1 || ip link add "$bridge" type bridge
+  # A fixed MAC address: by default a bridge takes the lowest of its ports',
+  # so deleting a pod could change the gateway's address under the other
+  # pods' ARP caches and cut them off from the API server for seconds.
+  if [ "$(cat "/sys/class/net/$bridge/addr_assign_type")" != 3 ]; then
+    ip link set dev "$bridge" address "$(printf '02:74:6e:64:%02x:01' "$(node_id)")"
+  fi
   ip -4 addr show dev "$bridge" | grep -q "inet $gw/" || ip addr add "$gw/24" dev "$bridge"
   ip link set "$bridge" up
 }
