@@ -110,6 +110,7 @@ fn the_values_schema_rejects_bad_values() {
         ("metrics.port=0", "metrics.port"),
         ("operator.portRange=lots", "operator.portRange"),
         ("operator.apiServer.port=0", "operator.apiServer.port"),
+        ("operator.restartBackoff=soon", "operator.restartBackoff"),
         ("operatr.replicas=1", "operatr"),
     ];
     for (set, field) in cases {
