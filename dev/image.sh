@@ -26,7 +26,9 @@ TARGET=x86_64-unknown-linux-gnu
 chart_field() { awk -v k="$1" '$1 == k":" {gsub(/"/, "", $2); print $2; exit}' "$2"; }
 APP_VERSION=$(chart_field appVersion "$REPO/charts/tandem/Chart.yaml")
 REPOSITORY=$(awk '/^operator:/ {o=1} o && /^    repository:/ {print $2; exit}' "$REPO/charts/tandem/values.yaml")
-[ -n "$APP_VERSION" ] && [ -n "$REPOSITORY" ] || die "could not read the image reference from charts/tandem"
+if [ -z "$APP_VERSION" ] || [ -z "$REPOSITORY" ]; then
+  die "could not read the image reference from charts/tandem"
+fi
 REF="$REPOSITORY:$APP_VERSION"
 # The user the chart's securityContext runs as.
 UID_GID=65532

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The local node of dev/cluster.sh (`up --with-node`): kube-scheduler, a
 # containerd with Debian's runc and CNI plugins, and a kubelet, all built or
 # installed here and kept under the cluster's state directory. Sourced by
@@ -223,7 +224,9 @@ node_cgroups() {
         fi
         ;;
       remove)
-        [ -d "$d/tandem$id" ] && find "$d/tandem$id" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        if [ -d "$d/tandem$id" ]; then
+          find "$d/tandem$id" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        fi
         ;;
     esac
   done
