@@ -115,5 +115,7 @@ rm -f "$OUT_DIR"/tandem-operator-*.oci.tar
 step "buildah push oci-archive" "$LOG_DIR/image-push.log" \
   buildah push "$REF" "oci-archive:$ARCHIVE.tmp:$REF"
 mv "$ARCHIVE.tmp" "$ARCHIVE"
+# Earlier builds' images, now untagged, would pile up in buildah's storage.
+buildah rmi --prune >/dev/null 2>&1 || true
 log "$REF saved to $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1)) in $((SECONDS - t0))s"
 echo "$ARCHIVE"

@@ -10,8 +10,10 @@
 # live under $STATE/node; the pod bridge, its subnet and the kubelet's cgroup
 # root are named from a number derived from $STATE (node_id). Pods' network
 # namespaces are mounted under containerd's state directory, not /var/run/netns.
-# Two things stay global, as in any kubelet of this version: container logs
-# under /var/log/pods and /var/log/containers (one directory per pod UID).
+# What stays global, as in any kubelet of this version, is the container log
+# directory /var/log/pods: a kubelet removes the directories of pods it does
+# not know, so two local nodes would delete each other's logs. Hence one
+# local node per machine at a time: the kubelet holds $NODE_LOCK while it runs.
 #
 # How pods reach the API server: there is no kube-proxy, so the `kubernetes`
 # Service's ClusterIP leads nowhere. The API server listens on every address
@@ -21,6 +23,7 @@
 
 NODE_APT_PACKAGES=(containerd runc containernetworking-plugins buildah gcc libc6-dev file)
 NODE_NAME=tandem-node
+NODE_LOCK=/run/lock/tandem-local-node.lock
 NODE_DIR="$STATE/node"
 PAUSE_VERSION=1
 PAUSE_IMAGE="localhost/tandem/pause:$PAUSE_VERSION"
@@ -190,6 +193,16 @@ volumePluginDir: "$NODE_DIR/volume-plugins"
 EOF
 }
 
+# Takes the one-local-node lock on descriptor 8, or stops with who holds it.
+node_lock() {
+  mkdir -p "$(dirname "$NODE_LOCK")"
+  exec 8>>"$NODE_LOCK"
+  if ! flock -n 8; then
+    exec 8>&-
+    die "another local node runs on this machine (cluster directory $(cat "$NODE_LOCK.owner" 2>/dev/null || echo unknown)); stop it first (TANDEM_CLUSTER_DIR=THAT_DIRECTORY dev/cluster.sh down): two kubelets remove each other's container logs"
+  fi
+}
+
 # The pod bridge with its gateway address, made before the kubelet starts:
 # that address is the node's (a kubelet refuses a loopback node IP). The CNI
 # bridge plugin adopts it.
@@ -262,6 +275,9 @@ start_kubelet() {
   pid_alive kubelet && return 0
   node_cgroups create
   node_bridge
+  node_lock
+  echo "$STATE" >"$NODE_LOCK.owner"
+  # The kubelet inherits descriptor 8 and so holds the lock while it runs.
   nohup "$BIN_DIR/kubelet" --config="$NODE_DIR/kubelet.yaml" \
     --kubeconfig="$STATE/kubelet.kubeconfig" \
     --root-dir="$NODE_DIR/kubelet" --cert-dir="$NODE_DIR/kubelet/pki" \
@@ -270,6 +286,7 @@ start_kubelet() {
     --hostname-override="$NODE_NAME" --node-ip="$(node_gateway)" \
     >"$STATE/logs/kubelet.log" 2>&1 9>&- &
   echo $! >"$STATE/kubelet.pid"
+  exec 8>&-
   wait_until "node $NODE_NAME Ready" "$STATE/logs/kubelet.log" 120 node_ready
 }
 
@@ -283,6 +300,10 @@ node_ready() {
 start_node() {
   cmd_node_deps
   cmd_build_node
+  if ! pid_alive kubelet; then
+    node_lock  # fail before starting anything
+    exec 8>&-
+  fi
   # shellcheck source=/dev/null
   . "$STATE/ports.env"
   write_kubeconfig "$STATE/scheduler.kubeconfig" system:kube-scheduler \
