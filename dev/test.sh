@@ -39,7 +39,7 @@ stage "local control plane"
 bash dev/cluster.sh up
 # The chart's pods run on a second control plane with a node, started by
 # tests/tests/operator_image.rs itself.
-node_cluster_down() { TANDEM_CLUSTER_DIR="$PWD/target/tandem-node-cluster" bash dev/cluster.sh down; }
+node_cluster_down() { TANDEM_CLUSTER_DIR="${TANDEM_NODE_CLUSTER_DIR:-$PWD/target/tandem-node-cluster}" bash dev/cluster.sh down; }
 trap 'bash dev/cluster.sh down; node_cluster_down' EXIT
 
 stage "tests"
