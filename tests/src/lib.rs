@@ -32,7 +32,7 @@ use anyhow::bail;
 
 pub use control_plane::{
     Cluster, Identity, SYSTEM_NAMESPACE, TEST_PID_LABEL, TestNamespace, admin, client_from,
-    cluster, unique_name,
+    cluster, node_cluster, node_cluster_dir, unique_name,
 };
 
 /// The repository's root directory.

@@ -84,6 +84,22 @@ fn helm_template_matches_the_snapshot() {
         rendered.contains("TANDEM_LEADER_ELECT"),
         "operator runs with leader election"
     );
+
+    // The API server's address is the cluster's Service unless set.
+    assert!(!rendered.contains("KUBERNETES_SERVICE_HOST"));
+    let local = cluster()
+        .helm_template(&[
+            "--set",
+            "operator.apiServer.host=10.244.7.1",
+            "--set",
+            "operator.apiServer.port=6443",
+        ])
+        .unwrap();
+    assert!(
+        local.contains("- name: KUBERNETES_SERVICE_HOST\n              value: \"10.244.7.1\"")
+            && local.contains("- name: KUBERNETES_SERVICE_PORT\n              value: \"6443\""),
+        "{local}"
+    );
 }
 
 #[test]
@@ -93,6 +109,8 @@ fn the_values_schema_rejects_bad_values() {
         ("operator.logFormat=xml", "operator.logFormat"),
         ("metrics.port=0", "metrics.port"),
         ("operator.portRange=lots", "operator.portRange"),
+        ("operator.apiServer.port=0", "operator.apiServer.port"),
+        ("operator.restartBackoff=soon", "operator.restartBackoff"),
         ("operatr.replicas=1", "operatr"),
     ];
     for (set, field) in cases {
