@@ -68,7 +68,94 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
+static NODE_CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The state directory of the control plane with a node:
+/// `$TANDEM_NODE_CLUSTER_DIR`, else `<repo>/target/tandem-node-cluster`.
+pub fn node_cluster_dir() -> PathBuf {
+    std::env::var_os("TANDEM_NODE_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tandem-node-cluster"))
+}
+
+/// A control plane of its own with a real node (`dev/cluster.sh up
+/// --with-node`: kube-scheduler, containerd, a kubelet, the operator image
+/// imported), started (or reused) on first use, with the CRDs installed and
+/// no release: the suites that run the chart's pods install it themselves.
+///
+/// It is apart from [`cluster`]'s, whose release must never get pods: the
+/// other suites run their own operators off-cluster. `dev/test.sh` stops it
+/// at the end (`TANDEM_CLUSTER_DIR=target/tandem-node-cluster dev/cluster.sh down`).
+pub fn node_cluster() -> &'static Cluster {
+    NODE_CLUSTER.get_or_init(|| match Cluster::start_with_node() {
+        Ok(c) => c,
+        Err(e) => panic!("local control plane with a node unavailable: {e:#}"),
+    })
+}
+
 impl Cluster {
+    fn start_with_node() -> anyhow::Result<Cluster> {
+        let root = repo_root();
+        let state_dir = node_cluster_dir();
+        let script = root.join("dev/cluster.sh");
+        let cluster_sh = |args: &[&str]| {
+            let mut cmd = Command::new("bash");
+            cmd.arg(&script)
+                .args(args)
+                .env("TANDEM_CLUSTER_DIR", &state_dir);
+            cmd
+        };
+        run_checked(
+            &mut cluster_sh(&["up", "--with-node"]),
+            "dev/cluster.sh up --with-node",
+        )?;
+        // A reused node may hold an older build of the image.
+        run_checked(
+            &mut cluster_sh(&["load-image"]),
+            "dev/cluster.sh load-image",
+        )?;
+        let bin_dir = PathBuf::from(
+            String::from_utf8(
+                run_checked(&mut cluster_sh(&["bin-dir"]), "dev/cluster.sh bin-dir")?.stdout,
+            )?
+            .trim(),
+        );
+        let helm = PathBuf::from(
+            String::from_utf8(
+                run_checked(
+                    Command::new("bash").arg(root.join("dev/helm.sh")),
+                    "dev/helm.sh",
+                )?
+                .stdout,
+            )?
+            .trim(),
+        );
+        let cluster = Cluster {
+            state_dir,
+            bin_dir,
+            helm,
+        };
+        cluster.install_crds()?;
+        cluster.sweep_stale_namespaces()?;
+        Ok(cluster)
+    }
+
+    /// The state directory (kubeconfigs, logs, `ports.env`).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// A value of the state directory's `ports.env` (`APISERVER_PORT`, …).
+    pub fn port(&self, name: &str) -> anyhow::Result<u16> {
+        let text = std::fs::read_to_string(self.state_dir.join("ports.env"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("no {name} in ports.env"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{name} in ports.env"))
+    }
+
     fn start() -> anyhow::Result<Cluster> {
         let root = repo_root();
         let script = root.join("dev/cluster.sh");
