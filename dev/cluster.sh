@@ -97,21 +97,22 @@ EOF
   apt-get update || true
 }
 
-cmd_build() {
-  local want=(kube-apiserver kube-controller-manager kubectl)
-  local have=1
-  for b in "${want[@]}"; do [ -x "$BIN_DIR/$b" ] || have=0; done
+# build_kube LOG BINARY...: builds the named cmd/ binaries from Debian's
+# source package into $BIN_DIR, unless all of them are cached there.
+build_kube() {
+  local log_name=$1 have=1 b src
+  shift
+  for b in "$@"; do [ -x "$BIN_DIR/$b" ] || have=0; done
   if [ $have -eq 1 ]; then
-    log "kubernetes $KUBE_DEB_VERSION binaries cached in $BIN_DIR"
+    log "$* ($KUBE_DEB_VERSION) cached in $BIN_DIR"
     return
   fi
   cmd_deps
-  local src
   src=$(prepare_kube_source)
-  step "build ${want[*]} (several minutes when cold)" "$CACHE_DIR/logs/kube-build.log" \
-    bash -c "cd '$src' && make WHAT='cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl'"
+  step "build $* (several minutes when cold)" "$CACHE_DIR/logs/$log_name.log" \
+    bash -c "cd '$src' && make WHAT='${*/#/cmd/}'"
   mkdir -p "$BIN_DIR"
-  for b in "${want[@]}"; do
+  for b in "$@"; do
     install -m 0755 "$src/_output/bin/$b" "$BIN_DIR/$b.tmp"
     mv "$BIN_DIR/$b.tmp" "$BIN_DIR/$b"
   done
@@ -119,6 +120,8 @@ cmd_build() {
   rm -rf "$src"
   log "built into $BIN_DIR"
 }
+
+cmd_build() { build_kube kube-build kube-apiserver kube-controller-manager kubectl; }
 
 # Downloads and unpacks Debian's kubernetes source, ready for `make`, and
 # prints its directory.

@@ -49,27 +49,7 @@ cmd_node_deps() {
 
 # kubelet and kube-scheduler from the same source package and cache as the
 # control plane (see cmd_build).
-cmd_build_node() {
-  local want=(kubelet kube-scheduler)
-  local have=1
-  for b in "${want[@]}"; do [ -x "$BIN_DIR/$b" ] || have=0; done
-  if [ $have -eq 1 ]; then
-    log "kubelet and kube-scheduler $KUBE_DEB_VERSION cached in $BIN_DIR"
-    return
-  fi
-  cmd_deps
-  local src
-  src=$(prepare_kube_source)
-  step "build ${want[*]} (several minutes when cold)" "$CACHE_DIR/logs/kube-build-node.log" \
-    bash -c "cd '$src' && make WHAT='cmd/kubelet cmd/kube-scheduler'"
-  mkdir -p "$BIN_DIR"
-  for b in "${want[@]}"; do
-    install -m 0755 "$src/_output/bin/$b" "$BIN_DIR/$b.tmp"
-    mv "$BIN_DIR/$b.tmp" "$BIN_DIR/$b"
-  done
-  rm -rf "$src"
-  log "built into $BIN_DIR"
-}
+cmd_build_node() { build_kube kube-build-node kubelet kube-scheduler; }
 
 # The pod sandbox image: dev/node/pause.c, static, FROM scratch. Cached.
 pause_archive() {
