@@ -95,41 +95,12 @@ pub fn node_cluster() -> &'static Cluster {
 
 impl Cluster {
     fn start_with_node() -> anyhow::Result<Cluster> {
-        let root = repo_root();
         let state_dir = node_cluster_dir();
-        let script = root.join("dev/cluster.sh");
-        let cluster_sh = |args: &[&str]| {
-            let mut cmd = Command::new("bash");
-            cmd.arg(&script)
-                .args(args)
-                .env("TANDEM_CLUSTER_DIR", &state_dir);
-            cmd
-        };
-        run_checked(
-            &mut cluster_sh(&["up", "--with-node"]),
-            "dev/cluster.sh up --with-node",
-        )?;
+        cluster_sh(&state_dir, &["up", "--with-node"])?;
         // A reused node may hold an older build of the image.
-        run_checked(
-            &mut cluster_sh(&["load-image"]),
-            "dev/cluster.sh load-image",
-        )?;
-        let bin_dir = PathBuf::from(
-            String::from_utf8(
-                run_checked(&mut cluster_sh(&["bin-dir"]), "dev/cluster.sh bin-dir")?.stdout,
-            )?
-            .trim(),
-        );
-        let helm = PathBuf::from(
-            String::from_utf8(
-                run_checked(
-                    Command::new("bash").arg(root.join("dev/helm.sh")),
-                    "dev/helm.sh",
-                )?
-                .stdout,
-            )?
-            .trim(),
-        );
+        cluster_sh(&state_dir, &["load-image"])?;
+        let bin_dir = PathBuf::from(cluster_sh(&state_dir, &["bin-dir"])?);
+        let helm = helm_binary()?;
         let cluster = Cluster {
             state_dir,
             bin_dir,
@@ -157,35 +128,12 @@ impl Cluster {
     }
 
     fn start() -> anyhow::Result<Cluster> {
-        let root = repo_root();
-        let script = root.join("dev/cluster.sh");
-        run_checked(
-            Command::new("bash").arg(&script).arg("up"),
-            "dev/cluster.sh up",
-        )?;
-        let bin_dir = PathBuf::from(
-            String::from_utf8(
-                run_checked(
-                    Command::new("bash").arg(&script).arg("bin-dir"),
-                    "dev/cluster.sh bin-dir",
-                )?
-                .stdout,
-            )?
-            .trim(),
-        );
-        let helm = PathBuf::from(
-            String::from_utf8(
-                run_checked(
-                    Command::new("bash").arg(root.join("dev/helm.sh")),
-                    "dev/helm.sh",
-                )?
-                .stdout,
-            )?
-            .trim(),
-        );
         let state_dir = std::env::var_os("TANDEM_CLUSTER_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target/tandem-cluster"));
+            .unwrap_or_else(|| repo_root().join("target/tandem-cluster"));
+        cluster_sh(&state_dir, &["up"])?;
+        let bin_dir = PathBuf::from(cluster_sh(&state_dir, &["bin-dir"])?);
+        let helm = helm_binary()?;
         let cluster = Cluster {
             state_dir,
             bin_dir,
@@ -486,40 +434,50 @@ impl Cluster {
         }
     }
 
+    /// `dev/cluster.sh VERB apiserver` on this cluster's state directory.
+    fn apiserver(&self, verb: &str) -> anyhow::Result<()> {
+        cluster_sh(&self.state_dir, &[verb, "apiserver"])?;
+        Ok(())
+    }
+
     /// Stops and starts kube-apiserver, keeping etcd's data, and waits until it is ready.
     pub fn restart_apiserver(&self) -> anyhow::Result<()> {
-        run_checked(
-            Command::new("bash")
-                .arg(repo_root().join("dev/cluster.sh"))
-                .args(["restart", "apiserver"]),
-            "dev/cluster.sh restart apiserver",
-        )?;
-        Ok(())
+        self.apiserver("restart")
     }
 
     /// Stops kube-apiserver (`dev/cluster.sh stop apiserver`) until
     /// [`start_apiserver`](Cluster::start_apiserver); a test that calls it
     /// must be a test process of its own and start it again.
     pub fn stop_apiserver(&self) -> anyhow::Result<()> {
-        run_checked(
-            Command::new("bash")
-                .arg(repo_root().join("dev/cluster.sh"))
-                .args(["stop", "apiserver"]),
-            "dev/cluster.sh stop apiserver",
-        )?;
-        Ok(())
+        self.apiserver("stop")
     }
 
     /// Starts a stopped kube-apiserver and waits until it answers.
     pub fn start_apiserver(&self) -> anyhow::Result<()> {
-        run_checked(
-            Command::new("bash")
-                .arg(repo_root().join("dev/cluster.sh"))
-                .args(["start", "apiserver"]),
-            "dev/cluster.sh start apiserver",
-        )?;
-        Ok(())
+        self.apiserver("start")
     }
+}
+
+/// Runs `dev/cluster.sh ARGS` on the control plane in `state_dir`; its
+/// standard output, trimmed.
+fn cluster_sh(state_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = run_checked(
+        Command::new("bash")
+            .arg(repo_root().join("dev/cluster.sh"))
+            .args(args)
+            .env("TANDEM_CLUSTER_DIR", state_dir),
+        &format!("dev/cluster.sh {}", args.join(" ")),
+    )?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// The helm binary `dev/helm.sh` installs (or finds cached).
+fn helm_binary() -> anyhow::Result<PathBuf> {
+    let out = run_checked(
+        Command::new("bash").arg(repo_root().join("dev/helm.sh")),
+        "dev/helm.sh",
+    )?;
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 /// A client from the kubeconfig at `path`.

@@ -185,6 +185,31 @@ pub struct NodeSpec {
     pub lease_seconds: i32,
 }
 
+/// The status a test agent's node reports: a Linux CPU node of
+/// `memory_gib` GiB and 8 cores whose agent is running (Ready).
+pub fn ready_cpu_node(memory_gib: i64) -> LlamaNodeStatus {
+    LlamaNodeStatus {
+        capacity: Some(NodeCapacity {
+            memory_bytes: memory_gib << 30,
+            wired_limit_bytes: None,
+            cpu_cores: 8,
+            gpu_cores: None,
+            gpus: None,
+        }),
+        os: Some("linux".into()),
+        backend: Some("cpu".into()),
+        conditions: vec![Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            reason: "AgentRunning".into(),
+            message: "test agent".into(),
+            observed_generation: None,
+            last_transition_time: Time(Timestamp::now()),
+        }],
+        ..Default::default()
+    }
+}
+
 impl Agents {
     /// Agents for a test; its nodes get the label `tandem.test/<test>=<run>`.
     pub async fn new(cluster: &'static Cluster, test: &str, run: &str) -> Agents {
@@ -232,26 +257,7 @@ impl Agents {
                 &Patch::Merge(json!({ "metadata": { "labels": labels } })),
             )
             .await?;
-        let status = LlamaNodeStatus {
-            capacity: Some(NodeCapacity {
-                memory_bytes: node.memory_gib << 30,
-                wired_limit_bytes: None,
-                cpu_cores: 8,
-                gpu_cores: None,
-                gpus: None,
-            }),
-            os: Some("linux".into()),
-            backend: Some("cpu".into()),
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                reason: "AgentRunning".into(),
-                message: "test agent".into(),
-                observed_generation: None,
-                last_transition_time: Time(Timestamp::now()),
-            }],
-            ..Default::default()
-        };
+        let status = ready_cpu_node(node.memory_gib);
         nodes
             .patch_status(
                 &node.name,

@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -416,26 +416,7 @@ async fn add_node(
         .into(),
     );
     nodes.create(&PostParams::default(), &node).await?;
-    let status = LlamaNodeStatus {
-        capacity: Some(NodeCapacity {
-            memory_bytes: 64 << 30,
-            wired_limit_bytes: None,
-            cpu_cores: 8,
-            gpu_cores: None,
-            gpus: None,
-        }),
-        os: Some("linux".into()),
-        backend: Some("cpu".into()),
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: "True".into(),
-            reason: "AgentRunning".into(),
-            message: "test agent".into(),
-            observed_generation: None,
-            last_transition_time: Time(Timestamp::now()),
-        }],
-        ..Default::default()
-    };
+    let status = tandem_tests::operator::ready_cpu_node(64);
     nodes
         .patch_status(
             name,
