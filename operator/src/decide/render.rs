@@ -44,7 +44,7 @@ struct Draft<'i, 'a> {
 pub(super) fn outcome(
     input: &ReconcileInput<'_>,
     settings: &Settings,
-    group: Group<'_>,
+    mut group: Group<'_>,
     step: Step,
 ) -> Outcome {
     let d = input.deployment;
@@ -62,7 +62,7 @@ pub(super) fn outcome(
     };
     let mut draft = Draft {
         input,
-        delete: group.stale.clone(),
+        delete: std::mem::take(&mut group.stale),
         group,
         budget: settings.restart.budget,
         status,
